@@ -1,0 +1,15 @@
+"""imgtrain: Hydra-configured ResNet training on Ascend NPUs, NVIDIA GPUs and CPUs."""
+from omegaconf import OmegaConf
+
+__version__ = "0.1.0"
+
+
+def job_dirname(overrides: str) -> str:
+    """A sweep job's folder name from its overrides: no path separators, at most 160 characters."""
+    name = overrides.replace("/", "_").replace("\\", "_") or "default"
+    return name[:160]
+
+
+# Registered on import, so Hydra can resolve the sweep subdir in any process that runs a job.
+if not OmegaConf.has_resolver("imgtrain.dirname"):
+    OmegaConf.register_new_resolver("imgtrain.dirname", job_dirname)

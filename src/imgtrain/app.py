@@ -1,0 +1,89 @@
+"""What run.py runs, once, in the parent process: resolve and check the config, launch, report."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf
+
+from imgtrain import device as devices
+from imgtrain.data import check_dataset
+from imgtrain.distributed import WorkerFailed, check_world, launch
+from imgtrain.errors import ConfigError, one_line
+from imgtrain.models import check_arch
+from imgtrain.precision import resolve_dtype, resolve_loss_scale
+from imgtrain.results import record_failure
+
+log = logging.getLogger("imgtrain")
+MODES = ("train", "eval", "bench_data")
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job failed: Hydra prints just this line, runs the other jobs, then exits non-zero."""
+
+
+def resolve(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """The config as plain data, with the device resolved once, for the workers."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    config["overrides"] = overrides
+    config["device"]["resolved"] = devices.resolve_name(config["device"]["name"])
+    return config
+
+
+def check(config: dict[str, Any]) -> None:
+    """Reject bad input before any process starts or any file is written."""
+    if config["mode"] not in MODES:
+        raise ConfigError(f"unknown mode {config['mode']!r}; choose one of {', '.join(MODES)}")
+    check_arch(config["model"]["arch"])
+    device = devices.DeviceInfo(config["device"]["resolved"])
+    dtype = resolve_dtype(config["amp"]["level"], str(config["amp"]["dtype"]), device)
+    resolve_loss_scale(config["amp"]["level"], dtype, config["amp"]["loss_scale"])
+    check_world(config["world"], device.name, config["train"]["batch_size"])
+    for key in ("epochs", "print_freq"):
+        if int(config["train"][key]) < 1:
+            raise ConfigError(f"train.{key}={config['train'][key]} must be at least 1")
+    if config["train"]["on_checkpoint_error"] not in ("fail", "warn"):
+        raise ConfigError("train.on_checkpoint_error must be fail or warn")
+    config["dataset"]["num_classes"] = check_dataset(config["dataset"])
+
+
+def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) -> float | None:
+    """Run one job; return its best Acc@1 (what Optuna maximises)."""
+    started = time.time()
+    config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=False)  # for failure records
+    try:
+        config = resolve(cfg, overrides)
+        check(config)
+        results = launch(_worker_entry(), config, output_dir)
+    except (ConfigError, WorkerFailed) as exc:
+        return _fail(config, output_dir, one_line(str(exc)), started, multirun)
+    except Exception as exc:  # a bug or a crash: keep its traceback, but record the failure first
+        _record(config, output_dir, f"{type(exc).__name__}: {one_line(str(exc))}", started)
+        raise
+    return None if results is None else results.get("best_acc1")
+
+
+def _worker_entry() -> Any:
+    from imgtrain.worker import worker
+    return worker
+
+
+def _record(config: dict[str, Any], output_dir: str, error: str, started: float) -> None:
+    try:
+        record_failure(Path(output_dir), config, error, since=started)
+    except (OSError, KeyError, TypeError):
+        pass  # never mask the original error with a bookkeeping one
+
+
+def _fail(config: dict[str, Any], output_dir: str, error: str, started: float,
+          multirun: bool) -> None:
+    _record(config, output_dir, error, started)
+    if multirun:
+        raise JobFailed(f"error: {error}")
+    sys.stderr.write(f"error: {error}\n")
+    sys.exit(1)

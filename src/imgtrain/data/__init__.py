@@ -1,0 +1,103 @@
+"""dataset=imagenet|cifar10|synthetic: datasets, samplers and loaders that yield uint8 batches."""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from imgtrain.data.cifar import Cifar10, find_root
+from imgtrain.data.imagefolder import JpegFolder, check_layout
+from imgtrain.data.samplers import ExactValSampler, TrainSampler
+from imgtrain.data.synthetic import Synthetic
+from imgtrain.errors import ConfigError
+
+DATASETS = ("imagenet", "cifar10", "synthetic")
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    train_sampler: TrainSampler
+    num_classes: int
+    per_rank_batch: int
+
+
+def check_dataset(data_cfg: Any) -> int:
+    """Validate the dataset's files without reading images; return the number of classes."""
+    name = data_cfg["name"]
+    if name == "imagenet":
+        inferred = len(check_layout(data_cfg["root"]))
+    elif name == "cifar10":
+        find_root(data_cfg["root"], data_cfg.get("download", False))
+        inferred = Cifar10.num_classes
+    elif name == "synthetic":
+        inferred = data_cfg["num_classes"]
+        if min(data_cfg["train_size"], data_cfg["val_size"], inferred) < 1:
+            raise ConfigError("dataset.train_size, val_size and num_classes must be at least 1")
+    else:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    wanted = data_cfg.get("num_classes")
+    if name == "imagenet" and wanted not in (None, inferred):
+        raise ConfigError(f"dataset.num_classes={wanted} but {data_cfg['root']}/train has "
+                          f"{inferred} class folders")
+    return inferred
+
+
+def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset]:
+    name, size = data_cfg["name"], data_cfg["image_size"]
+    if name == "imagenet":
+        skip = data_cfg.get("skip_bad_images", False)
+        return (JpegFolder(data_cfg["root"], "train", size, True, skip),
+                JpegFolder(data_cfg["root"], "val", size, False, skip))
+    if name == "cifar10":
+        download = data_cfg.get("download", False)
+        return Cifar10(data_cfg["root"], True, download), Cifar10(data_cfg["root"], False)
+    common = dict(image_size=size, num_classes=data_cfg["num_classes"], seed=seed,
+                  noise=data_cfg["noise"])
+    return (Synthetic(data_cfg["train_size"], train=True, **common),
+            Synthetic(data_cfg["val_size"], train=False, **common))
+
+
+def default_workers(world_size_on_node: int) -> int:
+    """The CPU cores this process may use (its share of the node), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) // max(1, world_size_on_node)))
+
+
+def _seed_worker(worker_id: int) -> None:
+    # DataLoader already gives each worker torch seed base_seed + worker_id, derived from the
+    # rank-specific generator below; numpy and random follow it so any library code is seeded too.
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
+                  local_world_size: int, seed: int, pin_memory: bool) -> Loaders:
+    num_classes = check_dataset(data_cfg)
+    per_rank_batch = global_batch // world_size
+    train_set, val_set = build_datasets(data_cfg, seed)
+    if len(train_set) < global_batch:
+        raise ConfigError(f"train.batch_size={global_batch} is larger than the training set "
+                          f"({len(train_set)} images)")
+    workers = data_cfg["workers"]
+    workers = default_workers(local_world_size) if workers in ("auto", None) else int(workers)
+    generator = torch.Generator().manual_seed(seed + 1000 * rank)
+    common: dict[str, Any] = dict(num_workers=workers, pin_memory=pin_memory,
+                                  worker_init_fn=_seed_worker, generator=generator)
+    if workers > 0:
+        common.update(persistent_workers=bool(data_cfg.get("persistent_workers", True)),
+                      prefetch_factor=int(data_cfg.get("prefetch_factor", 2)))
+    train_sampler = TrainSampler(len(train_set), rank, world_size, seed)
+    # drop_last keeps every step's shape static (graph-compiling NPUs and torch.compile like that).
+    train = DataLoader(train_set, batch_size=per_rank_batch, sampler=train_sampler,
+                       drop_last=True, **common)
+    val = DataLoader(val_set, batch_size=per_rank_batch, sampler=ExactValSampler(
+        len(val_set), rank, world_size), drop_last=False, **common)
+    return Loaders(train, val, train_sampler, num_classes, per_rank_batch)

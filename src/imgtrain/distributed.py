@@ -1,0 +1,158 @@
+"""world=1p|8p: launching workers with torch.distributed's elastic engine, and the process group.
+
+One process runs the worker in-process with no process group. More (locally or across nodes)
+go through `elastic_launch`, the engine behind torchrun; a process already started by torchrun
+acts as the rank it was given and launches nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from imgtrain.device import DeviceInfo, visible_count
+from imgtrain.errors import ConfigError, one_line
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce a metric tensor in place (a no-op on one process)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank if it is True on any rank: how ranks agree to stop at one step."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def started_by_torchrun() -> bool:
+    return all(var in os.environ for var in _TORCHRUN_VARS)
+
+
+def world_from_env() -> World:
+    env = os.environ
+    world_size = int(env.get("WORLD_SIZE", 1))
+    return World(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), world_size,
+                 int(env.get("LOCAL_WORLD_SIZE", world_size)))
+
+
+def planned_world_size(world_cfg: Any) -> int:
+    if started_by_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    return int(world_cfg["nproc_per_node"]) * int(world_cfg["nnodes"])
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def check_world(world_cfg: Any, device_name: str, global_batch: int) -> None:
+    """Everything about the world that can be wrong, checked before any process starts."""
+    nproc, nnodes, node_rank = (int(world_cfg[k]) for k in ("nproc_per_node", "nnodes", "node_rank"))
+    if nproc < 1 or nnodes < 1:
+        raise ConfigError("world.nproc_per_node and world.nnodes must be at least 1")
+    if not 0 <= node_rank < nnodes:
+        raise ConfigError(f"world.node_rank={node_rank} is out of range for world.nnodes={nnodes} "
+                          f"(use 0..{nnodes - 1})")
+    available = visible_count(device_name)
+    if not started_by_torchrun() and nproc > available:
+        raise ConfigError(f"world.nproc_per_node={nproc} but only {available} {device_name.upper()}"
+                          f"(s) are visible; set world.nproc_per_node={available}")
+    world_size = planned_world_size(world_cfg)
+    if global_batch < 1:
+        raise ConfigError(f"train.batch_size={global_batch} must be at least 1")
+    if global_batch % world_size:
+        raise ConfigError(f"train.batch_size={global_batch} does not divide across {world_size} "
+                          f"processes; use a multiple of {world_size}")
+    port = world_cfg["master_port"]
+    if (world_size > 1 and not started_by_torchrun() and port is not None and node_rank == 0
+            and not _port_free(world_cfg["master_addr"], int(port))):
+        raise ConfigError(f"world.master_port={port} is already in use on "
+                          f"{world_cfg['master_addr']}; choose another port")
+
+
+def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], output_dir: str) -> Any:
+    """Run the worker: in-process for one process, else under elastic_launch on this node."""
+    world_cfg = config["world"]
+    if started_by_torchrun() or planned_world_size(world_cfg) == 1:
+        return entrypoint(config, output_dir)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    nnodes = int(world_cfg["nnodes"])
+    port = world_cfg["master_port"] or free_port(world_cfg["master_addr"])
+    launch_config = LaunchConfig(
+        min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=int(world_cfg["nproc_per_node"]),
+        run_id=f"imgtrain-{port}" if nnodes > 1 else f"imgtrain-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d", rdzv_endpoint=f"{world_cfg['master_addr']}:{port}",
+        # Node 0 hosts the rendezvous store; the others connect to it.
+        rdzv_configs={"is_host": int(world_cfg["node_rank"]) == 0, "timeout": 300},
+        max_restarts=int(world_cfg["max_restarts"]), monitor_interval=0.5, start_method="spawn",
+        shutdown_timeout=10)
+    try:
+        results = elastic_launch(launch_config, entrypoint)(config, output_dir)
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        raise WorkerFailed(failure.message if isinstance(failure.message, str)
+                           else failure.message.get("message", str(exc))) from None
+    return results.get(0) if results else None
+
+
+class WorkerFailed(Exception):
+    """A launched worker raised; carries its one-line message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: DeviceInfo) -> Iterator[None]:
+    """set_device before init_process_group (nccl/hccl need it); always destroy the group."""
+    device.set_current()
+    if world.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(device.backend, init_method="env://", rank=world.rank,
+                                world_size=world.world_size,
+                                device_id=device.torch_device if device.is_accelerator else None)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

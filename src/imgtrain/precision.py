@@ -1,0 +1,186 @@
+"""amp=O0|O1|O2 as one object: apex's optimisation levels on native torch.amp.
+
+- O0: fp32 everything.
+- O1: per-op autocast; fp32 weights; GradScaler (dynamic by default with float16).
+- O2: half-precision weights and buffers, BatchNorm kept in fp32, inputs cast at the model's entry,
+      and the optimizer stepping on fp32 master copies (static loss scale 1024 by default, as apex).
+
+The trainer only calls `autocast()`, `backward()`, `step()` and the state-dict methods, so it never
+branches on the level.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgtrain.device import DeviceInfo
+from imgtrain.errors import ConfigError
+
+LEVELS = ("O0", "O1", "O2")
+_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# apex's default static scale for O2, which the seed's published numbers used.
+O2_STATIC_SCALE = 1024.0
+_NO_GROWTH = 1 << 30  # GradScaler growth_interval that never grows: a static scale
+
+
+def resolve_dtype(level: str, dtype: str, device: DeviceInfo) -> torch.dtype | None:
+    if level not in LEVELS:
+        raise ConfigError(f"unknown AMP level {level!r}; choose one of {', '.join(LEVELS)}")
+    if level == "O0":
+        return None
+    if dtype == "auto":
+        return device.default_half_dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown amp.dtype {dtype!r}; choose auto, float16 or bfloat16")
+    resolved = _DTYPES[dtype]
+    if resolved == torch.float16 and device.name == "cpu":
+        raise ConfigError("amp.dtype=float16 is not supported on the CPU; use amp.dtype=bfloat16 "
+                          "(or auto)")
+    return resolved
+
+
+def resolve_loss_scale(level: str, dtype: torch.dtype | None, loss_scale: Any) -> float | str | None:
+    """None (no scaler), 'dynamic', or a static scale."""
+    if dtype is None:
+        return None
+    if loss_scale == "auto":
+        if dtype == torch.bfloat16:
+            return None  # bfloat16 has fp32's exponent range: scaling only costs time
+        return O2_STATIC_SCALE if level == "O2" else "dynamic"
+    if dtype == torch.bfloat16:
+        raise ConfigError(f"amp.loss_scale={loss_scale} with bfloat16: bfloat16 needs no loss "
+                          "scaling; leave amp.loss_scale=auto or use amp.dtype=float16")
+    if loss_scale == "dynamic":
+        return "dynamic"
+    try:
+        scale = float(loss_scale)
+    except (TypeError, ValueError):
+        raise ConfigError(f"amp.loss_scale={loss_scale!r}: use auto, dynamic or a number") from None
+    if not scale > 0:
+        raise ConfigError(f"amp.loss_scale={loss_scale!r} must be positive")
+    return scale
+
+
+def _keep_batchnorm_fp32(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every parameter and buffer to `dtype` except BatchNorm's, which stay fp32."""
+    for child in module.children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            continue
+        _keep_batchnorm_fp32(child, dtype)
+    for param in module.parameters(recurse=False):
+        param.data = param.data.to(dtype)
+    for name, buf in module.named_buffers(recurse=False):
+        if buf.is_floating_point():
+            setattr(module, name, buf.to(dtype))
+
+
+class Precision:
+    """Autocast, loss scaling and (for O2) fp32 master weights, behind one small interface."""
+
+    def __init__(self, level: str, dtype: torch.dtype | None, loss_scale: float | str | None,
+                 device: DeviceInfo) -> None:
+        self.level, self.dtype, self.device = level, dtype, device
+        self.static_scale = loss_scale if isinstance(loss_scale, float) else None
+        self.scaler = None
+        if loss_scale is not None:
+            init = self.static_scale or 2.0 ** 16
+            self.scaler = device.grad_scaler(init_scale=init)
+            if self.static_scale:
+                self.scaler.set_growth_factor(2.0)
+                self.scaler._growth_interval = _NO_GROWTH
+        self._pairs: list[tuple[nn.Parameter, nn.Parameter]] = []  # O2: (half param, fp32 master)
+
+    @classmethod
+    def from_config(cls, amp_cfg: Any, device: DeviceInfo) -> "Precision":
+        dtype = resolve_dtype(amp_cfg["level"], str(amp_cfg["dtype"]), device)
+        scale = resolve_loss_scale(amp_cfg["level"], dtype, amp_cfg["loss_scale"])
+        return cls(amp_cfg["level"], dtype, scale, device)
+
+    def prepare(self, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
+        """Make the model this level's shape; return it and the parameters the optimizer steps."""
+        if self.level != "O2":
+            return model, list(model.parameters())
+        masters = [nn.Parameter(p.detach().clone().float()) for p in model.parameters()]
+        _keep_batchnorm_fp32(model, self.dtype)
+        # BatchNorm's fp32 parameters are their own masters: the optimizer steps them in place.
+        self._pairs = [(p, p if p.dtype == torch.float32 else m)
+                       for p, m in zip(model.parameters(), masters)]
+        dtype = self.dtype
+        model.register_forward_pre_hook(lambda _module, args: tuple(
+            a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+        return model, [master for _, master in self._pairs]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.level == "O1":
+            return torch.autocast(self.device.autocast_type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step (unless gradients overflowed), update the scale, and refresh O2's half weights."""
+        self._grads_to_masters()
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update(self.static_scale)
+        self._masters_to_model()
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self._pairs:
+            model.zero_grad(set_to_none=True)
+
+    @property
+    def loss_scale(self) -> torch.Tensor | None:
+        """The current scale as a device tensor (reading it does not sync)."""
+        return self.scaler._scale if self.scaler is not None else None
+
+    @torch.no_grad()
+    def _grads_to_masters(self) -> None:
+        for half, master in self._pairs:
+            if half is not master:
+                master.grad = None if half.grad is None else half.grad.float()
+
+    @torch.no_grad()
+    def _masters_to_model(self) -> None:
+        halves = [h for h, m in self._pairs if h is not m]
+        if halves:
+            torch._foreach_copy_(halves, [m for h, m in self._pairs if h is not m])
+
+    def full_precision_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict in fp32 on the CPU, with O2's masters in place of its half weights."""
+        bare = bare_model(model)
+        state = {key: value.detach().float() if value.is_floating_point() else value.detach()
+                 for key, value in bare.state_dict().items()}
+        master_of = {id(half): master for half, master in self._pairs}
+        for name, param in bare.named_parameters():
+            if id(param) in master_of:
+                state[name] = master_of[id(param)].detach()
+        return {key: value.cpu() for key, value in state.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+            if self.static_scale:
+                self.scaler.update(self.static_scale)
+
+
+def bare_model(model: nn.Module) -> nn.Module:
+    """Strip DDP and torch.compile wrappers so state-dict keys match torchvision's."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,66 @@
+"""results.json: one machine-readable summary per run, written by rank 0 (and by run.py on failure)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgtrain.checkpoint import write_json_atomic
+
+RESULTS = "results.json"
+
+
+def run_results(cfg: dict[str, Any], trainer: Any) -> dict[str, Any]:
+    """The summary of a run as it stands; the caller adds `status`."""
+    state = trainer.state
+    last = state.history[-1] if state.history else {}
+    return {
+        **identity(cfg),
+        "world_size": trainer.world.world_size,
+        "global_batch_size": trainer.global_batch,
+        "epochs": cfg["train"]["epochs"],
+        "epochs_completed": state.epoch,
+        "images_per_sec": state.timed_images / state.timed_seconds if state.timed_seconds else 0.0,
+        "best_acc1": state.best_acc1,
+        "final_acc1": last.get("acc1"),
+        "final_acc5": last.get("acc5"),
+        "val_samples": last.get("samples"),
+        "train_seconds": state.train_seconds,
+        "history": state.history,
+    }
+
+
+def identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the run is, known before any process starts."""
+    return {
+        "arch": cfg["model"]["arch"], "dataset": cfg["dataset"]["name"],
+        "device": cfg["device"].get("resolved") or cfg["device"]["name"],
+        "world_size": cfg["world"]["nproc_per_node"] * cfg["world"]["nnodes"],
+        "amp": cfg["amp"]["level"], "torch_version": torch.__version__,
+        "global_batch_size": cfg["train"]["batch_size"], "lr": cfg["optim"]["lr"],
+        "overrides": cfg.get("overrides", []), "mode": cfg["mode"],
+    }
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def record_failure(output_dir: Path, cfg: dict[str, Any], error: str, since: float) -> None:
+    """Mark the run failed, without overwriting results that this invocation did not write.
+
+    A results.json is ours to mark if it is absent, or if it says `running` and was written after
+    `since` (this invocation's start).
+    """
+    path = output_dir / RESULTS
+    previous = read(path)
+    if previous is not None and not (previous.get("status") == "running"
+                                     and path.stat().st_mtime >= since):
+        return
+    base = previous if previous is not None else identity(cfg)
+    write_json_atomic(path, {**base, "status": "failed", "error": error})

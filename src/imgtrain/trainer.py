@@ -1,0 +1,306 @@
+"""One Trainer: train_epoch, evaluate and fit. Device, world, precision and logger are handed in."""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgtrain import checkpoint
+from imgtrain.data import Loaders
+from imgtrain.data.transforms import Normalizer
+from imgtrain.device import DeviceInfo
+from imgtrain.distributed import World
+from imgtrain.errors import ConfigError
+from imgtrain.logger import RunLogger
+from imgtrain.precision import Precision
+
+log = logging.getLogger("imgtrain")
+
+
+class Preempted(Exception):
+    """Raised on every rank after a SIGTERM/SIGUSR1 checkpoint; the process exits with a set code."""
+
+
+@dataclass
+class TrainState:
+    """Where training stands: all a checkpoint needs beyond the modules' own state dicts."""
+
+    epoch: int = 0            # the epoch being (or next to be) trained
+    step_in_epoch: int = 0    # steps of `epoch` already done
+    global_step: int = 0
+    best_acc1: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+    timed_images: float = 0.0   # images/sec bookkeeping over the whole run
+    timed_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+
+class _Throughput:
+    """Global images/sec over an epoch's steps after the first `warmup` ones.
+
+    The device is synchronised only at the two measurement points, so the timer measures the
+    device's work, not the launch queue, without a per-step host sync.
+    """
+
+    def __init__(self, device: DeviceInfo, warmup: int, global_batch: int) -> None:
+        self.device, self.warmup, self.global_batch = device, warmup, global_batch
+        self.steps = 0
+        self.start_time = self.start_step = None
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps == self.warmup or (self.warmup <= 0 and self.steps == 1):
+            self.device.synchronize()
+            self.start_time, self.start_step = time.perf_counter(), self.steps
+
+    def finish(self, epoch_start: float) -> tuple[float, float]:
+        """(images, seconds) of the timed window; the whole epoch when it is shorter than warm-up."""
+        self.device.synchronize()
+        now = time.perf_counter()
+        if self.start_time is None or self.steps <= self.start_step:
+            return self.steps * self.global_batch, now - epoch_start
+        return (self.steps - self.start_step) * self.global_batch, now - self.start_time
+
+
+class Trainer:
+    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 precision: Precision, loaders: Loaders, device: DeviceInfo, world: World,
+                 logger: RunLogger, cfg: dict[str, Any], output_dir: Path,
+                 channels_last: bool, state: TrainState | None = None) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.precision, self.loaders, self.device, self.world = precision, loaders, device, world
+        self.logger, self.cfg, self.train_cfg = logger, cfg, cfg["train"]
+        self.checkpoint_dir = output_dir / "checkpoints"
+        self.state = state or TrainState()
+        self.normalize = Normalizer(device.torch_device, channels_last)
+        self.criterion = nn.CrossEntropyLoss()
+        self.global_batch = loaders.per_rank_batch * world.world_size
+        full = len(loaders.train)
+        cap = self.train_cfg["steps_per_epoch"]
+        self.steps_per_epoch = min(full, cap) if cap else full
+        self._stop_requested = False
+        self._last_checkpoint_time = time.monotonic()
+
+    # ---- training -------------------------------------------------------------------------
+    def _train_step(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with self.precision.autocast():
+            output = self.model(self.normalize(images))
+            loss = self.criterion(output.float(), target)
+        self.model.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.precision.step(self.optimizer)
+        self.scheduler.step()
+        correct = (output.argmax(1) == target).sum()
+        return loss.detach(), correct
+
+    def _to_device(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        dev = self.device.torch_device
+        return images.to(dev, non_blocking=True), target.to(dev, non_blocking=True)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch, from the step a resumed checkpoint stopped at; return its metrics."""
+        self.model.train()
+        sampler = self.loaders.train_sampler
+        sampler.set_epoch(epoch)
+        first_step = self.state.step_in_epoch
+        sampler.skip(first_step * self.loaders.per_rank_batch)  # not read, not decoded
+        sums = torch.zeros(3, device=self.device.torch_device)  # loss sum, correct, samples
+        window = torch.zeros(3, device=self.device.torch_device)
+        throughput = _Throughput(self.device, self.train_cfg["fps_warmup_steps"], self.global_batch)
+        data_time, epoch_start = 0.0, time.perf_counter()
+        window_start, end = epoch_start, epoch_start
+        step = first_step
+        for step, (images, target) in enumerate(self.loaders.train, start=first_step):
+            if step >= self.steps_per_epoch:
+                break
+            data_time += time.perf_counter() - end
+            self._fault_injection(step)
+            loss, correct = self._train_step(*self._to_device(images, target))
+            batch = torch.stack([loss * target.numel(), correct.float(),
+                                 torch.tensor(float(target.numel()), device=loss.device)])
+            sums += batch
+            window += batch
+            throughput.step()
+            self.state.step_in_epoch, self.state.global_step = step + 1, self.state.global_step + 1
+            if (step + 1) % self.train_cfg["print_freq"] == 0:
+                self._log_progress(epoch, step + 1, window, time.perf_counter() - window_start,
+                                   data_time)
+                window.zero_()
+                window_start = time.perf_counter()
+            self._maybe_checkpoint_mid_epoch(step + 1)
+            end = time.perf_counter()
+        images_timed, seconds_timed = throughput.finish(epoch_start)
+        self.state.timed_images += images_timed
+        self.state.timed_seconds += seconds_timed
+        self.state.train_seconds += time.perf_counter() - epoch_start
+        loss_sum, correct, count = self.world.sum(sums).tolist()
+        steps_run = max(1, step + 1 - first_step)
+        return {"loss": loss_sum / max(count, 1), "acc1": 100.0 * correct / max(count, 1),
+                "images_per_sec": images_timed / max(seconds_timed, 1e-9),
+                "data_time": data_time / steps_run}
+
+    def _log_progress(self, epoch: int, step: int, window: torch.Tensor, seconds: float,
+                      data_time: float) -> None:
+        loss_sum, correct, count = window.tolist()  # the one host sync every print_freq steps
+        images_per_sec = count * self.world.world_size / max(seconds, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss, acc1 = loss_sum / max(count, 1), 100.0 * correct / max(count, 1)
+        self.logger.info("epoch %d [%d/%d] loss %.4f acc1 %.2f img/s %.1f lr %.5f", epoch + 1, step,
+                         self.steps_per_epoch, loss, acc1, images_per_sec, lr)
+        values = {"train/loss": loss, "train/acc1": acc1, "train/images_per_sec": images_per_sec,
+                  "train/lr": lr, "train/data_time": data_time / max(step, 1)}
+        if self.precision.loss_scale is not None:
+            values["amp/loss_scale"] = float(self.precision.loss_scale.item())
+        self.logger.scalars(self.state.global_step, values)
+
+    # ---- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, Acc@1 and Acc@5 over the whole validation set, each sample counted exactly once."""
+        self.model.eval()
+        sums = torch.zeros(4, device=self.device.torch_device)  # loss sum, top1, top5, samples
+        for images, target in self.loaders.val:
+            images, target = self._to_device(images, target)
+            with self.precision.autocast():
+                output = self.model(self.normalize(images)).float()
+            k = min(5, output.shape[1])
+            hits = output.topk(k, dim=1).indices == target[:, None]
+            sums += torch.stack([nn.functional.cross_entropy(output, target, reduction="sum"),
+                                 hits[:, 0].sum().float(), hits.any(dim=1).sum().float(),
+                                 torch.tensor(float(target.numel()), device=output.device)])
+        loss_sum, top1, top5, count = self.world.sum(sums).tolist()
+        count = max(count, 1.0)
+        return {"loss": loss_sum / count, "acc1": 100.0 * top1 / count,
+                "acc5": 100.0 * top5 / count, "samples": int(count)}
+
+    # ---- the loop -------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        """Train the remaining epochs, evaluating and checkpointing after each; return the last metrics."""
+        epochs = self.train_cfg["epochs"]
+        val: dict[str, float] = self.state.history[-1] if self.state.history else {}
+        with self._preemption_signals():
+            for epoch in range(self.state.epoch, epochs):
+                train = self.train_epoch(epoch)
+                val = self.evaluate()
+                self._end_epoch(epoch, train, val)
+        return val
+
+    def _end_epoch(self, epoch: int, train: dict[str, float], val: dict[str, float]) -> None:
+        is_best = val["acc1"] > self.state.best_acc1 or not self.state.history
+        self.state.best_acc1 = max(self.state.best_acc1, val["acc1"])
+        self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+        self.state.history.append({"epoch": epoch + 1, "acc1": val["acc1"], "acc5": val["acc5"],
+                                   "loss": val["loss"], "samples": val["samples"],
+                                   "train_loss": train["loss"],
+                                   "images_per_sec": train["images_per_sec"]})
+        self.logger.info("epoch %d done: train loss %.4f acc1 %.2f | val loss %.4f acc1 %.3f acc5 "
+                         "%.3f (%d images) | %.1f img/s", epoch + 1, train["loss"], train["acc1"],
+                         val["loss"], val["acc1"], val["acc5"], val["samples"],
+                         train["images_per_sec"])
+        self.logger.scalars(self.state.global_step, {
+            "val/loss": val["loss"], "val/acc1": val["acc1"], "val/acc5": val["acc5"],
+            "train/epoch_loss": train["loss"], "train/epoch_images_per_sec": train["images_per_sec"]})
+        self.save_checkpoint(f"epoch-{epoch + 1}.pt", best=is_best)
+        self.logger.flush()
+
+    # ---- checkpoints and preemption -------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "model": self.precision.full_precision_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "precision": self.precision.state_dict(),
+            "state": {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch,
+                      "global_step": s.global_step, "best_acc1": s.best_acc1,
+                      "history": s.history, "timed_images": s.timed_images,
+                      "timed_seconds": s.timed_seconds, "train_seconds": s.train_seconds},
+            "identity": {"arch": self.cfg["model"]["arch"],
+                         "num_classes": self.loaders.num_classes,
+                         "global_batch_size": self.global_batch},
+            "rng": checkpoint.rng_state(),
+            "config": self.cfg,
+        }
+
+    def save_checkpoint(self, name: str, best: bool = False) -> None:
+        """Rank 0 writes `name` and last.pt (and best.pt); a failed write keeps the old ones."""
+        if not self.world.is_main:
+            return
+        start = time.perf_counter()
+        state = self.checkpoint_state()
+        try:
+            checkpoint.save(state, self.checkpoint_dir / checkpoint.LAST)
+            if best:
+                checkpoint.save(state, self.checkpoint_dir / checkpoint.BEST)
+            if self.train_cfg["keep_checkpoints"]:
+                checkpoint.save(state, self.checkpoint_dir / name)
+                checkpoint.prune(self.checkpoint_dir, self.train_cfg["keep_checkpoints"])
+        except OSError as exc:
+            message = f"checkpoint write to {self.checkpoint_dir} failed: {exc}"
+            if self.train_cfg["on_checkpoint_error"] == "warn":
+                log.warning("warning: %s; the previous checkpoint is kept, training goes on", message)
+                return
+            raise ConfigError(f"{message}; the previous checkpoint is kept "
+                              "(train.on_checkpoint_error=warn to train on)") from None
+        self._last_checkpoint_time = time.monotonic()
+        log.debug("checkpoint %s written in %.2f s", name, time.perf_counter() - start)
+
+    def _maybe_checkpoint_mid_epoch(self, step: int) -> None:
+        every_steps = self.train_cfg["checkpoint_every_steps"]
+        every_minutes = self.train_cfg["checkpoint_every_minutes"]
+        due = bool(every_steps) and self.state.global_step % every_steps == 0
+        # Ranks must agree on when to save (the wall clock differs by rank): rank 0's clock decides.
+        if every_minutes and self._agreed_at_boundary(step):
+            due = due or self.world.any(
+                self.world.is_main and time.monotonic() - self._last_checkpoint_time
+                >= every_minutes * 60, self.device.torch_device)
+        stop = self._agreed_at_boundary(step) and self.world.any(self._stop_requested,
+                                                                 self.device.torch_device)
+        if (due or stop) and step < self.steps_per_epoch:
+            self.save_checkpoint(f"step-{self.state.global_step}.pt")
+        if stop:
+            self.world.barrier()
+            raise Preempted(f"stopped by a signal at epoch {self.state.epoch + 1}, step {step}")
+
+    def _agreed_at_boundary(self, step: int) -> bool:
+        """Steps at which all ranks exchange flags: every step on one process, else at print points."""
+        return self.world.world_size == 1 or step % self.train_cfg["print_freq"] == 0
+
+    def _preemption_signals(self) -> Any:
+        trainer = self
+
+        class _Handlers:
+            def __enter__(self) -> None:
+                self.previous = {}
+                for sig in (signal.SIGTERM, signal.SIGUSR1):
+                    try:
+                        self.previous[sig] = signal.signal(sig, self.handle)
+                    except ValueError:  # not the main thread: leave signals alone
+                        pass
+
+            def handle(self, signum: int, frame: Any) -> None:
+                trainer._stop_requested = True  # a second signal only sets it again
+
+            def __exit__(self, *exc: Any) -> None:
+                for sig, handler in self.previous.items():
+                    signal.signal(sig, handler)
+
+        return _Handlers()
+
+    def _fault_injection(self, step: int) -> None:
+        """Test-only: `+train.fault_at_step=N` makes rank `+train.fault_rank` (0) raise at step N."""
+        fault_at = self.train_cfg.get("fault_at_step")
+        if fault_at is not None and step == fault_at and self.state.epoch == 0 and \
+                self.world.rank == self.train_cfg.get("fault_rank", 0):
+            marker = self.train_cfg.get("fault_once_file")
+            if marker is None or not Path(marker).exists():
+                if marker:
+                    Path(marker).touch()
+                raise RuntimeError(f"injected fault at step {step} on rank {self.world.rank}")

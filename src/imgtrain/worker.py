@@ -1,0 +1,170 @@
+"""One worker process: device and process group, then model, data, optimizer, precision, Trainer."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from imgtrain import checkpoint, device as devices
+from imgtrain.data import build_loaders
+from imgtrain.distributed import World, process_group, world_from_env
+from imgtrain.errors import ConfigError
+from imgtrain.logger import NullLogger, RunLogger, setup_logging
+from imgtrain.models import build_model, load_weights
+from imgtrain.optim import build_optimizer, build_scheduler
+from imgtrain.precision import Precision
+from imgtrain.results import run_results
+from imgtrain.trainer import Preempted, Trainer, TrainState
+
+log = logging.getLogger("imgtrain")
+
+
+@record
+def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
+    """The entry point of every rank; returns rank 0's results (None elsewhere)."""
+    world = world_from_env()
+    out = Path(output_dir)
+    setup_logging(out, world.is_main)
+    device = devices.for_local_rank(cfg["device"]["resolved"], world.local_rank)
+    logger = RunLogger(out) if world.is_main else NullLogger()
+    with process_group(world, device):
+        try:
+            return _run(cfg, out, world, device, logger)
+        finally:
+            logger.close()
+
+
+def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
+         logger: RunLogger) -> dict[str, Any] | None:
+    torch.manual_seed(cfg["train"]["seed"] + world.rank)
+    loaders = build_loaders(cfg["dataset"], cfg["train"]["batch_size"], world.rank,
+                            world.world_size, world.local_world_size, cfg["train"]["seed"],
+                            pin_memory=device.is_accelerator and cfg["dataset"]["pin_memory"])
+    if cfg["mode"] == "bench_data":
+        from imgtrain.bench import bench_loader
+        return bench_loader(cfg, loaders, world, logger)
+    precision = Precision.from_config(cfg["amp"], device)
+    model = build_model(cfg["model"]["arch"], loaders.num_classes)
+    resume_from = checkpoint.resume_path(out, cfg["train"]["resume"]) if cfg["mode"] == "train" \
+        else None
+    saved = _load_resume(resume_from, cfg, loaders, world) if resume_from else None
+    if saved:
+        model.load_state_dict(saved["model"])
+    elif cfg["model"]["weights"]:
+        load_weights(model, cfg["model"]["weights"])
+    elif cfg["mode"] == "eval":
+        raise ConfigError("mode=eval needs model.weights=<checkpoint or state-dict file>")
+    trainer = _build_trainer(cfg, out, world, device, logger, loaders, precision, model, saved)
+    return _execute(cfg, trainer, logger, resumed=saved is not None)
+
+
+def _load_resume(path: Path, cfg: dict[str, Any], loaders: Any, world: World) -> dict[str, Any]:
+    saved = checkpoint.load(path)
+    checkpoint.check_compatible(saved, {"arch": cfg["model"]["arch"],
+                                        "num_classes": loaders.num_classes,
+                                        "global_batch_size": cfg["train"]["batch_size"]}, path)
+    log.info("resuming from %s (epoch %d, step %d)", path, saved["state"]["epoch"] + 1,
+             saved["state"]["step_in_epoch"])
+    return saved
+
+
+def _channels_last(cfg: dict[str, Any], device: devices.DeviceInfo) -> bool:
+    setting = cfg["model"]["channels_last"]
+    return device.name == "gpu" if setting == "auto" else bool(setting)
+
+
+def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
+                   logger: RunLogger, loaders: Any, precision: Precision, model: torch.nn.Module,
+                   saved: dict[str, Any] | None) -> Trainer:
+    channels_last = _channels_last(cfg, device)
+    model = model.to(device.torch_device,
+                     memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model, params = precision.prepare(model)
+    optimizer = build_optimizer(params, cfg["optim"], device)
+    steps = min(len(loaders.train), cfg["train"]["steps_per_epoch"] or len(loaders.train))
+    scheduler = build_scheduler(optimizer, cfg["sched"], cfg["train"]["epochs"], steps)
+    state = TrainState()
+    if saved:
+        state = _restore(saved, optimizer, scheduler, precision, cfg)
+    if world.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.is_accelerator else None)
+    if cfg["model"]["compile"]:
+        model = torch.compile(model)
+    return Trainer(model=model, optimizer=optimizer, scheduler=scheduler, precision=precision,
+                   loaders=loaders, device=device, world=world, logger=logger, cfg=cfg,
+                   output_dir=out, channels_last=channels_last, state=state)
+
+
+def _restore(saved: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+             precision: Precision, cfg: dict[str, Any]) -> TrainState:
+    """Load optimizer, schedule, scaler and RNG; then apply this run's optim settings (#816)."""
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    precision.load_state_dict(saved["precision"])
+    checkpoint.set_rng_state(saved["rng"])
+    old = saved["config"]["optim"]
+    for key in ("lr", "momentum", "weight_decay"):
+        if old.get(key) != cfg["optim"][key]:
+            log.info("resume: optim.%s changed from %s to %s; using the new value", key,
+                     old.get(key), cfg["optim"][key])
+    for group in optimizer.param_groups:
+        group.update(momentum=cfg["optim"]["momentum"], weight_decay=cfg["optim"]["weight_decay"],
+                     initial_lr=cfg["optim"]["lr"])
+    # The saved schedule position stays; the lr it scales is this run's.
+    scheduler.base_lrs = [cfg["optim"]["lr"]] * len(optimizer.param_groups)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg["optim"]["lr"] * factor
+    if saved["config"]["train"]["epochs"] != cfg["train"]["epochs"]:
+        log.info("resume: train.epochs changed from %s to %s", saved["config"]["train"]["epochs"],
+                 cfg["train"]["epochs"])
+    return TrainState(**saved["state"])
+
+
+def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed: bool) -> Any:
+    results = run_results(cfg, trainer)
+    if cfg["mode"] == "eval":
+        val = trainer.evaluate()
+        logger.info("eval: loss %.4f acc1 %.3f acc5 %.3f (%d images)", val["loss"], val["acc1"],
+                    val["acc5"], val["samples"])
+        results.update(status="completed", final_acc1=val["acc1"], final_acc5=val["acc5"],
+                       best_acc1=val["acc1"], val_samples=val["samples"], val_loss=val["loss"])
+        logger.results(results)
+        return results
+    if trainer.state.epoch >= cfg["train"]["epochs"]:
+        logger.info("run already completed %d epochs; nothing to train (results.json has its "
+                    "results)", trainer.state.epoch)
+        return {**run_results(cfg, trainer), "status": "completed", "already_completed": True}
+    logger.hparams(hparam_values(cfg, trainer))
+    logger.results({**results, "status": "running"})
+    started = time.time()
+    try:
+        trainer.fit()
+    except Preempted as exc:
+        logger.info("%s; checkpoint saved, exiting with code %d", exc,
+                    cfg["train"]["preempt_exit_code"])
+        logger.results({**run_results(cfg, trainer), "status": "preempted"})
+        raise
+    results = {**run_results(cfg, trainer), "status": "completed"}
+    logger.scalars(trainer.state.global_step, {
+        "hparams/best_acc1": results["best_acc1"], "hparams/final_acc1": results["final_acc1"],
+        "hparams/final_acc5": results["final_acc5"],
+        "hparams/images_per_sec": results["images_per_sec"]})
+    logger.results(results)
+    logger.info("done in %.1f s: best acc1 %.3f, final acc1 %.3f, %.1f img/s", time.time() - started,
+                results["best_acc1"], results["final_acc1"], results["images_per_sec"])
+    return results
+
+
+def hparam_values(cfg: dict[str, Any], trainer: Trainer) -> dict[str, Any]:
+    return {"arch": cfg["model"]["arch"], "dataset": cfg["dataset"]["name"],
+            "device": cfg["device"]["resolved"], "world_size": trainer.world.world_size,
+            "global_batch_size": trainer.global_batch, "lr": cfg["optim"]["lr"],
+            "weight_decay": cfg["optim"]["weight_decay"], "sched": cfg["sched"]["name"],
+            "warmup_epochs": cfg["sched"]["warmup_epochs"], "epochs": cfg["train"]["epochs"],
+            "amp": cfg["amp"]["level"]}
