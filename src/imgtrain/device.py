@@ -6,6 +6,7 @@ synchronize function and grad scaler. No other module calls `.cuda()` or imports
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,6 +21,8 @@ _KINDS = {"npu": ("npu", "hccl"), "gpu": ("cuda", "nccl"), "cpu": ("cpu", "gloo"
 # Ascend runtime defaults, applied only where the user set nothing: the task queue overlaps host
 # dispatch with device work, and HCCL's default 120 s connect timeout is short for 8-device start-up.
 NPU_ENV_DEFAULTS = {"TASK_QUEUE_ENABLE": "1", "HCCL_CONNECT_TIMEOUT": "1200"}
+NPU_DOCS = "docs/precision-and-npu.md"
+_NO_GROWTH = 1 << 30  # a GradScaler growth_interval no run reaches: the scale never grows
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,14 @@ class DeviceInfo:
         return _KINDS[self.name][1]
 
     @property
+    def device_string(self) -> str:
+        """'npu:3', 'cuda:0' or 'cpu'. Device strings, never bare integers: torch (and torch_npu's
+        set_device) read a bare int as a CUDA ordinal."""
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+    @property
     def torch_device(self) -> torch.device:
-        # Device strings, never bare integers: torch reads a bare int as a CUDA ordinal.
-        return torch.device(self.type if self.index is None else f"{self.type}:{self.index}")
+        return torch.device(self.device_string)
 
     @property
     def autocast_type(self) -> str:
@@ -61,17 +69,25 @@ class DeviceInfo:
     def set_current(self) -> None:
         """Bind this process to its device; must precede init_process_group for nccl/hccl."""
         if self.is_accelerator:
-            self.module().set_device(str(self.torch_device))
+            self.module().set_device(self.device_string)
 
     def synchronize(self) -> None:
         if self.is_accelerator:
             self.module().synchronize()
 
-    def grad_scaler(self, init_scale: float) -> Any:
+    def grad_scaler(self, init_scale: float, dynamic: bool = True) -> Any:
+        """A loss scaler starting at `init_scale`; `dynamic=False` keeps it there.
+
+        torch_npu's scaler takes `dynamic=False` natively (Ascend's AMP docs), and torch.amp's does
+        not know the npu device on every release. torch.amp's has no static mode: growth is pushed
+        out of reach here and `Precision` re-pins the scale after each update.
+        """
         if self.name == "npu":
-            # torch_npu's own scaler: torch.amp's does not know the npu device on every release.
-            return torch.npu.amp.GradScaler(init_scale=init_scale)
-        return torch.amp.GradScaler(self.type, init_scale=init_scale)
+            return torch.npu.amp.GradScaler(init_scale=init_scale, dynamic=dynamic)
+        scaler = torch.amp.GradScaler(self.type, init_scale=init_scale)
+        if not dynamic:
+            scaler.set_growth_interval(_NO_GROWTH)
+        return scaler
 
     def fused_sgd_class(self) -> Callable | None:
         if self.name == "npu":
@@ -80,18 +96,26 @@ class DeviceInfo:
 
 
 def _import_torch_npu() -> None:
+    """Import torch_npu (which registers torch.npu) after checking what makes it fail silently."""
     for key, value in NPU_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+        os.environ.setdefault(key, value)  # read by torch_npu at import: must be set before it
     check_ascend_visible_devices(os.environ.get("ASCEND_RT_VISIBLE_DEVICES"))
+    if not _npu_installed():
+        raise ConfigError(
+            f"device=npu needs torch_npu: pip install torch-npu=={_torch_release()} (the release "
+            f"matching torch {torch.__version__}) on a host with Ascend CANN; see {NPU_DOCS}, "
+            "or use device=gpu|cpu")
     try:
         importlib.import_module("torch_npu")
-    except ModuleNotFoundError as exc:
-        raise ConfigError(
-            "device=npu needs torch_npu: pip install torch-npu==<your torch version> on a host with "
-            "Ascend CANN (see the README's NPU section)") from exc
     except Exception as exc:  # torch_npu raises assorted errors when CANN's libraries are absent
         raise ConfigError(f"torch_npu is installed but cannot load ({type(exc).__name__}: "
-                          f"{one_line_of(exc)}); install Ascend CANN and source its set_env.sh") from exc
+                          f"{one_line_of(exc)}); install Ascend CANN and source its "
+                          f"set_env.sh (see {NPU_DOCS}), or use device=gpu|cpu") from exc
+
+
+def _torch_release() -> str:
+    """torch's version without a local build tag: torch-npu releases carry the same number."""
+    return torch.__version__.split("+")[0]
 
 
 def one_line_of(exc: BaseException) -> str:
@@ -110,8 +134,8 @@ def check_ascend_visible_devices(value: str | None) -> None:
                           "device numbers") from None
     if ids != sorted(set(ids)):
         raise ConfigError(f"ASCEND_RT_VISIBLE_DEVICES={value!r} must list distinct devices in "
-                          f"ascending order (e.g. {','.join(map(str, sorted(set(ids))))}), or the "
-                          "NPUs are not visible at all")
+                          "ascending order, else torch.npu.is_available() is silently False; set "
+                          f"ASCEND_RT_VISIBLE_DEVICES={','.join(map(str, sorted(set(ids))))}")
 
 
 def _npu_installed() -> bool:
@@ -131,8 +155,8 @@ def resolve_name(requested: str) -> str:
     if requested == "npu":
         _import_torch_npu()
         if not torch.npu.is_available():
-            raise ConfigError("device=npu but no NPU is visible; check npu-smi info and "
-                              "ASCEND_RT_VISIBLE_DEVICES")
+            raise ConfigError("device=npu but no NPU is visible: check `npu-smi info` and "
+                              "ASCEND_RT_VISIBLE_DEVICES, or use device=gpu|cpu")
     if requested == "gpu" and not torch.cuda.is_available():
         raise ConfigError("device=gpu but CUDA is not available (no GPU, or a CPU-only torch); "
                           "use device=cpu or device=auto")

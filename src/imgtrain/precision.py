@@ -6,7 +6,7 @@
       and the optimizer stepping on fp32 master copies (static loss scale 1024 by default, as apex).
 
 The trainer only calls `autocast()`, `backward()`, `step()` and the state-dict methods, so it never
-branches on the level.
+branches on the level. docs/precision-and-npu.md maps each level onto apex's.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import contextlib
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from imgtrain.device import DeviceInfo
@@ -24,7 +25,6 @@ _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float1
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # apex's default static scale for O2, which the seed's published numbers used.
 O2_STATIC_SCALE = 1024.0
-_NO_GROWTH = 1 << 30  # GradScaler growth_interval that never grows: a static scale
 
 
 def resolve_dtype(level: str, dtype: str, device: DeviceInfo) -> torch.dtype | None:
@@ -87,11 +87,8 @@ class Precision:
         self.static_scale = loss_scale if isinstance(loss_scale, float) else None
         self.scaler = None
         if loss_scale is not None:
-            init = self.static_scale or 2.0 ** 16
-            self.scaler = device.grad_scaler(init_scale=init)
-            if self.static_scale:
-                self.scaler.set_growth_factor(2.0)
-                self.scaler._growth_interval = _NO_GROWTH
+            self.scaler = device.grad_scaler(init_scale=self.static_scale or 2.0 ** 16,
+                                             dynamic=self.static_scale is None)
         self._pairs: list[tuple[nn.Parameter, nn.Parameter]] = []  # O2: (half param, fp32 master)
 
     @classmethod
@@ -104,14 +101,17 @@ class Precision:
         """Make the model this level's shape; return it and the parameters the optimizer steps."""
         if self.level != "O2":
             return model, list(model.parameters())
+        _sync_from_rank0(model)
         masters = [nn.Parameter(p.detach().clone().float()) for p in model.parameters()]
         _keep_batchnorm_fp32(model, self.dtype)
         # BatchNorm's fp32 parameters are their own masters: the optimizer steps them in place.
         self._pairs = [(p, p if p.dtype == torch.float32 else m)
                        for p, m in zip(model.parameters(), masters)]
         dtype = self.dtype
+        # As apex O2's patched forward: half inputs in, fp32 outputs out, so callers never cast.
         model.register_forward_pre_hook(lambda _module, args: tuple(
             a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+        model.register_forward_hook(lambda _module, _args, out: out.float())
         return model, [master for _, master in self._pairs]
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -123,19 +123,18 @@ class Precision:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step (unless gradients overflowed), update the scale, and refresh O2's half weights."""
+        """Step (unless gradients overflowed), update the scale, and refresh O2's half weights.
+
+        The scaler unscales and checks the fp32 masters' gradients, so an fp16 gradient that
+        overflowed reaches it as inf and the step is skipped before any weight changes.
+        """
         self._grads_to_masters()
         if self.scaler is None:
             optimizer.step()
         else:
             self.scaler.step(optimizer)
-            self.scaler.update(self.static_scale)
+            self.scaler.update(self.static_scale)  # a static scale is re-pinned; dynamic adapts
         self._masters_to_model()
-
-    def zero_grad(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        if self._pairs:
-            model.zero_grad(set_to_none=True)
 
     @property
     def loss_scale(self) -> torch.Tensor | None:
@@ -169,10 +168,23 @@ class Precision:
         return {"scaler": self.scaler.state_dict() if self.scaler else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-            if self.static_scale:
-                self.scaler.update(self.static_scale)
+        """Resume a dynamic scale where it was; a static scale is this run's config, not state."""
+        saved = state.get("scaler")
+        if self.scaler is None or self.static_scale is not None or not saved:
+            return
+        # torch_npu's scaler also wants its `dynamic` flag, which a GPU checkpoint lacks.
+        self.scaler.load_state_dict({**saved, "dynamic": True})
+
+
+def _sync_from_rank0(model: nn.Module) -> None:
+    """Give every rank rank 0's fp32 weights before the masters are copied from them.
+
+    DDP broadcasts rank 0's weights only when it wraps the model, after `prepare`: ranks seeded
+    differently would otherwise keep different masters and drift apart from the first step.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
 
 
 def bare_model(model: nn.Module) -> nn.Module:
