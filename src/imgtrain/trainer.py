@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from imgtrain.distributed import World
 from imgtrain.errors import ConfigError
 from imgtrain.logger import RunLogger
 from imgtrain.precision import Precision
+from imgtrain.results import run_results
 
 log = logging.getLogger("imgtrain")
 
@@ -135,11 +137,19 @@ class Trainer:
                 window_start = time.perf_counter()
             self._maybe_checkpoint_mid_epoch(step + 1)
             end = time.perf_counter()
+        if self.state.step_in_epoch % self.train_cfg["print_freq"]:  # the epoch's last few steps
+            self._log_progress(epoch, self.state.step_in_epoch, window,
+                               time.perf_counter() - window_start, data_time)
         images_timed, seconds_timed = throughput.finish(epoch_start)
         self.state.timed_images += images_timed
         self.state.timed_seconds += seconds_timed
         self.state.train_seconds += time.perf_counter() - epoch_start
         loss_sum, correct, count = self.world.sum(sums).tolist()
+        # Checked on the all-reduced sum, so every rank stops together, before a NaN checkpoint.
+        if not math.isfinite(loss_sum):
+            raise ConfigError(f"training diverged: the loss of epoch {epoch + 1} is {loss_sum} "
+                              f"(optim.lr={self.cfg['optim']['lr']}); lower the lr or check "
+                              "the data")
         steps_run = max(1, step + 1 - first_step)
         return {"loss": loss_sum / max(count, 1), "acc1": 100.0 * correct / max(count, 1),
                 "images_per_sec": images_timed / max(seconds_timed, 1e-9),
@@ -207,6 +217,7 @@ class Trainer:
             "val/loss": val["loss"], "val/acc1": val["acc1"], "val/acc5": val["acc5"],
             "train/epoch_loss": train["loss"], "train/epoch_images_per_sec": train["images_per_sec"]})
         self.save_checkpoint(f"epoch-{epoch + 1}.pt", best=is_best)
+        self.logger.results({**run_results(self.cfg, self), "status": "running"})
         self.logger.flush()
 
     # ---- checkpoints and preemption -------------------------------------------------------

@@ -1,0 +1,164 @@
+"""End-to-end runs of `python run.py` on generated data: accuracy, resume, eval, TensorBoard."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from conftest import REPO, TINY, read_results, run_cli
+
+JPEG_RUN = [*TINY, "dataset=imagenet", "dataset.image_size=32", "train.batch_size=16",
+            "optim.lr=0.05", "sched.warmup_epochs=0"]
+
+
+def test_image_folder_trains_well_above_chance(image_folder: Path, tmp_path: Path) -> None:
+    proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=4",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    results = read_results(tmp_path)
+    assert results["status"] == "completed"
+    assert results["val_samples"] == 32  # 4 classes x 8 validation images, each counted once
+    assert results["best_acc1"] >= 60, results  # chance is 25
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "train.log").read_text().count("done in") == 1
+
+
+def test_cifar10_pickles_train_well_above_chance(cifar_root: Path, tmp_path: Path) -> None:
+    proc = run_cli(*TINY, "dataset=cifar10", f"dataset.root={cifar_root}", "train.epochs=3",
+                   "train.batch_size=20", "optim.lr=0.05", "sched.warmup_epochs=0",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    results = read_results(tmp_path)
+    assert results["val_samples"] == 100
+    assert results["best_acc1"] >= 40, results  # chance is 10
+
+
+def test_quickstart_writes_results_and_tensorboard_tags(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = run_cli("experiment=quickstart", "dataset.train_size=640", "train.epochs=2",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    results = read_results(tmp_path)
+    for key in ("arch", "dataset", "device", "world_size", "amp", "torch_version",
+                "global_batch_size", "epochs_completed", "images_per_sec", "best_acc1",
+                "final_acc1", "final_acc5", "val_samples", "train_seconds"):
+        assert key in results, key
+    assert results["status"] == "completed" and results["epochs_completed"] == 2
+    assert results["images_per_sec"] > 0
+    events = EventAccumulator(str(tmp_path)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/acc1", "train/images_per_sec", "train/lr", "train/data_time",
+            "val/loss", "val/acc1", "val/acc5"} <= tags
+    assert re.search(r"epoch 1 \[\d+/\d+\] loss [\d.]+ acc1 [\d.]+ img/s [\d.]+ lr", proc.stdout)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
+
+
+def test_sigkill_after_an_epoch_then_resume_gives_the_same_weights(image_folder: Path,
+                                                                      tmp_path: Path) -> None:
+    args = [*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args,
+                             f"hydra.run.dir={resumed}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        results = resumed / "results.json"
+        if results.exists() and json.loads(results.read_text()).get("epochs_completed", 0) >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_results(resumed)["status"] == "running"  # killed, not finished
+
+    again = run_cli(*args, f"hydra.run.dir={resumed}")
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stdout
+    assert _max_diff(_weights(straight / "checkpoints/last.pt"),
+                     _weights(resumed / "checkpoints/last.pt")) <= 1e-6
+    assert read_results(resumed)["final_acc1"] == read_results(straight)["final_acc1"]
+
+    # Rerunning a completed run trains nothing and leaves its results alone.
+    before = (resumed / "results.json").read_bytes()
+    done = run_cli(*args, f"hydra.run.dir={resumed}")
+    assert done.returncode == 0 and "already completed" in done.stdout
+    assert (resumed / "results.json").read_bytes() == before
+
+
+def test_eval_mode_on_a_checkpoint_and_on_a_torchvision_state_dict(image_folder: Path,
+                                                                   tmp_path: Path) -> None:
+    train_dir = tmp_path / "train"
+    assert run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=2",
+                   f"hydra.run.dir={train_dir}").returncode == 0
+    trained = read_results(train_dir)
+    proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "mode=eval",
+                   f"model.weights={train_dir / 'checkpoints/last.pt'}",
+                   f"hydra.run.dir={tmp_path / 'eval'}")
+    assert proc.returncode == 0, proc.stderr
+    evaluated = read_results(tmp_path / "eval")
+    assert evaluated["status"] == "completed" and evaluated["mode"] == "eval"
+    assert evaluated["final_acc1"] == pytest.approx(trained["final_acc1"])
+    assert evaluated["val_samples"] == 32
+
+    plain = tmp_path / "resnet18.pth"  # what torchvision users have: a bare state dict
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), plain)
+    proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "mode=eval",
+                   f"model.weights={plain}", f"hydra.run.dir={tmp_path / 'plain'}")
+    assert proc.returncode == 0, proc.stderr
+    assert read_results(tmp_path / "plain")["val_samples"] == 32
+
+
+def test_real_tensorboard_server_lists_the_run_scalars(tmp_path: Path) -> None:
+    run_dir = tmp_path / "outputs" / "run"
+    assert run_cli("experiment=quickstart", "dataset.train_size=256", "train.epochs=1",
+                   f"hydra.run.dir={run_dir}").returncode == 0
+    tensorboard = Path(sys.executable).with_name("tensorboard")
+    server = subprocess.Popen([str(tensorboard), "--logdir", str(tmp_path / "outputs"),
+                               "--host", "127.0.0.1", "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = _wait_for_url(server)
+        deadline = time.time() + 60
+        tags: dict = {}
+        while time.time() < deadline:
+            with urllib.request.urlopen(f"{url}data/plugin/scalars/tags", timeout=10) as reply:
+                tags = json.loads(reply.read())
+            if "run" in tags and "val/acc1" in tags["run"]:
+                break
+            time.sleep(1)  # the server loads event files in the background
+        assert {"train/images_per_sec", "val/acc1"} <= set(tags["run"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _wait_for_url(server: subprocess.Popen) -> str:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        line = server.stdout.readline()
+        match = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
+        if match:
+            return match.group(1)
+        if server.poll() is not None:
+            break
+    raise AssertionError("TensorBoard did not start")
