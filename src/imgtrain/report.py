@@ -1,0 +1,163 @@
+"""The results table: `python -m imgtrain.report [PATH ...] [--format csv] [--sort COLUMN]`.
+
+Reads every results.json below the paths (default outputs/) and prints one row per run, in the
+layout of the seed's Table 2 (DEVICE | PyTorch | Acc@1 | FPS | Epochs | AMP_Type), followed by
+the overrides that differ between the runs and, when any run did not complete, its status.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+FIXED_COLUMNS = ("DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type")
+STATUS = "Status"
+# Override keys the fixed columns already show, or that only say where files went.
+_SHOWN_ELSEWHERE = {"amp", "amp.level"}
+_LOCATION_PREFIXES = ("hydra.", "hydra/")
+
+
+def find_results(paths: Iterable[Path]) -> list[Path]:
+    """Every results.json at or below the paths, in natural order (job 2 before job 10)."""
+    found: set[Path] = set()
+    for path in paths:
+        if path.is_file() and path.name == "results.json":
+            found.add(path)
+        elif path.is_dir():
+            found.update(path.rglob("results.json"))
+    return sorted(found, key=_natural_key)
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def load_runs(files: Iterable[Path]) -> list[dict[str, Any]]:
+    """Parsed results; an unreadable file is reported on stderr and left out."""
+    runs = []
+    for file in files:
+        try:
+            runs.append(json.loads(file.read_text()))
+        except (OSError, ValueError) as exc:
+            sys.stderr.write(f"warning: skipping {file}: {exc}\n")
+    return runs
+
+
+def override_values(run: dict[str, Any]) -> dict[str, str]:
+    """The run's `key=value` overrides as a dict, with `+`/`++`/`~` prefixes dropped."""
+    values = {}
+    for override in run.get("overrides") or []:
+        key, _, value = str(override).partition("=")
+        key = key.lstrip("+~")
+        if not key.startswith(_LOCATION_PREFIXES) and key not in _SHOWN_ELSEWHERE:
+            values[key] = value
+    return values
+
+
+def differing_keys(per_run: Sequence[dict[str, str]]) -> list[str]:
+    """Override keys whose value is not the same in every run (absent counts as a value)."""
+    keys = sorted({key for values in per_run for key in values})
+    return [key for key in keys if len({values.get(key) for values in per_run}) > 1]
+
+
+def _fixed_cells(run: dict[str, Any]) -> list[str]:
+    evaluated = bool(run.get("epochs_completed")) or run.get("mode") == "eval"
+    return [
+        f"{run.get('world_size', '?')}p-{str(run.get('device', '?')).upper()}",
+        str(run.get("torch_version", "")).split("+")[0],  # the local build tag adds nothing here
+        _decimals(run.get("best_acc1")) if evaluated else "",
+        _decimals(run.get("images_per_sec")) if run.get("images_per_sec") else "",
+        str(run.get("epochs_completed", "")),
+        str(run.get("amp", "")),
+    ]
+
+
+def _decimals(value: Any) -> str:
+    return "" if value is None else f"{float(value):.3f}"
+
+
+def status_text(run: dict[str, Any]) -> str:
+    status = run.get("status", "unknown")
+    if status == "failed":
+        return f"failed: {run.get('error', 'no error recorded')}"
+    if status in ("running", "preempted"):  # a killed run also stays `running`
+        return f"unfinished ({status})"
+    return str(status)
+
+
+def table(runs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The header and one row of cells per run."""
+    per_run = [override_values(run) for run in runs]
+    keys = differing_keys(per_run)
+    with_status = any(run.get("status") != "completed" for run in runs)
+    header = [*FIXED_COLUMNS, *keys, *([STATUS] if with_status else [])]
+    rows = []
+    for run, values in zip(runs, per_run):
+        row = [*_fixed_cells(run), *(values.get(key, "") for key in keys)]
+        rows.append(row + [status_text(run)] if with_status else row)
+    return header, rows
+
+
+def sort_rows(header: list[str], rows: list[list[str]], column: str,
+              descending: bool = False) -> list[list[str]]:
+    """Rows ordered by a column (numbers as numbers); empty cells go last either way."""
+    matches = [i for i, name in enumerate(header) if name.lower() == column.lower()]
+    if not matches:
+        raise ValueError(f"no column {column!r}; columns: {', '.join(header)}")
+    index = matches[0]
+    filled = [row for row in rows if row[index] != ""]
+    empty = [row for row in rows if row[index] == ""]
+    return sorted(filled, key=lambda row: _sortable(row[index]), reverse=descending) + empty
+
+
+def _sortable(cell: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(cell), "")
+    except ValueError:
+        return (1, 0.0, cell)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *(line(row) for row in rows)])
+
+
+def to_csv(header: list[str], rows: list[list[str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerows([header, *rows])
+    return buffer.getvalue().rstrip("\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m imgtrain.report", description=__doc__.split(
+        "\n")[0])
+    parser.add_argument("paths", nargs="*", type=Path, default=[Path("outputs")],
+                        help="run folders, sweep folders or results.json files (default outputs/)")
+    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
+    parser.add_argument("--sort", metavar="COLUMN", help="order rows by this column, e.g. Acc@1")
+    parser.add_argument("--descending", action="store_true", help="with --sort: largest first")
+    args = parser.parse_args(argv)
+    runs = load_runs(find_results(args.paths))
+    if not runs:
+        sys.stderr.write(f"error: no results.json under {', '.join(map(str, args.paths))}\n")
+        return 1
+    header, rows = table(runs)
+    if args.sort:
+        try:
+            rows = sort_rows(header, rows, args.sort, args.descending)
+        except ValueError as exc:
+            parser.error(str(exc))
+    print(to_csv(header, rows) if args.format == "csv" else markdown(header, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
