@@ -1,0 +1,122 @@
+"""Bad input: one `error:` line on stderr, a non-zero exit, no traceback, nothing overwritten."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from conftest import TINY, assert_clean_error, make_image_folder, run_cli
+
+FOLDER_RUN = [*TINY, "dataset=imagenet", "dataset.image_size=32", "train.batch_size=8",
+              "train.epochs=1"]
+
+
+def test_missing_dataset_root(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    proc = run_cli(*FOLDER_RUN, f"dataset.root={missing}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_clean_error(proc, str(missing), "does not exist")
+
+
+def test_empty_dataset_root(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    proc = run_cli(*FOLDER_RUN, f"dataset.root={tmp_path / 'empty'}",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert_clean_error(proc, "empty")
+
+
+@pytest.mark.parametrize("missing_split", ["train", "val"])
+def test_root_without_a_split(tmp_path: Path, missing_split: str) -> None:
+    root = make_image_folder(tmp_path / "data", num_classes=2, per_class=2, val_per_class=1)
+    shutil.rmtree(root / missing_split)
+    proc = run_cli(*FOLDER_RUN, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_clean_error(proc, f"no {missing_split}/")
+
+
+def test_class_folders_differ_between_train_and_val(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", num_classes=3, per_class=2, val_per_class=1)
+    (root / "val" / "class_2").rename(root / "val" / "class_x")
+    proc = run_cli(*FOLDER_RUN, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_clean_error(proc, "class folders differ", "class_x")
+
+
+def test_unknown_arch_lists_the_valid_ones(tmp_path: Path) -> None:
+    proc = run_cli(*TINY, "dataset=synthetic", "model.arch=resnet9000",
+                   f"hydra.run.dir={tmp_path}")
+    assert_clean_error(proc, "resnet9000", "resnet18", "resnet152")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_gpu_without_cuda(tmp_path: Path) -> None:
+    proc = run_cli("experiment=quickstart", "device=gpu", f"hydra.run.dir={tmp_path}")
+    assert_clean_error(proc, "device=gpu", "CUDA")
+
+
+@pytest.mark.parametrize("batch", ["0", "-4"])
+def test_batch_size_below_one(tmp_path: Path, batch: str) -> None:
+    proc = run_cli("experiment=quickstart", f"train.batch_size={batch}", f"hydra.run.dir={tmp_path}")
+    assert_clean_error(proc, "train.batch_size")
+
+
+def _corrupt_one_image(root: Path) -> Path:
+    victim = sorted((root / "train" / "class_1").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # a truncated JPEG
+    return victim
+
+
+def test_corrupt_image_is_named_or_skipped_on_request(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", num_classes=2, per_class=8, val_per_class=2)
+    victim = _corrupt_one_image(root)
+    proc = run_cli(*FOLDER_RUN, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_clean_error(proc, str(victim), "dataset.skip_bad_images=true")
+
+    proc = run_cli(*FOLDER_RUN, f"dataset.root={root}", "dataset.skip_bad_images=true",
+                   f"hydra.run.dir={tmp_path / 'skip'}")
+    assert proc.returncode == 0, proc.stderr
+    assert str(victim) in proc.stdout + proc.stderr  # logged as skipped
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A small finished run: its data root and its run directory."""
+    base = tmp_path_factory.mktemp("trained")
+    root = make_image_folder(base / "data", num_classes=2, per_class=8, val_per_class=2)
+    run_dir = base / "run"
+    proc = run_cli(*FOLDER_RUN, f"dataset.root={root}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    return root, run_dir
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and ".hydra" not in p.parts and not p.name.startswith("events.")
+            and p.name != "train.log"}
+
+
+def test_bad_weights_files_and_nothing_overwritten(trained_run: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    root, run_dir = trained_run
+    before = _snapshot(run_dir)
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello")
+    other_classes = tmp_path / "ten.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), other_classes)
+    cases = [(tmp_path / "absent.pt", "not found"), (not_a_checkpoint, "not a PyTorch checkpoint"),
+             (other_classes, "10 classes")]
+    for weights, fragment in cases:
+        # Into the finished run's own directory: it must be left exactly as it was.
+        proc = run_cli(*FOLDER_RUN, f"dataset.root={root}", "mode=eval", f"model.weights={weights}",
+                       f"hydra.run.dir={run_dir}")
+        assert_clean_error(proc, str(weights), fragment)
+    assert _snapshot(run_dir) == before
+
+
+def test_unknown_key_or_group_option_fails(tmp_path: Path) -> None:
+    proc = run_cli("experiment=quickstart", "train.epoch=3", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "train.epoch" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("experiment=quickstart", "model=resnet7", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and "resnet7" in proc.stderr
+    assert "Traceback" not in proc.stderr
