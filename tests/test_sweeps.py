@@ -1,0 +1,180 @@
+"""Real `python run.py -m` sweeps: job folders, HParams in each run's events, failures, launchers."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY, read_results, run_cli
+
+# Quickstart, shrunk: one short epoch of 32 px images per job.
+QUICK = ["experiment=quickstart", *TINY, "train.epochs=1", "dataset.train_size=256",
+         "dataset.val_size=64", "dataset.image_size=32", "train.steps_per_epoch=2"]
+HPARAM_NAMES = {"arch", "dataset", "device", "world_size", "global_batch_size", "lr",
+                "weight_decay", "sched", "warmup_epochs", "epochs", "amp"}
+HPARAM_METRICS = {"hparams/best_acc1", "hparams/final_acc1", "hparams/final_acc5",
+                  "hparams/images_per_sec"}
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """The sweep's job folders, in job order (their names start with the job number)."""
+    jobs = [path for path in sweep_dir.iterdir() if path.is_dir() and path.name[0].isdigit()]
+    return sorted(jobs, key=lambda path: int(path.name.split("_", 1)[0]))
+
+
+def sweep(sweep_dir: Path, *overrides: str, timeout: float = 300):
+    return run_cli("-m", *QUICK, *overrides, f"hydra.sweep.dir={sweep_dir}", timeout=timeout)
+
+
+def run_report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "imgtrain.report", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def lr_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sweep_dir = tmp_path_factory.mktemp("lr_sweep")
+    proc = sweep(sweep_dir, "optim.lr=0.1,0.2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return sweep_dir
+
+
+def test_each_job_is_a_complete_run_in_a_folder_named_by_its_overrides(lr_sweep: Path) -> None:
+    jobs = job_dirs(lr_sweep)
+    assert len(jobs) == 2, [job.name for job in jobs]
+    for job, lr in zip(jobs, ("0.1", "0.2")):
+        assert f"optim.lr={lr}" in job.name and "/" not in job.name
+        results = read_results(job)
+        assert results["status"] == "completed" and results["epochs_completed"] == 1
+        assert results["lr"] == float(lr) and f"optim.lr={lr}" in results["overrides"]
+        assert (job / "checkpoints" / "last.pt").is_file()
+        assert list(job.glob("events.out.tfevents.*"))
+
+
+def _hparams_plugin_data(run_dir: Path) -> dict:
+    """The HParams summaries of the event files directly in run_dir, via TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    return {"experiment": metadata.parse_experiment_plugin_data(
+                content[metadata.EXPERIMENT_TAG]),
+            "start": metadata.parse_session_start_info_plugin_data(
+                content[metadata.SESSION_START_INFO_TAG]),
+            "best_acc1": events.Scalars("hparams/best_acc1")}
+
+
+def test_hparams_are_in_each_runs_own_event_file(lr_sweep: Path) -> None:
+    for job, lr in zip(job_dirs(lr_sweep), (0.1, 0.2)):
+        # add_hparams' pitfall would add a timestamped sub-run: every event file is the job's own.
+        assert [path.parent for path in job.rglob("events.out.tfevents.*")] == [job]
+        data = _hparams_plugin_data(job)
+        hparams = data["start"].hparams
+        assert set(hparams) == HPARAM_NAMES
+        assert hparams["lr"].number_value == pytest.approx(lr)
+        assert hparams["arch"].string_value == "resnet18" and hparams["amp"].string_value == "O0"
+        assert hparams["device"].string_value == "cpu" and hparams["world_size"].number_value == 1
+        assert hparams["epochs"].number_value == 1
+        assert hparams["global_batch_size"].number_value == 64
+        assert {info.name.tag for info in data["experiment"].metric_infos} == HPARAM_METRICS
+        results = read_results(job)
+        assert data["best_acc1"][-1].value == pytest.approx(results["best_acc1"])
+
+
+def test_report_prints_both_jobs_with_their_lr(lr_sweep: Path) -> None:
+    proc = run_report(str(lr_sweep))
+    assert proc.returncode == 0, proc.stderr
+    header, _, *rows = [line.strip("| ").split(" | ") for line in proc.stdout.splitlines()]
+    assert header[:7] == ["DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type", "optim.lr"]
+    assert "Status" not in header  # every run completed
+    assert [row[6] for row in rows] == ["0.1", "0.2"]
+    for row, job in zip(rows, job_dirs(lr_sweep)):
+        results = read_results(job)
+        assert row[:6] == ["1p-CPU", results["torch_version"].split("+")[0],
+                           f"{results['best_acc1']:.3f}", f"{results['images_per_sec']:.3f}",
+                           "1", "O0"]
+
+
+def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    # Job order: NaN loss (lr 1e30), crashed worker, the good job, crashed worker.
+    proc = sweep(tmp_path, "optim.lr=1e30,0.1", "+train.fault_at_step=null,1")
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    jobs = job_dirs(tmp_path)
+    assert len(jobs) == 4, [job.name for job in jobs]
+    diverged, crashed, good, crashed_too = (read_results(job) for job in jobs)
+    assert good["status"] == "completed" and good["epochs_completed"] == 1, good
+    assert diverged["status"] == "failed" and "diverged" in diverged["error"], diverged
+    assert "nan" in diverged["error"] or "inf" in diverged["error"]
+    for crash in (crashed, crashed_too):
+        assert crash["status"] == "failed" and "injected fault at step 1" in crash["error"], crash
+    assert "error: training diverged" in proc.stderr
+    assert not list((jobs[0] / "checkpoints").glob("*.pt"))  # no NaN weights left to resume from
+    report = run_report(str(tmp_path))
+    assert report.returncode == 0, report.stderr
+    statuses = [line.rsplit(" | ", 1)[1] for line in report.stdout.splitlines()[2:]]
+    assert statuses[2] == "completed |"
+    assert statuses[0].startswith("failed: training diverged")
+    assert statuses[1].startswith("failed: RuntimeError: injected fault")
+
+
+@pytest.mark.slow
+def test_multi_process_job_finishes_before_the_next_starts(tmp_path: Path) -> None:
+    proc = sweep(tmp_path, "world.nproc_per_node=2", "optim.lr=0.1,0.2", timeout=500)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first, second = job_dirs(tmp_path)
+    for job in (first, second):
+        results = read_results(job)
+        assert results["status"] == "completed" and results["world_size"] == 2, results
+    # The second job's log starts only after the first job wrote its final results.
+    assert (second / "train.log").stat().st_ctime >= (first / "results.json").stat().st_mtime
+
+
+def _needs(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
+
+
+def test_joblib_launcher_runs_a_sweep_over_groups_in_parallel(tmp_path: Path) -> None:
+    _needs("hydra_plugins.hydra_joblib_launcher")
+    proc = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "amp=O0,O1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Joblib.Parallel" in proc.stdout + proc.stderr
+    jobs = job_dirs(tmp_path)
+    assert [read_results(job)["amp"] for job in jobs] == ["O0", "O1"]
+    assert all(read_results(job)["status"] == "completed" for job in jobs)
+
+
+def test_submitit_local_launcher_runs_a_sweep(tmp_path: Path) -> None:
+    _needs("hydra_plugins.hydra_submitit_launcher")
+    proc = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+                 "optim.lr=0.1,0.2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = job_dirs(tmp_path)
+    assert len(jobs) == 2
+    for job, lr in zip(jobs, (0.1, 0.2)):
+        results = read_results(job)
+        assert results["status"] == "completed" and results["lr"] == lr, results
+    assert list((tmp_path / ".submitit").rglob("*_log.out"))  # submitit's own job logs
+
+
+def test_optuna_maximises_the_best_acc1_that_each_run_returns(tmp_path: Path) -> None:
+    _needs("hydra_plugins.hydra_optuna_sweeper")
+    proc = sweep(tmp_path, "hydra/sweeper=optuna_lr_wd", "hydra.sweeper.n_trials=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    runs = [read_results(job) for job in job_dirs(tmp_path)]
+    assert len(runs) == 2 and all(run["status"] == "completed" for run in runs)
+    assert summary["best_value"] == pytest.approx(max(run["best_acc1"] for run in runs))
+    for run in runs:
+        searched = {key: float(value) for key, value in
+                    (override.split("=", 1) for override in run["overrides"])
+                    if key in ("optim.lr", "optim.weight_decay")}
+        assert set(searched) == {"optim.lr", "optim.weight_decay"}
+        assert 0.01 <= searched["optim.lr"] <= 1.0
+        assert 1e-5 <= searched["optim.weight_decay"] <= 1e-3
