@@ -1,0 +1,101 @@
+"""Every option of every config group composes, and the defaults are the seed's recipe."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, make_image_folder
+from imgtrain import app
+from imgtrain.data import build_loaders
+from imgtrain.device import DeviceInfo
+from imgtrain.errors import ConfigError
+from imgtrain.models import build_model
+from imgtrain.optim import build_optimizer, build_scheduler
+from imgtrain.precision import Precision
+
+GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml"))
+          for group in (REPO / "conf").iterdir() if group.is_dir()}
+SHRINK = ["device=cpu", "dataset.image_size=32", "dataset.workers=0", "train.batch_size=4"]
+
+
+def test_defaults_reproduce_the_seed_recipe(compose) -> None:
+    cfg = compose()
+    assert cfg.model.arch == "resnet152" and cfg.dataset.name == "imagenet"
+    assert cfg.train.batch_size == 256 and cfg.optim.lr == 0.1
+    assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4
+    assert cfg.sched.name == "cosine" and cfg.sched.warmup_epochs == 5
+    assert cfg.train.epochs == 140 and cfg.train.seed == 49
+    assert cfg.amp.level == "O2" and cfg.amp.loss_scale == "auto"
+    eight = compose("world=8p")
+    assert eight.world.nproc_per_node == 8 and eight.train.batch_size == 2048
+    assert eight.optim.lr == 0.8
+    assert compose("sched=step").sched.step_epochs == 30
+
+
+def _synthetic_size(option_group: str) -> list[str]:
+    if option_group == "dataset":
+        return []
+    return ["dataset=synthetic", "dataset.num_classes=4", "dataset.train_size=8",
+            "dataset.val_size=4"]
+
+
+def _dataset_overrides(option: str, tmp_path: Path, cifar_root: Path) -> list[str]:
+    if option == "imagenet":
+        root = make_image_folder(tmp_path / "img", num_classes=2, per_class=4, val_per_class=2)
+        return [f"dataset.root={root}"]
+    if option == "cifar10":
+        return [f"dataset.root={cifar_root}"]
+    return ["dataset.num_classes=4", "dataset.train_size=8", "dataset.val_size=4"]
+
+
+def _build_one_step(config: dict) -> None:
+    """Build what a worker builds and take one optimisation step."""
+    device = DeviceInfo("cpu")
+    loaders = build_loaders(config["dataset"], config["train"]["batch_size"], 0, 1, 1,
+                            config["train"]["seed"], pin_memory=False)
+    precision = Precision.from_config(config["amp"], device)
+    model, params = precision.prepare(build_model(config["model"]["arch"], loaders.num_classes))
+    optimizer = build_optimizer(params, config["optim"], device)
+    scheduler = build_scheduler(optimizer, config["sched"], config["train"]["epochs"], 2)
+    images, target = next(iter(loaders.train))
+    assert images.dtype == torch.uint8 and images.shape[-1] == config["dataset"]["image_size"]
+    with precision.autocast():
+        loss = torch.nn.functional.cross_entropy(model(images.float() / 255).float(), target)
+    precision.backward(loss)
+    precision.step(optimizer)
+    scheduler.step()
+    assert torch.isfinite(loss)
+
+
+OPTIONS = [(group, option) for group, options in GROUPS.items() for option in options]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_builds(compose, group: str, option: str, tmp_path: Path,
+                                   cifar_root: Path) -> None:
+    overrides = [f"{group}={option}", *SHRINK, *_synthetic_size(group)]
+    if group != "model":
+        overrides += ["model=resnet18"]
+    if group == "dataset":
+        overrides += _dataset_overrides(option, tmp_path, cifar_root)
+    if group == "world":
+        overrides += ["world.nproc_per_node=1"]
+    if group == "experiment":
+        overrides += ["train.batch_size=4", "model=resnet18"]
+    if group == "device":
+        overrides.remove("device=cpu")
+    cfg = compose(*overrides)
+    if group == "device" and option in ("gpu", "npu"):
+        with pytest.raises(ConfigError, match=f"device={option}"):
+            app.resolve(cfg, [])
+        return
+    config = app.resolve(cfg, [])
+    app.check(config)
+    if group == "model":  # the big ResNets: building and a forward pass are enough, and quick
+        with torch.no_grad():
+            logits = build_model(option, 4).eval()(torch.rand(1, 3, 32, 32))
+        assert logits.shape == (1, 4)
+        return
+    _build_one_step(config)
