@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -131,8 +132,15 @@ def test_multi_process_job_finishes_before_the_next_starts(tmp_path: Path) -> No
     for job in (first, second):
         results = read_results(job)
         assert results["status"] == "completed" and results["world_size"] == 2, results
-    # The second job's log starts only after the first job wrote its final results.
-    assert (second / "train.log").stat().st_ctime >= (first / "results.json").stat().st_mtime
+    # The second job's log starts only after the first job logged its end.
+    first_log = (first / "train.log").read_text().splitlines()
+    assert "done in" in first_log[-1]
+    assert _logged_at(first_log[-1]) <= _logged_at((second / "train.log").read_text())
+
+
+def _logged_at(line: str) -> datetime:
+    """The time stamp that starts each train.log line (logging's asctime)."""
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
 
 
 def _needs(module: str) -> None:

@@ -1,0 +1,135 @@
+"""`python -m imgtrain.report`: the seed's table from results.json files written here by hand.
+
+The real sweep -> report path is tested in test_sweeps.py; these cover the table's rules.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imgtrain.report import main
+
+
+def write_run(folder: Path, **fields: Any) -> Path:
+    """A results.json as run.py writes it, with the seed's 8p row as the defaults."""
+    results = {"arch": "resnet152", "dataset": "imagenet", "device": "npu", "world_size": 8,
+               "amp": "O2", "torch_version": "1.8.1+ascend", "global_batch_size": 2048, "lr": 0.8,
+               "overrides": ["world=8p", f"hydra.sweep.dir={folder.parent}"], "mode": "train",
+               "epochs": 140, "epochs_completed": 137, "images_per_sec": 623.8871,
+               "best_acc1": 79.10212, "final_acc1": 79.0, "final_acc5": 94.5,
+               "status": "completed", **fields}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def report(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    lines = text.strip().splitlines()
+    assert set(lines[1].replace("|", "").split()) == {"---"}
+    return [line[2:-2].split(" | ") for line in [lines[0], *lines[2:]]]
+
+
+def test_the_seeds_row(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_run(tmp_path / "run")
+    code, out, _ = report(capsys, str(tmp_path))
+    assert code == 0
+    assert markdown_rows(out) == [["DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type"],
+                                  ["8p-NPU", "1.8.1", "79.102", "623.887", "137", "O2"]]
+
+
+def test_only_overrides_that_differ_become_columns(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    write_run(tmp_path / "0_a", overrides=["world=8p", "optim.lr=0.4", "+train.x=1", "amp=O1",
+                                           f"hydra.sweep.dir={tmp_path}"], amp="O1")
+    write_run(tmp_path / "1_b", overrides=["world=8p", "optim.lr=0.8", "amp=O2",
+                                           f"hydra.sweep.dir={tmp_path}/other"])
+    _, out, _ = report(capsys, str(tmp_path))
+    header, first, second = markdown_rows(out)
+    # world is shared; amp is already AMP_Type; hydra.* only says where files went.
+    assert header[6:] == ["optim.lr", "train.x"]
+    assert first[5:] == ["O1", "0.4", "1"] and second[5:] == ["O2", "0.8", ""]
+
+
+def test_failed_and_unfinished_runs_are_marked(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    write_run(tmp_path / "0_ok")
+    write_run(tmp_path / "1_bad", status="failed", error="training diverged | nan",
+              epochs_completed=0, best_acc1=0.0, images_per_sec=0.0)
+    write_run(tmp_path / "2_killed", status="running", epochs_completed=3)
+    write_run(tmp_path / "3_stopped", status="preempted")
+    _, out, _ = report(capsys, str(tmp_path))
+    header, ok, bad, killed, stopped = markdown_rows(out)
+    assert header[-1] == "Status" and ok[-1] == "completed"
+    assert bad[-1] == "failed: training diverged \\| nan"  # a | in the text would split the cell
+    assert bad[2:4] == ["", ""]  # no Acc@1 or FPS for a run that never evaluated
+    assert killed[-1] == "unfinished (running)" and killed[4] == "3"
+    assert stopped[-1] == "unfinished (preempted)"
+
+
+def test_csv_has_the_same_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_run(tmp_path / "0_a", overrides=["optim.lr=0.4"])
+    write_run(tmp_path / "1_b", overrides=["optim.lr=0.8"], status="failed", error="boom, bang")
+    _, markdown, _ = report(capsys, str(tmp_path))
+    _, comma_separated, _ = report(capsys, str(tmp_path), "--format", "csv")
+    assert list(csv.reader(io.StringIO(comma_separated))) == markdown_rows(markdown)
+
+
+def test_sort_by_any_column_numbers_as_numbers(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    for job, (acc, lr) in enumerate([(9.5, "0.4"), (10.25, "0.1"), (79.1, "0.2")]):
+        write_run(tmp_path / f"{job}_run", best_acc1=acc, overrides=[f"optim.lr={lr}"])
+    write_run(tmp_path / "3_failed", status="failed", error="x", epochs_completed=0, overrides=[])
+
+    def column(*args: str, index: int) -> list[str]:
+        _, out, _ = report(capsys, str(tmp_path), "--format", "csv", *args)
+        return [row[index] for row in list(csv.reader(io.StringIO(out)))[1:]]
+
+    assert column("--sort", "acc@1", index=2) == ["9.500", "10.250", "79.100", ""]
+    assert column("--sort", "Acc@1", "--descending", index=2) == ["79.100", "10.250", "9.500", ""]
+    assert column("--sort", "optim.lr", index=6) == ["0.1", "0.2", "0.4", ""]
+    assert column("--sort", "Status", index=7)[-1].startswith("failed")
+
+
+def test_an_unknown_sort_column_names_the_columns(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    write_run(tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--sort", "speed"])
+    assert exit_info.value.code == 2
+    assert "no column 'speed'; columns: DEVICE, PyTorch, Acc@1, FPS" in capsys.readouterr().err
+
+
+def test_jobs_in_natural_order_and_bad_files_skipped(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    for job in (10, 2, 1):
+        write_run(tmp_path / f"{job}_job", overrides=[f"train.seed={job}"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{not json")
+    code, out, err = report(capsys, str(tmp_path / "10_job"), str(tmp_path))
+    assert code == 0
+    assert [row[6] for row in markdown_rows(out)[1:]] == ["1", "2", "10"]  # each run once
+    assert "skipping" in err and "broken" in err
+
+
+def test_command_line_defaults_to_outputs_and_fails_cleanly_when_empty(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "imgtrain.report"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr == "error: no results.json under outputs\n"
+    write_run(tmp_path / "outputs" / "2026-01-01" / "12-00-00")
+    proc = subprocess.run([sys.executable, "-m", "imgtrain.report"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| 8p-NPU | 1.8.1 | 79.102 | 623.887 | 137 | O2 |" in proc.stdout
