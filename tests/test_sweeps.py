@@ -144,7 +144,11 @@ def _logged_at(line: str) -> datetime:
 
 
 def _needs(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # no Hydra plugin at all: the hydra_plugins namespace is missing
+        found = False
+    if not found:
         pytest.skip(f"{module} is not installed (pip install -e '.[test]')")
 
 
