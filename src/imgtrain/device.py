@@ -102,9 +102,9 @@ def _import_torch_npu() -> None:
     check_ascend_visible_devices(os.environ.get("ASCEND_RT_VISIBLE_DEVICES"))
     if not _npu_installed():
         raise ConfigError(
-            f"device=npu needs torch_npu: pip install torch-npu=={_torch_release()} (the release "
-            f"matching torch {torch.__version__}) on a host with Ascend CANN; see {NPU_DOCS}, "
-            "or use device=gpu|cpu")
+            f"device=npu needs torch_npu: pip install 'torch-npu=={_torch_release()}.*' (the "
+            f"release matching torch {torch.__version__}) on a host with Ascend CANN; see "
+            f"{NPU_DOCS}, or use device=gpu|cpu")
     try:
         importlib.import_module("torch_npu")
     except Exception as exc:  # torch_npu raises assorted errors when CANN's libraries are absent
@@ -114,7 +114,8 @@ def _import_torch_npu() -> None:
 
 
 def _torch_release() -> str:
-    """torch's version without a local build tag: torch-npu releases carry the same number."""
+    """torch's version without its local tag: torch-npu releases carry the same number (plus
+    .postN fixes, which the pip pattern `==X.Y.Z.*` accepts)."""
     return torch.__version__.split("+")[0]
 
 
