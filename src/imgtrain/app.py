@@ -60,8 +60,12 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
         config = resolve(cfg, overrides)
         check(config)
         results = launch(_worker_entry(), config, output_dir)
-    except (ConfigError, WorkerFailed) as exc:
+    except ConfigError as exc:
         return _fail(config, output_dir, one_line(str(exc)), started, multirun)
+    except WorkerFailed as exc:
+        if not exc.user_error and exc.traceback:  # a bug in a worker: show where
+            sys.stderr.write(exc.traceback.rstrip() + "\n")
+        return _fail(config, output_dir, str(exc), started, multirun)
     except Exception as exc:  # a bug or a crash: keep its traceback, but record the failure first
         _record(config, output_dir, f"{type(exc).__name__}: {one_line(str(exc))}", started)
         raise

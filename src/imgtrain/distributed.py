@@ -7,10 +7,12 @@ acts as the rank it was given and launches nothing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 import torch
@@ -127,20 +129,50 @@ def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], outpu
         rdzv_configs={"is_host": int(world_cfg["node_rank"]) == 0, "timeout": 300},
         max_restarts=int(world_cfg["max_restarts"]), monitor_interval=0.5, start_method="spawn",
         shutdown_timeout=10)
+    _quiet_elastic_logs()
     try:
         results = elastic_launch(launch_config, entrypoint)(config, output_dir)
     except ChildFailedError as exc:
         _, failure = exc.get_first_failure()
-        raise WorkerFailed(failure.message if isinstance(failure.message, str)
-                           else failure.message.get("message", str(exc))) from None
+        message = failure.message
+        if isinstance(message, dict):
+            raise WorkerFailed(message.get("message", str(exc)),
+                               message.get("extraInfo", {}).get("py_callstack", "")) from None
+        raise WorkerFailed(message or str(exc)) from None
     return results.get(0) if results else None
 
 
-class WorkerFailed(Exception):
-    """A launched worker raised; carries its one-line message."""
+def _quiet_elastic_logs() -> None:
+    """The agent logs each worker failure as a multi-line traceback; imgtrain reports it once
+    itself (one line for user errors). LOGLEVEL=INFO, as with torchrun, shows everything."""
+    if "LOGLEVEL" in os.environ:
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
-    def __init__(self, message: str) -> None:
+
+class WorkerFailed(Exception):
+    """A launched worker raised: its one-line message, whether it was a user error, its traceback."""
+
+    def __init__(self, message: str, traceback: str = "") -> None:
         super().__init__(one_line(message))
+        self.user_error = "ConfigError:" in message
+        self.traceback = traceback
+
+
+def _attempt_store(world: World) -> dist.Store | None:
+    """The elastic agent's store, under a prefix of its own for each restart attempt.
+
+    The agent keeps one store across restarts; without the prefix, restarted workers read their
+    dead predecessors' gloo addresses and fail with "connection refused" (seen with torch 2.14).
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # plain env:// rendezvous: rank 0 hosts a fresh store
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.world_size,
+                          is_master=False, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"imgtrain/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 @contextlib.contextmanager
@@ -148,7 +180,9 @@ def process_group(world: World, device: DeviceInfo) -> Iterator[None]:
     """set_device before init_process_group (nccl/hccl need it); always destroy the group."""
     device.set_current()
     if world.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(device.backend, init_method="env://", rank=world.rank,
+        store = _attempt_store(world)
+        dist.init_process_group(device.backend, init_method=None if store else "env://",
+                                store=store, rank=world.rank,
                                 world_size=world.world_size,
                                 device_id=device.torch_device if device.is_accelerator else None)
     try:

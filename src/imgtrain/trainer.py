@@ -306,12 +306,15 @@ class Trainer:
         return _Handlers()
 
     def _fault_injection(self, step: int) -> None:
-        """Test-only: `+train.fault_at_step=N` makes rank `+train.fault_rank` (0) raise at step N."""
+        """Test-only: `+train.fault_at_step=N` makes rank `+train.fault_rank` (0) raise at global
+        step N; with `+train.fault_once_file=PATH` only the first time (for restart tests)."""
         fault_at = self.train_cfg.get("fault_at_step")
-        if fault_at is not None and step == fault_at and self.state.epoch == 0 and \
-                self.world.rank == self.train_cfg.get("fault_rank", 0):
-            marker = self.train_cfg.get("fault_once_file")
-            if marker is None or not Path(marker).exists():
-                if marker:
-                    Path(marker).touch()
-                raise RuntimeError(f"injected fault at step {step} on rank {self.world.rank}")
+        if fault_at is None or self.state.global_step != fault_at or \
+                self.world.rank != self.train_cfg.get("fault_rank", 0):
+            return
+        marker = self.train_cfg.get("fault_once_file")
+        if marker and Path(marker).exists():
+            return
+        if marker:
+            Path(marker).touch()
+        raise RuntimeError(f"injected fault at step {step} on rank {self.world.rank}")

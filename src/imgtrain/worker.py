@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,17 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
             logger.close()
 
 
+def _share_cpu_threads(world: World) -> None:
+    """Split the cores between this node's processes, as torchrun does with OMP_NUM_THREADS=1:
+    N processes each using every core oversubscribe the CPU several times over."""
+    if world.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, (cores or 1) // world.local_world_size))
+
+
 def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
          logger: RunLogger) -> dict[str, Any] | None:
+    _share_cpu_threads(world)
     torch.manual_seed(cfg["train"]["seed"] + world.rank)
     loaders = build_loaders(cfg["dataset"], cfg["train"]["batch_size"], world.rank,
                             world.world_size, world.local_world_size, cfg["train"]["seed"],

@@ -1,0 +1,154 @@
+"""Real multi-process runs with gloo on the CPU, launched by torch.distributed's elastic engine."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_clean_error, read_results, run_cli
+from imgtrain import distributed
+from imgtrain.errors import ConfigError
+
+SYNTH = ["experiment=quickstart", "device=cpu", "train.print_freq=4", "dataset.val_size=101",
+         "dataset.train_size=512", "train.batch_size=32"]
+TWO_PROCS = ["world=8p", "world.nproc_per_node=2", *SYNTH]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    proc = run_cli(*TWO_PROCS, "train.epochs=2", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def test_two_process_run_trains_and_counts_every_val_sample_once(two_process_run: Path) -> None:
+    results = read_results(two_process_run)
+    assert results["status"] == "completed"
+    assert results["world_size"] == 2 and results["global_batch_size"] == 32
+    assert results["val_samples"] == 101  # odd-sized: no padding duplicates, no drops
+    assert results["best_acc1"] >= 50, results  # chance is 10
+    # One output directory, written by rank 0 only.
+    assert len(list(two_process_run.glob("events.out.tfevents.*"))) == 1
+
+
+def test_one_checkpoint_gives_the_same_acc1_on_one_and_two_processes(two_process_run: Path,
+                                                                     tmp_path: Path) -> None:
+    weights = two_process_run / "checkpoints" / "last.pt"
+    acc1 = {}
+    for world in ("1p", "8p"):
+        proc = run_cli(f"world={world}", "world.nproc_per_node=" + ("1" if world == "1p" else "2"),
+                       *SYNTH, "mode=eval", f"model.weights={weights}",
+                       f"hydra.run.dir={tmp_path / world}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = read_results(tmp_path / world)
+        assert results["val_samples"] == 101
+        acc1[world] = results["final_acc1"]
+    assert acc1["1p"] == acc1["8p"]
+
+
+def test_two_machines_on_loopback_train_one_model(tmp_path: Path) -> None:
+    port = distributed.free_port()
+    common = [sys.executable, str(REPO / "run.py"), *SYNTH, "world=8p", "world.nproc_per_node=1",
+              "world.nnodes=2", "world.master_addr=127.0.0.1", f"world.master_port={port}",
+              "train.epochs=1"]
+    nodes = [subprocess.Popen([*common, f"world.node_rank={rank}",
+                               f"hydra.run.dir={tmp_path / f'node{rank}'}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    written = [read_results(tmp_path / f"node{r}") for r in (0, 1)
+               if (tmp_path / f"node{r}" / "results.json").exists()]
+    assert len(written) == 1  # global rank 0 alone writes
+    assert written[0]["world_size"] == 2 and written[0]["status"] == "completed"
+    assert written[0]["global_batch_size"] == 32
+
+
+def _processes_tagged(tag: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if tag.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_a_crashing_worker_brings_the_run_down_without_hanging(tmp_path: Path) -> None:
+    tag = f"IMGTRAIN_TEST_TAG={uuid.uuid4().hex}"
+    start = time.time()
+    proc = run_cli(*TWO_PROCS, "train.epochs=1", "+train.fault_at_step=2", "+train.fault_rank=1",
+                   f"hydra.run.dir={tmp_path}", timeout=120, env=dict([tag.split("=", 1)]))
+    assert time.time() - start < 90
+    # A crash is a bug, not a user mistake: its traceback is shown once, then the error line.
+    assert proc.returncode != 0
+    assert "error: RuntimeError: injected fault at step 2 on rank 1" in proc.stderr.splitlines()
+    assert proc.stderr.count("Traceback") == 1, proc.stderr
+    assert read_results(tmp_path)["status"] == "failed"
+    time.sleep(1)
+    assert _processes_tagged(tag) == []  # no worker left behind
+
+
+def test_max_restarts_restarts_a_dead_worker_and_resumes(tmp_path: Path) -> None:
+    marker = tmp_path / "fault-fired"
+    run_dir = tmp_path / "run"
+    # 16 steps per epoch: the fault hits in epoch 2, after epoch 1's checkpoint.
+    proc = run_cli(*TWO_PROCS, "train.epochs=2", "world.max_restarts=1", "+train.fault_at_step=20",
+                   f"+train.fault_once_file={marker}", f"hydra.run.dir={run_dir}", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert marker.exists()
+    assert "resuming from" in (run_dir / "train.log").read_text()
+    results = read_results(run_dir)
+    assert results["status"] == "completed" and results["epochs_completed"] == 2
+
+
+def test_batch_that_does_not_divide_is_refused(tmp_path: Path) -> None:
+    proc = run_cli(*TWO_PROCS, "train.batch_size=33", f"hydra.run.dir={tmp_path}")
+    assert_clean_error(proc, "train.batch_size=33", "2 processes")
+
+
+def test_node_rank_out_of_range_is_refused(tmp_path: Path) -> None:
+    proc = run_cli(*TWO_PROCS, "world.nnodes=2", "world.node_rank=2", f"hydra.run.dir={tmp_path}")
+    assert_clean_error(proc, "world.node_rank=2")
+
+
+def test_master_port_in_use_is_refused(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli(*TWO_PROCS, f"world.master_port={port}", f"hydra.run.dir={tmp_path}")
+    assert_clean_error(proc, f"world.master_port={port}", "in use")
+
+
+def test_more_processes_than_visible_devices_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: the device count is the one thing faked, the check itself is real.
+    monkeypatch.setattr(distributed, "visible_count", lambda name: 4)
+    world = {"nproc_per_node": 8, "nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1",
+             "master_port": None}
+    with pytest.raises(ConfigError, match="only 4 GPU"):
+        distributed.check_world(world, "gpu", 2048)
+
+
+def test_torchrun_environment_makes_the_process_that_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.started_by_torchrun()
+    assert distributed.world_from_env() == distributed.World(3, 1, 4, 2)
+    calls = []
+    distributed.launch(lambda cfg, out: calls.append(out),
+                       {"world": {"nproc_per_node": 8, "nnodes": 1}}, "/tmp/x")
+    assert calls == ["/tmp/x"]  # ran in-process: no second launch
+
+
