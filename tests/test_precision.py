@@ -1,0 +1,263 @@
+"""amp=O0|O1|O2 on the CPU (bfloat16): O2's shapes, loss scaling, training, and checkpoints across levels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import TINY, assert_clean_error, read_results, run_cli
+from imgtrain.device import DeviceInfo
+from imgtrain.errors import ConfigError
+from imgtrain.models import build_model
+from imgtrain.optim import build_optimizer
+from imgtrain.precision import Precision, resolve_dtype, resolve_loss_scale
+
+CPU = DeviceInfo("cpu")
+SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False,
+       "fused": False}
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    """Conv, BatchNorm and Linear: every kind of layer O2 treats differently, and fast."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def o2(loss_scale: float | str | None = None, model: nn.Module | None = None):
+    """An O2 Precision on the CPU, its prepared model and an SGD over the parameters it returns."""
+    precision = Precision("O2", torch.bfloat16, loss_scale, CPU)
+    model, params = precision.prepare(model or small_net())
+    return precision, model, build_optimizer(params, SGD, CPU)
+
+
+def train_step(precision: Precision, model: nn.Module, optimizer: torch.optim.Optimizer,
+               inject_inf: bool = False) -> None:
+    """What Trainer._train_step does, with an optional inf planted in one half-precision gradient."""
+    images, target = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    with precision.autocast():
+        loss = nn.functional.cross_entropy(model(images).float(), target)
+    model.zero_grad(set_to_none=True)
+    precision.backward(loss)
+    if inject_inf:
+        model[0].weight.grad[0, 0, 0, 0] = float("inf")
+    precision.step(optimizer)
+
+
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def scale_of(precision: Precision) -> float:
+    return float(precision.loss_scale)
+
+
+# ---- O2's shape ------------------------------------------------------------------------------
+def test_o2_holds_half_convs_and_linears_fp32_batchnorm_and_fp32_masters():
+    precision = Precision.from_config({"level": "O2", "dtype": "auto", "loss_scale": "auto"}, CPU)
+    model, params = precision.prepare(build_model("resnet18", 10))
+    optimizer = build_optimizer(params, SGD, CPU)
+    halves = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(halves) == 21 and len(norms) == 20  # resnet18: 20 convs + fc, 20 BatchNorms
+    assert all(p.dtype == torch.bfloat16 for m in halves for p in m.parameters())
+    assert all(t.dtype == torch.float32 for m in norms
+               for t in (m.weight, m.bias, m.running_mean, m.running_var))
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(stepped) == len(list(model.parameters()))
+    assert all(p.dtype == torch.float32 for p in stepped)
+    model_params = {id(p) for m in halves for p in m.parameters()}
+    assert not model_params & {id(p) for p in stepped}, "the optimizer must step masters, not halves"
+
+
+def test_o2_casts_inputs_in_and_outputs_out_and_steps_masters_into_half_weights():
+    precision, model, optimizer = o2()
+    assert model(torch.rand(2, 3, 8, 8)).dtype == torch.float32  # fp32 in, fp32 out, as apex O2
+    before = weights(model)
+    train_step(precision, model, optimizer)
+    masters = [p for group in optimizer.param_groups for p in group["params"]]
+    for param, master, old in zip(model.parameters(), masters, before):
+        assert not torch.equal(param, old), "every weight moves on a clean step"
+        assert torch.equal(param, master.to(param.dtype)), "half weights are the rounded masters"
+
+
+def test_checkpoint_state_holds_the_fp32_masters_not_the_rounded_halves():
+    precision, model, optimizer = o2()
+    for _ in range(2):
+        train_step(precision, model, optimizer)
+    state = precision.full_precision_state(model)
+    masters = [p for group in optimizer.param_groups for p in group["params"]]
+    for (name, param), master in zip(model.named_parameters(), masters):
+        assert state[name].dtype == torch.float32 and torch.equal(state[name], master), name
+    conv = state["0.weight"]
+    assert not torch.equal(conv, conv.bfloat16().float()), "masters keep precision bf16 lacks"
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+def _masters_of_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of a 2-process gloo group, seeded per rank as the worker seeds: save its masters."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        _, params = Precision("O2", torch.bfloat16, None, CPU).prepare(small_net(seed=rank))
+        torch.save([p.detach() for p in params], Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_o2_masters_start_equal_on_every_rank(tmp_path: Path):
+    mp.spawn(_masters_of_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    rank0, rank1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))
+    assert not torch.equal(rank0[0], small_net(seed=1)[0].weight), "rank 1 started elsewhere"
+
+
+# ---- loss scaling ----------------------------------------------------------------------------
+def test_inf_gradient_skips_the_step_and_a_dynamic_scale_drops():
+    precision, model, optimizer = o2("dynamic")
+    before = weights(model)
+    train_step(precision, model, optimizer, inject_inf=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model))), "step not skipped"
+    assert not optimizer.state, "a skipped step leaves no momentum behind"
+    assert scale_of(precision) == 2.0 ** 15  # from 2**16, halved
+    train_step(precision, model, optimizer)
+    assert not torch.equal(before[0], model[0].weight), "a clean step steps"
+    assert scale_of(precision) == 2.0 ** 15  # growth waits 2000 clean steps
+
+
+def test_static_scale_stays_at_1024_through_overflow_and_clean_steps():
+    precision, model, optimizer = o2(1024.0)
+    before = weights(model)
+    train_step(precision, model, optimizer, inject_inf=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model))), "step not skipped"
+    assert scale_of(precision) == 1024.0
+    for _ in range(3):
+        train_step(precision, model, optimizer)
+    assert scale_of(precision) == 1024.0
+    assert precision.scaler.get_growth_interval() > 10 ** 6  # it could never grow in a real run
+
+
+def test_static_scale_is_unscaled_exactly():
+    """Scaling by a power of two is exact, so a 1024-scaled step equals an unscaled one bit for bit."""
+    runs = []
+    for scale in (None, 1024.0):
+        torch.manual_seed(1)
+        precision, model, optimizer = o2(scale)
+        train_step(precision, model, optimizer)
+        runs.append(weights(model))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_dynamic_scale_resumes_and_static_scale_comes_from_the_config():
+    precision, model, optimizer = o2("dynamic")
+    train_step(precision, model, optimizer, inject_inf=True)
+    saved = precision.state_dict()
+    resumed, model, optimizer = o2("dynamic")
+    resumed.load_state_dict(saved)
+    train_step(resumed, model, optimizer)
+    assert scale_of(resumed) == 2.0 ** 15
+    static, model, optimizer = o2(1024.0)
+    static.load_state_dict(saved)  # a loaded state must not break the first step
+    train_step(static, model, optimizer)
+    assert scale_of(static) == 1024.0
+
+
+@pytest.mark.parametrize("level, dtype, setting, expected", [
+    ("O2", torch.float16, "auto", 1024.0),
+    ("O1", torch.float16, "auto", "dynamic"),
+    ("O2", torch.bfloat16, "auto", None),
+    ("O1", torch.bfloat16, "auto", None),
+    ("O0", None, "auto", None),
+    ("O1", torch.float16, 512, 512.0),
+    ("O2", torch.float16, "dynamic", "dynamic"),
+])
+def test_loss_scale_settings(level, dtype, setting, expected):
+    assert resolve_loss_scale(level, dtype, setting) == expected
+
+
+@pytest.mark.parametrize("setting", [1024, "dynamic"])
+def test_explicit_loss_scale_with_bfloat16_is_refused(setting):
+    with pytest.raises(ConfigError, match="bfloat16 needs no loss scaling"):
+        resolve_loss_scale("O2", torch.bfloat16, setting)
+
+
+def test_dtype_auto_is_bfloat16_on_the_cpu_and_float16_on_accelerators():
+    assert resolve_dtype("O2", "auto", CPU) == torch.bfloat16
+    assert resolve_dtype("O2", "auto", DeviceInfo("gpu", 0)) == torch.float16
+    assert resolve_dtype("O1", "auto", DeviceInfo("npu", 0)) == torch.float16
+    assert resolve_dtype("O0", "float16", CPU) is None
+    with pytest.raises(ConfigError, match="amp.dtype=bfloat16"):
+        resolve_dtype("O2", "float16", CPU)
+
+
+# ---- the command line ------------------------------------------------------------------------
+BASE = [o for o in TINY if not o.startswith("amp=")]  # each test names its own level
+SMALL = [*BASE, "experiment=quickstart", "dataset.train_size=384",
+         "dataset.val_size=100", "train.epochs=2", "train.batch_size=32", "optim.lr=0.02"]
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["amp=O2", "amp.dtype=float16"], ["amp.dtype=float16", "amp.dtype=bfloat16"]),
+    (["amp=O2", "amp.loss_scale=1024"], ["amp.loss_scale=1024", "amp.loss_scale=auto"]),
+    (["amp=O1", "amp.loss_scale=dynamic"], ["bfloat16", "amp.loss_scale=auto"]),
+    (["amp.level=O3"], ["O3", "O0, O1, O2"]),
+])
+def test_bad_amp_settings_exit_with_one_error_line(tmp_path: Path, overrides, fragments):
+    proc = run_cli(*BASE, "dataset=synthetic", *overrides,
+                   f"hydra.run.dir={tmp_path}")
+    assert_clean_error(proc, *fragments)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """resnet18 trained once per level on a small learnable task: run dir by level."""
+    runs = {}
+    for level in ("O0", "O1", "O2"):
+        run_dir = tmp_path_factory.mktemp(f"train-{level}")
+        proc = run_cli(*SMALL, f"amp={level}", f"hydra.run.dir={run_dir}", timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[level] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("level", ["O0", "O1", "O2"])
+def test_each_level_trains_resnet18_well_above_chance(trained: dict[str, Path], level: str):
+    results = read_results(trained[level])
+    assert results["status"] == "completed"
+    assert results["final_acc1"] > 50.0, results  # chance is 10% with 10 classes
+    assert results["best_acc1"] >= results["final_acc1"]
+
+
+def evaluate(checkpoint: Path, level: str, run_dir: Path) -> dict:
+    proc = run_cli(*SMALL, f"amp={level}", "mode=eval", f"model.weights={checkpoint}",
+                   f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_results(run_dir)
+
+
+@pytest.mark.parametrize("trained_with, evaluated_with", [("O2", "O0"), ("O2", "O1"),
+                                                          ("O0", "O2")])
+def test_checkpoints_evaluate_under_another_level(trained: dict[str, Path], tmp_path: Path,
+                                                  trained_with: str, evaluated_with: str):
+    source = trained[trained_with]
+    saved = torch.load(source / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in saved["model"].values() if v.is_floating_point())
+    own = read_results(source)["final_acc1"]
+    other = evaluate(source / "checkpoints" / "last.pt", evaluated_with, tmp_path)
+    assert other["val_samples"] == 100
+    # Same weights, same images: only the arithmetic's precision differs.
+    assert abs(other["final_acc1"] - own) <= 5.0, (own, other)
+
+
+def test_an_o0_checkpoint_resumes_under_o2(trained: dict[str, Path], tmp_path: Path):
+    last = trained["O0"] / "checkpoints" / "last.pt"
+    proc = run_cli(*SMALL, "amp=O2", "train.epochs=3", f"train.resume={last}",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = read_results(tmp_path)
+    assert len(torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["state"]
+               ["history"]) == 3
+    assert results["final_acc1"] > 50.0, results
