@@ -17,6 +17,7 @@ from imgtrain.errors import ConfigError, one_line
 from imgtrain.models import check_arch
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import record_failure
+from imgtrain.trainer import Preempted
 
 log = logging.getLogger("imgtrain")
 MODES = ("train", "eval", "bench_data")
@@ -62,6 +63,11 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
         results = launch(_worker_entry(), config, output_dir)
     except ConfigError as exc:
         return _fail(config, output_dir, one_line(str(exc)), started, multirun)
+    except Preempted as exc:
+        code = config["train"]["preempt_exit_code"]
+        sys.stderr.write(f"preempted: {exc}; rerun the same command with hydra.run.dir={output_dir} "
+                         f"to resume (exit code {code})\n")
+        sys.exit(code)
     except WorkerFailed as exc:
         if not exc.user_error and exc.traceback:  # a bug in a worker: show where
             sys.stderr.write(exc.traceback.rstrip() + "\n")
