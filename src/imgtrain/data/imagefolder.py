@@ -87,25 +87,24 @@ class JpegFolder(torch.utils.data.Dataset):
             if not self.train:
                 return centre_crop(resize_uint8(decode(data, image), *T.resize_size(
                     *image.size, T.val_resize(self.image_size))), self.image_size)
-            rng = random.Random(seed)
-            pixels, box = self._decode_crop_box(data, image, rng)
-        left, top, right, bottom = box
-        crop = resize_uint8(pixels[:, top:bottom, left:right], self.image_size, self.image_size)
+            crop = self._random_resized_crop(data, image, random.Random(seed))
         return crop.flip(-1) if random.Random(seed + 1).random() < 0.5 else crop
 
-    def _decode_crop_box(self, data: bytearray, image: Image.Image, rng: random.Random
-                         ) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-        """Decode at the smallest DCT scale the crop allows; return pixels and the crop in them."""
+    def _random_resized_crop(self, data: bytearray, image: Image.Image,
+                             rng: random.Random) -> torch.Tensor:
         width, height = image.size
         left, top, w, h = T.random_resized_crop_box(width, height, rng)
         size = self.image_size
-        if image.format == "JPEG" and min(w, h) >= 2 * size:
-            image.draft("RGB", (max(1, width * size // w), max(1, height * size // h)))
-        pixels = decode(data, image)
-        sx, sy = pixels.shape[2] / width, pixels.shape[1] / height
-        x0, y0 = int(left * sx), int(top * sy)
-        return pixels, (x0, y0, max(x0 + 1, round((left + w) * sx)),
-                        max(y0 + 1, round((top + h) * sy)))
+        if image.format != "JPEG" or min(w, h) < 2 * size:
+            pixels = decode(data, image)[:, top:top + h, left:left + w]
+            return resize_uint8(pixels, size, size)
+        # The crop has pixels to spare: libjpeg decodes at 1/2, 1/4 or 1/8 scale, and PIL's
+        # resize takes the crop box in the smaller image's fractional coordinates.
+        image.draft("RGB", (max(1, width * size // w), max(1, height * size // h)))
+        sx, sy = image.size[0] / width, image.size[1] / height
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR, box=box)
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
 
 
 def read_bytes(path: str) -> bytearray:
@@ -118,8 +117,8 @@ def read_bytes(path: str) -> bytearray:
 
 
 def decode(data: bytearray, image: Image.Image) -> torch.Tensor:
-    """RGB uint8 CHW (a view of HWC memory): libjpeg-turbo directly, PIL for drafts and non-JPEGs."""
-    if image.format == "JPEG" and not image.decoderconfig:  # no draft asked for
+    """RGB uint8 CHW (a view of HWC memory): libjpeg-turbo directly, PIL for other formats."""
+    if image.format == "JPEG":
         try:
             return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:

@@ -1,0 +1,176 @@
+"""The fast paths give the same answers as the slow ones: uint8 decode + device normalisation
+against torchvision's reference transforms, channels_last and torch.compile against eager fp32,
+and mode=bench_data's results."""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from conftest import REPO, TINY, read_results, run_cli
+from imgtrain.data import transforms as imgtrain_transforms
+from imgtrain.data.imagefolder import JpegFolder
+from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalizer
+
+REFERENCE_NORMALIZE = T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+# One grey level after normalisation (std ~0.225): what "equal up to rounding" allows.
+ONE_LEVEL = 1 / (255 * min(IMAGENET_STD))
+
+
+def _photo(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    """A smooth, photo-like JPEG: gradients and gentle noise, as decoders and resizers meet them."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([128 + 90 * np.sin(x / 17), 128 + 90 * np.cos(y / 11),
+                     128 + 60 * np.sin((x + y) / 23)], axis=-1)
+    pixels = (base + rng.normal(0, 4, base.shape)).clip(0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for split in ("train", "val"):
+        _photo(root / split / "a" / "0.JPEG", 120, 90, seed=1)
+        _photo(root / split / "b" / "0.JPEG", 90, 120, seed=2)
+    return root
+
+
+def _device_normalised(image: torch.Tensor) -> torch.Tensor:
+    return Normalizer(torch.device("cpu"), channels_last=False)(image.unsqueeze(0))[0]
+
+
+def _reference(pil_image: Image.Image) -> torch.Tensor:
+    return REFERENCE_NORMALIZE(TF.to_tensor(pil_image))
+
+
+def test_device_normalisation_equals_to_tensor_then_normalize() -> None:
+    image = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    expected = REFERENCE_NORMALIZE(image.float() / 255)
+    for channels_last in (False, True):
+        got = Normalizer(torch.device("cpu"), channels_last)(image)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_training_crop_matches_random_resized_crop_and_flip(photo_folder: Path, seed: int) -> None:
+    """Same crop box and flip as RandomResizedCrop + RandomHorizontalFlip, on PIL, then normalised.
+
+    48 px from 120x90 images: no crop is twice the output, so the decoder runs at full scale.
+    """
+    dataset = JpegFolder(str(photo_folder), "train", 48, train=True)
+    for index, (path, _) in enumerate(dataset.samples):
+        ours = _device_normalised(dataset[(index, seed)][0])
+        with Image.open(path) as image:
+            left, top, w, h = imgtrain_transforms.random_resized_crop_box(
+                *image.size, random.Random(seed))
+            expected = TF.resized_crop(image.convert("RGB"), top, left, h, w, [48, 48])
+        if random.Random(seed + 1).random() < 0.5:
+            expected = TF.hflip(expected)
+        difference = (ours - _reference(expected)).abs()
+        assert difference.max() <= 1.01 * ONE_LEVEL, (path, difference.max() / ONE_LEVEL)
+
+
+def test_validation_matches_resize_then_centre_crop(photo_folder: Path) -> None:
+    dataset = JpegFolder(str(photo_folder), "val", 32, train=False)
+    reference = T.Compose([T.Resize(imgtrain_transforms.val_resize(32)), T.CenterCrop(32)])
+    for index, (path, _) in enumerate(dataset.samples):
+        ours = _device_normalised(dataset[index][0])
+        with Image.open(path) as image:
+            expected = _reference(reference(image.convert("RGB")))
+        difference = (ours - expected).abs()
+        assert difference.max() <= 1.01 * ONE_LEVEL, (path, difference.max() / ONE_LEVEL)
+
+
+def test_large_jpeg_drafts_and_stays_close(tmp_path: Path) -> None:
+    """A crop at least twice the output lets libjpeg decode at 1/2..1/8 scale: a close, not exact, image."""
+    _photo(tmp_path / "train" / "a" / "0.JPEG", 800, 600)
+    dataset = JpegFolder(str(tmp_path), "train", 32, train=True)
+    seed = next(s for s in range(100) if min(imgtrain_transforms.random_resized_crop_box(
+        800, 600, random.Random(s))[2:]) >= 128)  # a crop >= 4x the output: drafted
+    ours = dataset[(0, seed)][0]
+    assert ours.shape == (3, 32, 32) and ours.dtype == torch.uint8
+    left, top, w, h = imgtrain_transforms.random_resized_crop_box(800, 600, random.Random(seed))
+    with Image.open(dataset.samples[0][0]) as image:
+        expected = TF.resized_crop(image.convert("RGB"), top, left, h, w, [32, 32])
+    if random.Random(seed + 1).random() < 0.5:
+        expected = TF.hflip(expected)
+    expected = TF.pil_to_tensor(expected)
+    assert (ours.float() - expected.float()).abs().mean() < 3  # grey levels, out of 255
+
+
+def test_channels_last_gives_the_same_training_step_as_contiguous() -> None:
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=10)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    target = torch.tensor([0, 1, 2, 3])
+    results = []
+    for channels_last in (False, True):
+        model = torchvision.models.resnet18(num_classes=10)
+        model.load_state_dict(reference.state_dict())
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        x = Normalizer(torch.device("cpu"), channels_last)(images)
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        results.append((loss.detach(), model.conv1.weight.grad, model.fc.weight.grad))
+    (loss0, *grads0), (loss1, *grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads1, grads0):  # other conv kernels sum in another order: relative error
+        assert (a - b).abs().max() <= 1e-3 * b.abs().max()
+
+
+def test_synthetic_noise_depends_on_the_sample_seed_alone() -> None:
+    from imgtrain.data.synthetic import Synthetic
+    train = Synthetic(100, 16, 4, seed=1, train=True, noise=1.0)
+    alone = train[(5, 123)][0]
+    in_batch = train.__getitems__([(7, 9), (5, 123), (2, 4)])[1][0]
+    assert torch.equal(alone, in_batch) and alone.dtype == torch.uint8
+    assert not torch.equal(alone, train[(5, 124)][0])  # another epoch: fresh noise
+    val = Synthetic(100, 16, 4, seed=1, train=False, noise=1.0)
+    assert torch.equal(val[5][0], val[5][0]) and not torch.equal(val[5][0], val[9][0])
+
+
+@pytest.mark.slow
+def test_compile_and_channels_last_train_end_to_end(tmp_path: Path) -> None:
+    """model.compile=true model.channels_last=true through run.py: it trains and logs images/sec."""
+    proc = run_cli(*TINY, "dataset=synthetic", "dataset.image_size=32", "dataset.num_classes=4",
+                   "dataset.train_size=32", "dataset.val_size=8", "train.batch_size=8",
+                   "train.epochs=1", "model.compile=true", "model.channels_last=true",
+                   f"hydra.run.dir={tmp_path}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = read_results(tmp_path)
+    assert results["status"] == "completed" and results["images_per_sec"] > 0
+
+
+def test_bench_data_writes_loader_images_per_sec(image_folder: Path, tmp_path: Path) -> None:
+    proc = run_cli(*TINY, "mode=bench_data", "dataset=imagenet", f"dataset.root={image_folder}",
+                   "dataset.image_size=32", "train.batch_size=8", "train.steps_per_epoch=20",
+                   "train.fps_warmup_steps=1", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    results = read_results(tmp_path)
+    assert results["status"] == "completed" and results["mode"] == "bench_data"
+    # 20 batches of 8 cross the 96-image epoch boundary: the loader goes on into the next epoch.
+    assert results["loader_images"] == 160 and results["loader_images_per_sec"] > 0
+    assert not (tmp_path / "checkpoints").exists()  # no model was built or saved
+
+
+@pytest.mark.slow
+def test_benchmark_script_smoke(tmp_path: Path) -> None:
+    import subprocess
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare.py"), "--quick",
+                           "--rounds", "1", "--work-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| step: resnet18" in proc.stdout and "| loader: 2 workers" in proc.stdout
