@@ -20,6 +20,8 @@ from imgtrain.data import transforms as imgtrain_transforms
 from imgtrain.data.imagefolder import JpegFolder
 from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalizer
 
+# torchvision 0.29 deprecates its decoders (still libjpeg-turbo); imagefolder.py silences it in runs.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 REFERENCE_NORMALIZE = T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 # One grey level after normalisation (std ~0.225): what "equal up to rounding" allows.
 ONE_LEVEL = 1 / (255 * min(IMAGENET_STD))

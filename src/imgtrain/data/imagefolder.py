@@ -17,13 +17,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
+
+try:
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # torchvision without its image extension: PIL decodes everything
+    decode_jpeg = None
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from imgtrain.data import transforms as T
 from imgtrain.errors import ConfigError
 
 log = logging.getLogger("imgtrain")
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec, once per call site and worker;
+# they remain libjpeg-turbo, and `decode` falls back to PIL the day they are gone.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of "
+                        "TorchVision are deprecated", category=DeprecationWarning)
 
 
 def check_layout(root: str) -> list[str]:
@@ -118,7 +126,7 @@ def read_bytes(path: str) -> bytearray:
 
 def decode(data: bytearray, image: Image.Image) -> torch.Tensor:
     """RGB uint8 CHW (a view of HWC memory): libjpeg-turbo directly, PIL for other formats."""
-    if image.format == "JPEG":
+    if image.format == "JPEG" and decode_jpeg is not None:
         try:
             return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
         except RuntimeError:
