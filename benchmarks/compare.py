@@ -161,6 +161,8 @@ def measure(rounds: int, sizes: Sizes, reference: Path, work: Path, quick: bool)
         for workers in LOADER_WORKERS:
             pair = loader_pair(root, workers, sizes, reference, work / f"data-{round_index}-{workers}")
             _record(rows[f"loader {workers}"], pair, round_index)
+        # The table so far, so an interrupted session still has its medians.
+        print(table(list(rows.values()), round_index + 1, 0.0), file=sys.stderr, flush=True)
     return list(rows.values())
 
 
