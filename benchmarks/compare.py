@@ -154,6 +154,7 @@ def measure(rounds: int, sizes: Sizes, reference: Path, work: Path, quick: bool)
                                   f"{sizes.loader_batch} (vs loader_baseline)", [], [], 2.0)
                for w in LOADER_WORKERS}}
     root = make_jpegs(work / "jpegs", sizes)
+    started = time.perf_counter()
     for round_index in range(rounds):
         for arch, size, batch in shapes:
             pair = step_pair(arch, size, batch, sizes, reference, work / f"run-{round_index}-{arch}")
@@ -162,7 +163,8 @@ def measure(rounds: int, sizes: Sizes, reference: Path, work: Path, quick: bool)
             pair = loader_pair(root, workers, sizes, reference, work / f"data-{round_index}-{workers}")
             _record(rows[f"loader {workers}"], pair, round_index)
         # The table so far, so an interrupted session still has its medians.
-        print(table(list(rows.values()), round_index + 1, 0.0), file=sys.stderr, flush=True)
+        print(table(list(rows.values()), round_index + 1, time.perf_counter() - started),
+              file=sys.stderr, flush=True)
     return list(rows.values())
 
 
