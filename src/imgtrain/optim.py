@@ -22,13 +22,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg: Any,
     fused_class = device.fused_sgd_class() if optim_cfg["fused"] else None
     if fused_class is not None:
         return fused_class(params, **kwargs)
-    if optim_cfg["fused"] and device.is_accelerator:
+    if optim_cfg["fused"]:
         return torch.optim.SGD(params, fused=True, **kwargs)
-    if not device.is_accelerator:
-        # foreach has no CPU kernel (it loops, slower than the plain loop); fused SGD has one.
-        return torch.optim.SGD(params, fused=True, **kwargs)
-    # foreach runs one kernel per parameter list instead of one per parameter.
-    return torch.optim.SGD(params, foreach=True, **kwargs)
+    # torch's own choice: foreach kernels on accelerators, the plain loop on the CPU (foreach has no
+    # CPU kernel). Fused stays opt-in: after a step skipped for inf gradients, torch's fused SGD
+    # leaves an uninitialised momentum buffer behind (seen with torch 2.14 on the CPU).
+    return torch.optim.SGD(params, **kwargs)
 
 
 def lr_factor(step: int, steps_per_epoch: int, sched_cfg: Any, epochs: int) -> float:
