@@ -13,11 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from imgtrain import device as devices
 from imgtrain.data import check_dataset
 from imgtrain.distributed import WorkerFailed, check_world, launch
-from imgtrain.errors import ConfigError, one_line
+from imgtrain.errors import ConfigError, Preempted, one_line
 from imgtrain.models import check_arch
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import record_failure
-from imgtrain.trainer import Preempted
 
 log = logging.getLogger("imgtrain")
 MODES = ("train", "eval", "bench_data")

@@ -37,7 +37,15 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def save(state: dict[str, Any], path: Path) -> None:
-    write_atomic(path, lambda f: torch.save(state, f))
+    def write(file: Any) -> None:
+        try:
+            torch.save(state, file)
+        except RuntimeError as exc:
+            # torch's zip writer reports a short write (disk full, file size limit) this way.
+            raise OSError(f"writing {path.name} stopped short (disk full?): "
+                          f"{str(exc).strip().splitlines()[0]}") from exc
+
+    write_atomic(path, write)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -99,7 +107,8 @@ def prune(folder: Path, keep: int | None) -> None:
     """Keep the newest `keep` numbered checkpoints; last.pt and best.pt always stay."""
     if not keep or keep < 1:
         return
-    numbered = sorted((int(m.group(2)), p) for p in folder.glob("*.pt")
-                      if (m := _NUMBERED.match(p.name)))
-    for _, path in numbered[:-keep]:
+    # Newest by write time: epoch and step numbers count different things and do not interleave.
+    numbered = sorted((p.stat().st_mtime_ns, p.name, p) for p in folder.glob("*.pt")
+                      if _NUMBERED.match(p.name))
+    for _, _, path in numbered[:-keep]:
         path.unlink(missing_ok=True)

@@ -19,9 +19,13 @@ import torch
 import torch.distributed as dist
 
 from imgtrain.device import DeviceInfo, visible_count
-from imgtrain.errors import ConfigError, one_line
+from imgtrain.errors import ConfigError, Preempted, one_line
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# The agent forwards these to the workers; SIGUSR1 is SLURM's usual advance warning of preemption.
+HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+# How long workers get, after a signal, to reach a step boundary and checkpoint before SIGKILL.
+SHUTDOWN_SECONDS = 120
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], outpu
     world_cfg = config["world"]
     if started_by_torchrun() or planned_world_size(world_cfg) == 1:
         return entrypoint(config, output_dir)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -128,10 +133,14 @@ def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], outpu
         # Node 0 hosts the rendezvous store; the others connect to it.
         rdzv_configs={"is_host": int(world_cfg["node_rank"]) == 0, "timeout": 300},
         max_restarts=int(world_cfg["max_restarts"]), monitor_interval=0.5, start_method="spawn",
-        shutdown_timeout=10)
+        **_supported(LaunchConfig, signals_to_handle=HANDLED_SIGNALS,
+                     shutdown_timeout=SHUTDOWN_SECONDS))
     _quiet_elastic_logs()
     try:
         results = elastic_launch(launch_config, entrypoint)(config, output_dir)
+    except SignalException as exc:
+        # The agent passed the signal on to the workers, which checkpoint at the next agreed step.
+        raise Preempted(f"stopped by {exc.sigval.name}") from None
     except ChildFailedError as exc:
         _, failure = exc.get_first_failure()
         message = failure.message
@@ -140,6 +149,12 @@ def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], outpu
                                message.get("extraInfo", {}).get("py_callstack", "")) from None
         raise WorkerFailed(message or str(exc)) from None
     return results.get(0) if results else None
+
+
+def _supported(cls: type, **options: Any) -> dict[str, Any]:
+    """The options this torch's LaunchConfig knows (older releases lack some)."""
+    fields = getattr(cls, "__dataclass_fields__", {})
+    return {key: value for key, value in options.items() if key in fields}
 
 
 def _quiet_elastic_logs() -> None:

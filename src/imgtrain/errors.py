@@ -5,6 +5,10 @@ class ConfigError(Exception):
     """Bad input: a config value, a path, a file. Shown as one `error:` line, never a traceback."""
 
 
+class Preempted(Exception):
+    """A SIGTERM/SIGUSR1 stopped the run after a checkpoint; it exits with train.preempt_exit_code."""
+
+
 def one_line(message: str) -> str:
     """The user-facing line of an error, also when it crossed a process boundary.
 

@@ -17,16 +17,12 @@ from imgtrain.data import Loaders
 from imgtrain.data.transforms import Normalizer
 from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
-from imgtrain.errors import ConfigError
+from imgtrain.errors import ConfigError, Preempted
 from imgtrain.logger import RunLogger
 from imgtrain.precision import Precision
 from imgtrain.results import run_results
 
 log = logging.getLogger("imgtrain")
-
-
-class Preempted(Exception):
-    """Raised on every rank after a SIGTERM/SIGUSR1 checkpoint; the process exits with a set code."""
 
 
 @dataclass

@@ -19,7 +19,8 @@ from imgtrain.models import build_model, load_weights
 from imgtrain.optim import build_optimizer, build_scheduler
 from imgtrain.precision import Precision
 from imgtrain.results import run_results
-from imgtrain.trainer import Preempted, Trainer, TrainState
+from imgtrain.errors import Preempted
+from imgtrain.trainer import Trainer, TrainState
 
 log = logging.getLogger("imgtrain")
 

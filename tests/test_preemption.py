@@ -1,0 +1,164 @@
+"""Long runs: SIGTERM checkpoints, mid-epoch resume, retention, disk trouble, mismatched resumes."""
+from __future__ import annotations
+
+import json
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, assert_clean_error, read_results, run_cli
+
+# A stable configuration (lr 0.05): equal weights then really mean the same computation was replayed.
+RUN = ["experiment=quickstart", "device=cpu", "dataset.train_size=640", "dataset.val_size=64",
+       "train.epochs=3", "train.print_freq=2", "optim.lr=0.05"]
+TWO_PROCS = ["world=8p", "world.nproc_per_node=2", "train.batch_size=32"]
+
+
+def _model(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    x, y = _model(a), _model(b)
+    return max((x[k].double() - y[k].double()).abs().max().item() for k in x if x[k].numel())
+
+
+def _start(args: list[str], run_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_epoch(proc: subprocess.Popen, run_dir: Path, epochs: int) -> None:
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        results = run_dir / "results.json"
+        try:
+            if json.loads(results.read_text()).get("epochs_completed", 0) >= epochs:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_mid_epoch_two_then_resume_gives_the_same_weights(tmp_path: Path,
+                                                                  workers: int) -> None:
+    args = [*RUN, f"dataset.workers={workers}"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
+
+    proc = _start(args, stopped)
+    _wait_for_epoch(proc, stopped, 1)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "preempted" in stderr and "Traceback" not in stderr
+    saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+    assert saved["state"]["epoch"] >= 1
+    assert read_results(stopped)["status"] == "preempted"
+
+    again = run_cli(*args, f"hydra.run.dir={stopped}")
+    assert again.returncode == 0, again.stderr
+    assert _max_diff(straight / "checkpoints/last.pt", stopped / "checkpoints/last.pt") <= 1e-6
+
+
+def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path: Path) -> None:
+    args = [*RUN, "dataset.workers=0", "train.print_freq=1", "train.checkpoint_every_steps=3"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
+
+    proc = _start(args, killed)
+    _wait_for_epoch(proc, killed, 1)
+    time.sleep(random.uniform(0.0, 1.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    logged = [int(m) for m in re.findall(r"\[(\d+)/10\]", (killed / "train.log").read_text())]
+    steps_done = 10 * (len(logged) // 10) + (logged[-1] % 10 if logged[-1] % 10 else 0)
+    saved = torch.load(killed / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+    assert steps_done - saved["state"]["global_step"] < 3  # at most the steps since the checkpoint
+
+    assert run_cli(*args, f"hydra.run.dir={killed}").returncode == 0
+    assert _max_diff(straight / "checkpoints/last.pt", killed / "checkpoints/last.pt") <= 1e-6
+
+
+@pytest.mark.slow
+def test_two_process_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    args = [*RUN, *TWO_PROCS, "dataset.workers=0", "train.epochs=2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    proc = run_cli(*args, f"hydra.run.dir={straight}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    proc = _start(args, stopped)
+    _wait_for_epoch(proc, stopped, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert read_results(stopped)["status"] == "preempted"
+
+    again = run_cli(*args, f"hydra.run.dir={stopped}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _max_diff(straight / "checkpoints/last.pt", stopped / "checkpoints/last.pt") <= 1e-6
+
+
+def test_retention_keeps_exactly_n(tmp_path: Path) -> None:
+    proc = run_cli(*RUN, "train.epochs=2", "train.checkpoint_every_steps=2",
+                   "train.keep_checkpoints=3", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    numbered = sorted(p.name for p in (tmp_path / "checkpoints").glob("*-*.pt"))
+    assert len(numbered) == 3, numbered
+    assert numbered == ["epoch-2.pt", "step-16.pt", "step-18.pt"]  # the newest three
+    assert (tmp_path / "checkpoints/last.pt").is_file() and (tmp_path / "checkpoints/best.pt").is_file()
+
+
+def _small_files_only() -> None:
+    """A real write failure: files may not grow past 1 MB (a checkpoint is ~90 MB), as on a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+
+@pytest.mark.parametrize("policy", ["fail", "warn"])
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path, policy: str) -> None:
+    args = [*RUN, "train.epochs=1"]
+    assert run_cli(*args, f"hydra.run.dir={tmp_path}").returncode == 0
+    before = (tmp_path / "checkpoints/last.pt").read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), *RUN, "train.epochs=2",
+                           f"train.on_checkpoint_error={policy}", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=_small_files_only)
+    if policy == "fail":
+        assert_clean_error(proc, "checkpoint write", "previous checkpoint is kept")
+    else:
+        assert proc.returncode == 0, proc.stderr
+        assert "checkpoint write" in proc.stdout + proc.stderr
+    assert (tmp_path / "checkpoints/last.pt").read_bytes() == before
+    assert _model(tmp_path / "checkpoints/last.pt")  # still loads
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("change,fragment", [("model=resnet34", "arch=resnet18"),
+                                             ("train.batch_size=32", "global_batch_size=64"),
+                                             ("dataset.num_classes=5", "num_classes=10")])
+def test_mismatched_resume_is_refused(tmp_path: Path, change: str, fragment: str) -> None:
+    run_dir = tmp_path / "run"
+    assert run_cli(*RUN, "train.epochs=1", f"hydra.run.dir={run_dir}").returncode == 0
+    before = (run_dir / "checkpoints/last.pt").read_bytes()
+    proc = run_cli(*RUN, "train.epochs=2", change, f"hydra.run.dir={run_dir}")
+    assert_clean_error(proc, "cannot resume", fragment)
+    assert (run_dir / "checkpoints/last.pt").read_bytes() == before
+
+
+def test_changed_lr_on_resume_is_applied_and_logged(tmp_path: Path) -> None:
+    assert run_cli(*RUN, "train.epochs=1", f"hydra.run.dir={tmp_path}").returncode == 0
+    proc = run_cli(*RUN, "train.epochs=2", "optim.lr=0.01", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "optim.lr changed from 0.05 to 0.01" in proc.stdout
+    saved = torch.load(tmp_path / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+    assert saved["optimizer"]["param_groups"][0]["initial_lr"] == 0.01
