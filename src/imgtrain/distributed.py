@@ -142,13 +142,25 @@ def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], outpu
         # The agent passed the signal on to the workers, which checkpoint at the next agreed step.
         raise Preempted(f"stopped by {exc.sigval.name}") from None
     except ChildFailedError as exc:
-        _, failure = exc.get_first_failure()
-        message = failure.message
+        message = _root_cause(exc.failures.values()).message
         if isinstance(message, dict):
             raise WorkerFailed(message.get("message", str(exc)),
                                message.get("extraInfo", {}).get("py_callstack", "")) from None
         raise WorkerFailed(message or str(exc)) from None
     return results.get(0) if results else None
+
+
+def _root_cause(failures: Any) -> Any:
+    """The failure that started it: earliest, and not a peer's lost connection to the dead rank.
+
+    Error timestamps have one-second resolution, so the crashing rank and the ranks that lose
+    their connection to it often tie; the latter's messages name the remote peer.
+    """
+    def secondary(failure: Any) -> bool:
+        text = str(failure.message).lower()
+        return any(hint in text for hint in ("remote worker", "connection reset", "connection closed",
+                                             "broken pipe"))
+    return min(failures, key=lambda f: (f.timestamp, secondary(f), f.local_rank))
 
 
 def _supported(cls: type, **options: Any) -> dict[str, Any]:
