@@ -138,8 +138,11 @@ def resize_uint8(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """torchvision's Resize on a uint8 CHW tensor: antialiased bilinear, kept in uint8."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # uint8 interpolate is supported; older torch warns anyway
-        return torch.nn.functional.interpolate(image.unsqueeze(0), size=(height, width),
-                                               mode="bilinear", antialias=True)[0]
+        # A compact NHWC copy of the crop first: libjpeg's output is HWC, and the uint8 antialias
+        # kernel runs about twice as fast on a dense channels-last block as on a strided view.
+        compact = image.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        return torch.nn.functional.interpolate(compact, size=(height, width), mode="bilinear",
+                                               antialias=True)[0]
 
 
 def centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:
