@@ -1,13 +1,14 @@
 """One Trainer: train_epoch, evaluate and fit. Device, world, precision and logger are handed in."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -280,26 +281,24 @@ class Trainer:
         """Steps at which all ranks exchange flags: every step on one process, else at print points."""
         return self.world.world_size == 1 or step % self.train_cfg["print_freq"] == 0
 
-    def _preemption_signals(self) -> Any:
-        trainer = self
+    @contextlib.contextmanager
+    def _preemption_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGUSR1 only raise a flag, acted on at the next agreed step boundary; a second
+        signal during the save just raises it again."""
+        def request_stop(signum: int, frame: Any) -> None:
+            self._stop_requested = True
 
-        class _Handlers:
-            def __enter__(self) -> None:
-                self.previous = {}
-                for sig in (signal.SIGTERM, signal.SIGUSR1):
-                    try:
-                        self.previous[sig] = signal.signal(sig, self.handle)
-                    except ValueError:  # not the main thread: leave signals alone
-                        pass
-
-            def handle(self, signum: int, frame: Any) -> None:
-                trainer._stop_requested = True  # a second signal only sets it again
-
-            def __exit__(self, *exc: Any) -> None:
-                for sig, handler in self.previous.items():
-                    signal.signal(sig, handler)
-
-        return _Handlers()
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                previous[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread (e.g. a launcher's job thread): leave them
+                pass
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _fault_injection(self, step: int) -> None:
         """Test-only: `+train.fault_at_step=N` makes rank `+train.fault_rank` (0) raise at global
