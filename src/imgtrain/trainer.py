@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import signal
@@ -115,9 +116,9 @@ class Trainer:
         data_time, epoch_start = 0.0, time.perf_counter()
         window_start, end = epoch_start, epoch_start
         step = first_step
-        for step, (images, target) in enumerate(self.loaders.train, start=first_step):
-            if step >= self.steps_per_epoch:
-                break
+        # islice, not a break: a capped epoch must not decode one batch more than it trains on.
+        batches = itertools.islice(self.loaders.train, max(0, self.steps_per_epoch - first_step))
+        for step, (images, target) in enumerate(batches, start=first_step):
             data_time += time.perf_counter() - end
             self._fault_injection(step)
             loss, correct = self._train_step(*self._to_device(images, target))
