@@ -150,17 +150,22 @@ def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], outpu
     return results.get(0) if results else None
 
 
-def _root_cause(failures: Any) -> Any:
-    """The failure that started it: earliest, and not a peer's lost connection to the dead rank.
+PEER_LOSS_HINTS = ("remote worker", "connection reset", "connection closed", "broken pipe")
+# How long a rank that lost its peer waits before it exits, so that the agent, polling every
+# 0.5 s, sees the crashed rank's own error first and reports that one.
+PEER_LOSS_GRACE_SECONDS = 2.0
 
-    Error timestamps have one-second resolution, so the crashing rank and the ranks that lose
-    their connection to it often tie; the latter's messages name the remote peer.
-    """
-    def secondary(failure: Any) -> bool:
-        text = str(failure.message).lower()
-        return any(hint in text for hint in ("remote worker", "connection reset", "connection closed",
-                                             "broken pipe"))
-    return min(failures, key=lambda f: (f.timestamp, secondary(f), f.local_rank))
+
+def is_peer_loss(message: str) -> bool:
+    """A collective failed because another rank died: a consequence, not the cause."""
+    text = message.lower()
+    return any(hint in text for hint in PEER_LOSS_HINTS)
+
+
+def _root_cause(failures: Any) -> Any:
+    """The failure that started it: a rank's own error rather than a peer's lost connection to it.
+    (Timestamps cannot decide: they have one-second resolution.)"""
+    return min(failures, key=lambda f: (is_peer_loss(str(f.message)), f.timestamp, f.local_rank))
 
 
 def _supported(cls: type, **options: Any) -> dict[str, Any]:
@@ -204,7 +209,7 @@ def _attempt_store(world: World) -> dist.Store | None:
 
 @contextlib.contextmanager
 def process_group(world: World, device: DeviceInfo) -> Iterator[None]:
-    """set_device before init_process_group (nccl/hccl need it); always destroy the group."""
+    """set_device before init_process_group (nccl/hccl need it), and the group around the run."""
     device.set_current()
     if world.world_size > 1 and not dist.is_initialized():
         store = _attempt_store(world)
@@ -212,8 +217,8 @@ def process_group(world: World, device: DeviceInfo) -> Iterator[None]:
                                 store=store, rank=world.rank,
                                 world_size=world.world_size,
                                 device_id=device.torch_device if device.is_accelerator else None)
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    yield
+    # Only after success: on an error the process is about to exit, which closes the group at once,
+    # whereas destroy_process_group can wait on a peer that is already dead.
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -12,7 +12,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from imgtrain import checkpoint, device as devices
 from imgtrain.data import build_loaders
-from imgtrain.distributed import World, process_group, world_from_env
+from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, process_group,
+                                  world_from_env)
 from imgtrain.errors import ConfigError
 from imgtrain.logger import NullLogger, RunLogger, setup_logging
 from imgtrain.models import build_model, load_weights
@@ -36,6 +37,10 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
     with process_group(world, device):
         try:
             return _run(cfg, out, world, device, logger)
+        except Exception as exc:
+            if is_peer_loss(str(exc)):  # let the rank that crashed be the one reported
+                time.sleep(PEER_LOSS_GRACE_SECONDS)
+            raise
         finally:
             logger.close()
 
