@@ -81,10 +81,10 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path: Pat
     time.sleep(random.uniform(0.0, 1.0))
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    logged = [int(m) for m in re.findall(r"\[(\d+)/10\]", (killed / "train.log").read_text())]
-    steps_done = 10 * (len(logged) // 10) + (logged[-1] % 10 if logged[-1] % 10 else 0)
+    # print_freq=1: one progress line per finished step, written just before that step's checkpoint.
+    steps_done = len(re.findall(r"\[\d+/10\]", (killed / "train.log").read_text()))
     saved = torch.load(killed / "checkpoints/last.pt", map_location="cpu", weights_only=True)
-    assert steps_done - saved["state"]["global_step"] < 3  # at most the steps since the checkpoint
+    assert steps_done - saved["state"]["global_step"] <= 3  # at most one checkpoint interval lost
 
     assert run_cli(*args, f"hydra.run.dir={killed}").returncode == 0
     assert _max_diff(straight / "checkpoints/last.pt", killed / "checkpoints/last.pt") <= 1e-6
