@@ -41,6 +41,11 @@ class TrainState:
     train_seconds: float = 0.0
 
 
+def epoch_steps(loader_batches: int, cap: int | None) -> int:
+    """Training steps per epoch: the loader's batches, capped by train.steps_per_epoch if set."""
+    return min(loader_batches, cap) if cap else loader_batches
+
+
 class _Throughput:
     """Global images/sec over an epoch's steps after the first `warmup` ones.
 
@@ -81,9 +86,7 @@ class Trainer:
         self.normalize = Normalizer(device.torch_device, channels_last)
         self.criterion = nn.CrossEntropyLoss()
         self.global_batch = loaders.per_rank_batch * world.world_size
-        full = len(loaders.train)
-        cap = self.train_cfg["steps_per_epoch"]
-        self.steps_per_epoch = min(full, cap) if cap else full
+        self.steps_per_epoch = epoch_steps(len(loaders.train), self.train_cfg["steps_per_epoch"])
         self._stop_requested = False
         self._last_checkpoint_time = time.monotonic()
 

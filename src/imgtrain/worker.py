@@ -11,7 +11,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from imgtrain import checkpoint, device as devices
-from imgtrain.data import build_loaders
+from imgtrain.data import build_loaders, cpu_cores
 from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, process_group,
                                   world_from_env)
 from imgtrain.errors import ConfigError
@@ -21,7 +21,7 @@ from imgtrain.optim import build_optimizer, build_scheduler
 from imgtrain.precision import Precision
 from imgtrain.results import run_results
 from imgtrain.errors import Preempted
-from imgtrain.trainer import Trainer, TrainState
+from imgtrain.trainer import Trainer, TrainState, epoch_steps
 
 log = logging.getLogger("imgtrain")
 
@@ -49,8 +49,7 @@ def _share_cpu_threads(world: World) -> None:
     """Split the cores between this node's processes, as torchrun does with OMP_NUM_THREADS=1:
     N processes each using every core oversubscribe the CPU several times over."""
     if world.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, (cores or 1) // world.local_world_size))
+        torch.set_num_threads(max(1, cpu_cores() // world.local_world_size))
 
 
 def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
@@ -101,8 +100,8 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
                      memory_format=torch.channels_last if channels_last else torch.preserve_format)
     model, params = precision.prepare(model)
     optimizer = build_optimizer(params, cfg["optim"], device)
-    steps = min(len(loaders.train), cfg["train"]["steps_per_epoch"] or len(loaders.train))
-    scheduler = build_scheduler(optimizer, cfg["sched"], cfg["train"]["epochs"], steps)
+    scheduler = build_scheduler(optimizer, cfg["sched"], cfg["train"]["epochs"],
+                                epoch_steps(len(loaders.train), cfg["train"]["steps_per_epoch"]))
     state = TrainState()
     if saved:
         state = _restore(saved, optimizer, scheduler, precision, cfg)

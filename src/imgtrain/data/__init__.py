@@ -64,10 +64,15 @@ def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset]:
             Synthetic(data_cfg["val_size"], train=False, **common))
 
 
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
 def default_workers(world_size_on_node: int) -> int:
     """The CPU cores this process may use (its share of the node), at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, (cores or 1) // max(1, world_size_on_node)))
+    return max(1, min(8, cpu_cores() // max(1, world_size_on_node)))
 
 
 def _seed_worker(worker_id: int) -> None:
