@@ -3,7 +3,8 @@ against torchvision's reference transforms, channels_last and torch.compile agai
 and mode=bench_data's results."""
 from __future__ import annotations
 
-import random
+import io
+import struct
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from PIL import Image
 
 from conftest import REPO, TINY, read_results, run_cli
 from imgtrain.data import transforms as imgtrain_transforms
-from imgtrain.data.imagefolder import JpegFolder
+from imgtrain.data.imagefolder import JpegFolder, jpeg_size
 from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalizer
 
 # torchvision 0.29 deprecates its decoders (still libjpeg-turbo); imagefolder.py silences it in runs.
@@ -75,10 +76,9 @@ def test_training_crop_matches_random_resized_crop_and_flip(photo_folder: Path, 
     for index, (path, _) in enumerate(dataset.samples):
         ours = _device_normalised(dataset[(index, seed)][0])
         with Image.open(path) as image:
-            left, top, w, h = imgtrain_transforms.random_resized_crop_box(
-                *image.size, random.Random(seed))
+            (left, top, w, h), flip = imgtrain_transforms.train_crop_params(*image.size, seed)
             expected = TF.resized_crop(image.convert("RGB"), top, left, h, w, [48, 48])
-        if random.Random(seed + 1).random() < 0.5:
+        if flip:
             expected = TF.hflip(expected)
         difference = (ours - _reference(expected)).abs()
         assert difference.max() <= 1.01 * ONE_LEVEL, (path, difference.max() / ONE_LEVEL)
@@ -99,17 +99,65 @@ def test_large_jpeg_drafts_and_stays_close(tmp_path: Path) -> None:
     """A crop at least twice the output lets libjpeg decode at 1/2..1/8 scale: a close, not exact, image."""
     _photo(tmp_path / "train" / "a" / "0.JPEG", 800, 600)
     dataset = JpegFolder(str(tmp_path), "train", 32, train=True)
-    seed = next(s for s in range(100) if min(imgtrain_transforms.random_resized_crop_box(
-        800, 600, random.Random(s))[2:]) >= 128)  # a crop >= 4x the output: drafted
+    seed = next(s for s in range(100) if min(imgtrain_transforms.train_crop_params(
+        800, 600, s)[0][2:]) >= 128)  # a crop >= 4x the output: drafted
     ours = dataset[(0, seed)][0]
     assert ours.shape == (3, 32, 32) and ours.dtype == torch.uint8
-    left, top, w, h = imgtrain_transforms.random_resized_crop_box(800, 600, random.Random(seed))
+    (left, top, w, h), flip = imgtrain_transforms.train_crop_params(800, 600, seed)
     with Image.open(dataset.samples[0][0]) as image:
         expected = TF.resized_crop(image.convert("RGB"), top, left, h, w, [32, 32])
-    if random.Random(seed + 1).random() < 0.5:
+    if flip:
         expected = TF.hflip(expected)
     expected = TF.pil_to_tensor(expected)
     assert (ours.float() - expected.float()).abs().mean() < 3  # grey levels, out of 255
+
+
+def _jpeg_bytes(width: int, height: int, **save: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 128, np.uint8)).save(buffer, "JPEG", **save)
+    return buffer.getvalue()
+
+
+def test_jpeg_size_reads_the_frame_header_not_an_embedded_thumbnail() -> None:
+    assert jpeg_size(_jpeg_bytes(120, 90)) == (120, 90)
+    assert jpeg_size(_jpeg_bytes(64, 48, progressive=True)) == (64, 48)
+    # An APP1 segment holding another JPEG (as EXIF thumbnails do) is skipped by its length.
+    thumbnail, main = _jpeg_bytes(16, 12), _jpeg_bytes(200, 150)
+    payload = b"Exif\0\0" + thumbnail
+    with_thumbnail = main[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + main[2:]
+    assert jpeg_size(with_thumbnail) == (200, 150)
+    assert Image.open(io.BytesIO(with_thumbnail)).size == (200, 150)
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    assert jpeg_size(png.getvalue()) is None and jpeg_size(b"\xff\xd8\xff") is None
+
+
+def test_png_greyscale_and_progressive_files_load_as_rgb(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    for split in ("train", "val"):
+        folder = tmp_path / split / "a"
+        folder.mkdir(parents=True)
+        Image.fromarray(pixels).save(folder / "0.png")
+        Image.fromarray(pixels).convert("L").save(folder / "1.jpg", quality=90)
+        Image.fromarray(pixels).save(folder / "2.jpg", quality=90, progressive=True)
+    for train in (True, False):
+        dataset = JpegFolder(str(tmp_path), "train" if train else "val", 32, train=train)
+        for index in range(len(dataset)):
+            image = dataset[(index, 7)][0]
+            assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+
+
+def test_jpeg_batches_are_nhwc_and_normalise_like_contiguous_ones(photo_folder: Path) -> None:
+    """JpegFolder collates in NHWC memory (no transpose in the workers); the device sees no change."""
+    dataset = JpegFolder(str(photo_folder), "train", 48, train=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=dataset.collate)
+    images, labels = next(iter(loader))
+    assert images.shape == (2, 3, 48, 48) and labels.tolist() == [0, 1]
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(images, torch.stack([dataset[0][0], dataset[1][0]]))
+    for channels_last in (False, True):
+        normalize = Normalizer(torch.device("cpu"), channels_last)
+        torch.testing.assert_close(normalize(images), normalize(images.contiguous()), atol=0, rtol=0)
 
 
 def test_channels_last_gives_the_same_training_step_as_contiguous() -> None:

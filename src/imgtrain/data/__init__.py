@@ -95,7 +95,8 @@ def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
     workers = default_workers(local_world_size) if workers in ("auto", None) else int(workers)
     generator = torch.Generator().manual_seed(seed + 1000 * rank)
     common: dict[str, Any] = dict(num_workers=workers, pin_memory=pin_memory,
-                                  worker_init_fn=_seed_worker, generator=generator)
+                                  worker_init_fn=_seed_worker, generator=generator,
+                                  collate_fn=getattr(train_set, "collate", None))
     if workers > 0:
         common.update(persistent_workers=bool(data_cfg.get("persistent_workers", True)),
                       prefetch_factor=int(data_cfg.get("prefetch_factor", 2)))

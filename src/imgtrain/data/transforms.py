@@ -21,6 +21,12 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch) * 10_000_019 + index
 
 
+def train_crop_params(width: int, height: int, seed: int) -> tuple[tuple[int, int, int, int], bool]:
+    """One sample's RandomResizedCrop box and RandomHorizontalFlip coin, drawn from its seed."""
+    rng = random.Random(seed)
+    return random_resized_crop_box(width, height, rng), rng.random() < 0.5
+
+
 def random_resized_crop_box(width: int, height: int, rng: random.Random,
                             scale: tuple[float, float] = (0.08, 1.0),
                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
@@ -77,5 +83,6 @@ class Normalizer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(memory_format=self.memory_format).float()
+        # One pass: batches may arrive in either layout (JPEG batches are NHWC, see JpegFolder).
+        x = images.to(torch.float32, memory_format=self.memory_format)
         return torch.addcmul(self.shift, x, self.scale)
