@@ -5,6 +5,7 @@ import json
 import random
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,18 @@ from conftest import REPO, assert_clean_error, read_results, run_cli
 RUN = ["experiment=quickstart", "device=cpu", "dataset.train_size=640", "dataset.val_size=64",
        "train.epochs=3", "train.print_freq=2", "optim.lr=0.05"]
 TWO_PROCS = ["world=8p", "world.nproc_per_node=2", "train.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 1-epoch run of RUN, trained once for the tests that resume from it."""
+    run_dir = tmp_path_factory.mktemp("one_epoch") / "run"
+    assert run_cli(*RUN, "train.epochs=1", f"hydra.run.dir={run_dir}").returncode == 0
+    return run_dir
+
+
+def _copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
 def _model(path: Path) -> dict[str, torch.Tensor]:
@@ -126,9 +139,9 @@ def _small_files_only() -> None:
 
 
 @pytest.mark.parametrize("policy", ["fail", "warn"])
-def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path, policy: str) -> None:
-    args = [*RUN, "train.epochs=1"]
-    assert run_cli(*args, f"hydra.run.dir={tmp_path}").returncode == 0
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint(one_epoch_run: Path, tmp_path: Path,
+                                                              policy: str) -> None:
+    tmp_path = _copy_of(one_epoch_run, tmp_path)
     before = (tmp_path / "checkpoints/last.pt").read_bytes()
     proc = subprocess.run([sys.executable, str(REPO / "run.py"), *RUN, "train.epochs=2",
                            f"train.on_checkpoint_error={policy}", f"hydra.run.dir={tmp_path}"],
@@ -146,17 +159,17 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path, p
 @pytest.mark.parametrize("change,fragment", [("model=resnet34", "arch=resnet18"),
                                              ("train.batch_size=32", "global_batch_size=64"),
                                              ("dataset.num_classes=5", "num_classes=10")])
-def test_mismatched_resume_is_refused(tmp_path: Path, change: str, fragment: str) -> None:
-    run_dir = tmp_path / "run"
-    assert run_cli(*RUN, "train.epochs=1", f"hydra.run.dir={run_dir}").returncode == 0
+def test_mismatched_resume_is_refused(one_epoch_run: Path, tmp_path: Path, change: str,
+                                      fragment: str) -> None:
+    run_dir = _copy_of(one_epoch_run, tmp_path)
     before = (run_dir / "checkpoints/last.pt").read_bytes()
     proc = run_cli(*RUN, "train.epochs=2", change, f"hydra.run.dir={run_dir}")
     assert_clean_error(proc, "cannot resume", fragment)
     assert (run_dir / "checkpoints/last.pt").read_bytes() == before
 
 
-def test_changed_lr_on_resume_is_applied_and_logged(tmp_path: Path) -> None:
-    assert run_cli(*RUN, "train.epochs=1", f"hydra.run.dir={tmp_path}").returncode == 0
+def test_changed_lr_on_resume_is_applied_and_logged(one_epoch_run: Path, tmp_path: Path) -> None:
+    tmp_path = _copy_of(one_epoch_run, tmp_path)
     proc = run_cli(*RUN, "train.epochs=2", "optim.lr=0.01", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert "optim.lr changed from 0.05 to 0.01" in proc.stdout

@@ -1,10 +1,12 @@
 """dataset=imagenet: an ImageFolder tree decoded straight to uint8.
 
-Workers do only uint8 work: decode, crop, resize, flip. A JPEG is decoded by libjpeg-turbo
-(`torchvision.io.decode_jpeg`) straight into an RGB tensor; when the random crop is at least twice
-the output size, PIL's `draft()` lets libjpeg downscale by 2, 4 or 8 inside the decoder instead.
-Resizing is torch's antialiased bilinear on uint8 (a vectorised kernel, about 3x faster than PIL's
-and within one grey level of it). Float conversion and normalisation happen on the device.
+Workers do only uint8 work: decode, crop, resize, flip. A JPEG's size comes from its frame header,
+the crop is drawn from that, and libjpeg-turbo (`torchvision.io.decode_jpeg`) decodes the file
+straight into an RGB tensor; when the crop is at least twice the output size, PIL's `draft()` lets
+libjpeg downscale by 2, 4 or 8 inside the decoder instead. Resizing is torch's antialiased bilinear
+on uint8 (a vectorised kernel, about 3x faster than PIL's and within one grey level of it). Batches
+keep the decoder's HWC layout (channels_last); float conversion and normalisation happen on the
+device.
 """
 from __future__ import annotations
 
