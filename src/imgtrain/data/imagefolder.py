@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import struct
 import warnings
 from pathlib import Path
@@ -122,10 +123,10 @@ class JpegFolder(torch.utils.data.Dataset):
 
 def read_bytes(path: str) -> bytearray:
     """The file's bytes in a writable buffer, so torch can wrap them without a copy or a warning."""
-    with open(path, "rb") as f:
-        data = bytearray(f.seek(0, io.SEEK_END))
-        f.seek(0)
-        f.readinto(data)
+    with open(path, "rb", buffering=0) as f:  # unbuffered: one read() straight into `data`
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        if f.readinto(data) != len(data):
+            raise OSError("the file changed size while it was read")
     return data
 
 
