@@ -145,14 +145,14 @@ class Row:
 
 def measure(rounds: int, sizes: Sizes, reference: Path, work: Path, quick: bool) -> list[Row]:
     """Every comparison once per round, rounds interleaved, so slow spells hit all pairs alike."""
-    shapes = STEP_SHAPES[:1] if quick else STEP_SHAPES
-    if quick:
-        shapes = [(arch, 32, 4, 2) for arch, *_ in shapes]
+    shapes, loader_workers = STEP_SHAPES, LOADER_WORKERS
+    if quick:  # one of each kind, tiny: the script runs end to end, nothing is measured
+        shapes, loader_workers = [(arch, 32, 4, 2) for arch, *_ in STEP_SHAPES[:1]], [1]
     rows = {**{f"step {a} {s}px batch {b}": Row(f"step: {a}, {s} px, batch {b} (vs bare_loop)",
                                                  [], [], 0.97) for a, s, b, _ in shapes},
             **{f"loader {w}": Row(f"loader: {w} worker{'s' * (w > 1)}, batch "
                                   f"{sizes.loader_batch} (vs loader_baseline)", [], [], 2.0)
-               for w in LOADER_WORKERS}}
+               for w in loader_workers}}
     root = make_jpegs(work / "jpegs", sizes)
     started = time.perf_counter()
     for round_index in range(rounds):
@@ -160,7 +160,7 @@ def measure(rounds: int, sizes: Sizes, reference: Path, work: Path, quick: bool)
             pair = step_pair(arch, size, batch, timed_steps, sizes, reference,
                              work / f"run-{round_index}-{arch}")
             _record(rows[f"step {arch} {size}px batch {batch}"], pair, round_index)
-        for workers in LOADER_WORKERS:
+        for workers in loader_workers:
             pair = loader_pair(root, workers, sizes, reference, work / f"data-{round_index}-{workers}")
             _record(rows[f"loader {workers}"], pair, round_index)
         # The table so far, so an interrupted session still has its medians.

@@ -54,7 +54,7 @@ def _build_one_step(config: dict) -> None:
     """Build what a worker builds and take one optimisation step."""
     device = DeviceInfo("cpu")
     loaders = build_loaders(config["dataset"], config["train"]["batch_size"], 0, 1, 1,
-                            config["train"]["seed"], pin_memory=False)
+                            config["train"]["seed"], accelerator=False)
     precision = Precision.from_config(config["amp"], device)
     model, params = precision.prepare(build_model(config["model"]["arch"], loaders.num_classes))
     optimizer = build_optimizer(params, config["optim"], device)
@@ -99,3 +99,15 @@ def test_every_group_option_builds(compose, group: str, option: str, tmp_path: P
         assert logits.shape == (1, 4)
         return
     _build_one_step(config)
+
+
+def test_auto_workers_fit_the_dataset_and_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-memory data is made in the training process on the CPU, where the model needs the cores;
+    JPEGs, and anything feeding an accelerator, get the process's share of the cores (at most 8)."""
+    from imgtrain import data
+    monkeypatch.setattr(data, "cpu_cores", lambda: 32)
+    assert data.default_workers("synthetic", 1, accelerator=False) == 0
+    assert data.default_workers("cifar10", 1, accelerator=False) == 0
+    assert data.default_workers("imagenet", 1, accelerator=False) == 8
+    assert data.default_workers("synthetic", 8, accelerator=True) == 4
+    assert data.default_workers("imagenet", 64, accelerator=True) == 1

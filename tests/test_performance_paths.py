@@ -225,4 +225,4 @@ def test_benchmark_script_smoke(tmp_path: Path) -> None:
                            "--rounds", "1", "--work-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| step: resnet18" in proc.stdout and "| loader: 2 workers" in proc.stdout
+    assert "| step: resnet18" in proc.stdout and "| loader: 1 worker" in proc.stdout

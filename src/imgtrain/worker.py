@@ -58,7 +58,7 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
     torch.manual_seed(cfg["train"]["seed"] + world.rank)
     loaders = build_loaders(cfg["dataset"], cfg["train"]["batch_size"], world.rank,
                             world.world_size, world.local_world_size, cfg["train"]["seed"],
-                            pin_memory=device.is_accelerator and cfg["dataset"]["pin_memory"])
+                            accelerator=device.is_accelerator)
     if cfg["mode"] == "bench_data":
         from imgtrain.bench import bench_loader
         return bench_loader(cfg, loaders, world, logger)
