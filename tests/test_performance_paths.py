@@ -4,6 +4,7 @@ and mode=bench_data's results."""
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from conftest import REPO, TINY, read_results, run_cli
+from imgtrain.data import build_loaders
 from imgtrain.data import transforms as imgtrain_transforms
+from imgtrain.data.batch_pool import HELD
 from imgtrain.data.imagefolder import JpegFolder, jpeg_size
 from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalizer
 
@@ -158,6 +161,53 @@ def test_jpeg_batches_are_nhwc_and_normalise_like_contiguous_ones(photo_folder: 
     for channels_last in (False, True):
         normalize = Normalizer(torch.device("cpu"), channels_last)
         torch.testing.assert_close(normalize(images), normalize(images.contiguous()), atol=0, rtol=0)
+
+
+def _jpeg_loaders(compose, root: Path, reuse_batch_memory: bool):
+    """imagenet loaders as run.py builds them: 2 workers, 2 batches of 8 prefetched by each."""
+    cfg = compose("dataset=imagenet", f"dataset.root={root}", "dataset.image_size=32",
+                  "dataset.workers=2", "dataset.prefetch_factor=2",
+                  f"dataset.reuse_batch_memory={reuse_batch_memory}")
+    return build_loaders(cfg.dataset, 8, rank=0, world_size=1, local_world_size=1, seed=49,
+                         accelerator=False)
+
+
+def test_reused_batch_memory_yields_the_same_batches_and_never_changes_one_in_use(
+        compose, image_folder: Path) -> None:
+    """Workers refilling their shared-memory batches change nothing the consumer sees: the same
+    batches as fresh memory, over passes cut short, and batches kept across passes stay intact."""
+    seen = {}
+    for reuse in (False, True):
+        loaders = _jpeg_loaders(compose, image_folder, reuse)
+        batches, kept = [], []
+        for epoch, steps in enumerate((12, 5, 12)):  # 96 images: 12 batches; pass 2 is cut short
+            loaders.train_sampler.set_epoch(epoch)
+            for images, labels in itertools.islice(loaders.train, steps):
+                batches.append((images.clone(), labels.clone()))
+                if len(batches) % 3 == 0:  # a consumer keeping some batches (a third) for later
+                    kept.append((images, labels, len(batches) - 1))
+        for images, labels, index in kept:
+            assert torch.equal(images, batches[index][0]) and torch.equal(labels, batches[index][1])
+        seen[reuse] = batches
+    assert len(seen[True]) == len(seen[False]) == 29
+    for (images, labels), (fresh_images, fresh_labels) in zip(seen[True], seen[False]):
+        assert torch.equal(images, fresh_images) and torch.equal(labels, fresh_labels)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_segment_is_refilled_once_the_consumer_lets_go_and_passes_cut_short_leak_none(
+        compose, image_folder: Path) -> None:
+    loaders = _jpeg_loaders(compose, image_folder, reuse_batch_memory=True)
+    pool = loaders.train.pool
+    # Each pass is cut after one batch: the batches its workers had prefetched are dropped by the
+    # DataLoader unseen. Three such passes would leave every segment of 3 (2 prefetched + 1 in
+    # use) marked in use if those were never freed; the fourth pass must still get one.
+    for epoch in range(4):
+        loaders.train_sampler.set_epoch(epoch)
+        images, labels = next(iter(loaders.train))
+        assert (pool.state == HELD).sum() == 1  # the batch in our hands is in a worker's segment
+        del images, labels
+        assert (pool.state == HELD).sum() == 0  # and that segment is free once we let go
 
 
 def test_channels_last_gives_the_same_training_step_as_contiguous() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imgtrain.data.batch_pool import BatchPool, PooledLoader
 from imgtrain.data.cifar import Cifar10, find_root
 from imgtrain.data.imagefolder import JpegFolder, check_layout
 from imgtrain.data.samplers import ExactValSampler, TrainSampler
@@ -106,15 +108,27 @@ def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
     pin_memory = accelerator and bool(data_cfg.get("pin_memory", True))
     generator = torch.Generator().manual_seed(seed + 1000 * rank)
     common: dict[str, Any] = dict(num_workers=workers, pin_memory=pin_memory,
-                                  worker_init_fn=_seed_worker, generator=generator,
-                                  collate_fn=getattr(train_set, "collate", None))
+                                  worker_init_fn=_seed_worker, generator=generator)
     if workers > 0:
         common.update(persistent_workers=bool(data_cfg.get("persistent_workers", True)),
                       prefetch_factor=int(data_cfg.get("prefetch_factor", 2)))
     train_sampler = TrainSampler(len(train_set), rank, world_size, seed)
     # drop_last keeps every step's shape static (graph-compiling NPUs and torch.compile like that).
-    train = DataLoader(train_set, batch_size=per_rank_batch, sampler=train_sampler,
-                       drop_last=True, **common)
-    val = DataLoader(val_set, batch_size=per_rank_batch, sampler=ExactValSampler(
-        len(val_set), rank, world_size), drop_last=False, **common)
+    train = _loader(train_set, data_cfg, common, batch_size=per_rank_batch, sampler=train_sampler,
+                    drop_last=True)
+    val = _loader(val_set, data_cfg, common, batch_size=per_rank_batch,
+                  sampler=ExactValSampler(len(val_set), rank, world_size), drop_last=False)
     return Loaders(train, val, train_sampler, num_classes, per_rank_batch)
+
+
+def _loader(dataset: Dataset, data_cfg: Any, common: dict[str, Any], **kwargs: Any) -> DataLoader:
+    """A DataLoader; a PooledLoader where persistent workers collate the dataset's own batches."""
+    collate = getattr(dataset, "collate", None)
+    if not (collate and common.get("persistent_workers")
+            and data_cfg.get("reuse_batch_memory", True)):
+        return DataLoader(dataset, collate_fn=collate, **common, **kwargs)
+    # A worker has at most prefetch_factor batches in flight, and the training process holds
+    # one more while it copies it out: with that many segments a worker never falls back.
+    pool = BatchPool(common["num_workers"], slots_per_worker=common["prefetch_factor"] + 1)
+    return PooledLoader(dataset, pool, collate_fn=partial(pool.collate, fallback=collate),
+                        **common, **kwargs)
