@@ -195,19 +195,31 @@ def test_reused_batch_memory_yields_the_same_batches_and_never_changes_one_in_us
         assert images.is_contiguous(memory_format=torch.channels_last)
 
 
+def _pooled_steps(loaders, epoch: int, steps: int):
+    """The first `steps` training batches of a pass, each let go before the next is asked for,
+    with whether it was in a worker's segment (and only its) while the consumer held it."""
+    state = loaders.train.pool.state
+    loaders.train_sampler.set_epoch(epoch)
+    batches, pooled = iter(loaders.train), []
+    for _ in range(steps):
+        images, labels = next(batches)
+        pooled.append(int((state == HELD).sum()))
+        del images, labels
+        assert (state == HELD).sum() == 0  # its segment is free again once we let go
+    return pooled
+
+
 def test_a_segment_is_refilled_once_the_consumer_lets_go_and_passes_cut_short_leak_none(
         compose, image_folder: Path) -> None:
+    """A worker has at most prefetch_factor (2) batches in flight and prefetch_factor + 1
+    segments: with each batch let go before the next, every batch is made in a segment, except
+    maybe the first prefetch_factor x workers (4) of a pass, made while the DataLoader restarts."""
     loaders = _jpeg_loaders(compose, image_folder, reuse_batch_memory=True)
-    pool = loaders.train.pool
-    # Each pass is cut after one batch: the batches its workers had prefetched are dropped by the
-    # DataLoader unseen. Three such passes would leave every segment of 3 (2 prefetched + 1 in
-    # use) marked in use if those were never freed; the fourth pass must still get one.
-    for epoch in range(4):
-        loaders.train_sampler.set_epoch(epoch)
-        images, labels = next(iter(loaders.train))
-        assert (pool.state == HELD).sum() == 1  # the batch in our hands is in a worker's segment
-        del images, labels
-        assert (pool.state == HELD).sum() == 0  # and that segment is free once we let go
+    # Passes cut short: the batches the workers had prefetched are dropped unseen by the
+    # DataLoader, in segments that must not stay marked as in use.
+    for epoch in range(3):
+        _pooled_steps(loaders, epoch, steps=5)
+    assert _pooled_steps(loaders, 3, steps=len(loaders.train))[4:] == [1] * 8
 
 
 def test_channels_last_gives_the_same_training_step_as_contiguous() -> None:

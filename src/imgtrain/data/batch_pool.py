@@ -10,9 +10,11 @@ when the last tensor, view or array over it is gone (on accelerators pin_memory 
 batch already, so it is freed as it is yielded). A worker that finds none of its segments free
 falls back to a new one: it never waits and never overwrites.
 The shared state is one int64 tensor, [generation, stamp of every worker's segments...]. A worker
-stamps a segment with the generation when it fills it; each new pass over the loader raises the
-generation, which frees the segments of batches that the DataLoader dropped, unseen, when the
-previous pass was cut short (a finalizer never hears of those).
+stamps a segment with the generation when it fills it, and a segment is free when its stamp is
+below the generation. A new pass over the loader sets the generation to 0 (no segment is free:
+workers fall back) while the DataLoader finishes and drops the previous pass's batches, then
+raises it above every stamp: that frees the segments of batches dropped unseen when a pass was
+cut short, which no finalizer hears of, and only those.
 """
 from __future__ import annotations
 
@@ -38,11 +40,17 @@ class BatchPool:
     def __getstate__(self) -> dict[str, Any]:  # workers started by spawn get no buffers
         return {**self.__dict__, "_buffers": {}}
 
-    def new_pass(self) -> None:
-        self.state[0] += 1
+    def pause(self) -> int:
+        """Stop workers claiming segments; returns the generation in force until now."""
+        generation = int(self.state[0])
+        self.state[0] = 0
+        return generation
 
-    def collate(self, batch: list[tuple[torch.Tensor, int]],
-                fallback: Callable[[list], Batch]) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    def resume(self, generation: int) -> None:
+        self.state[0] = generation
+
+    def collate(self, batch: list[tuple[torch.Tensor, int]], fallback: Callable[[list], Batch]
+                ) -> tuple[torch.Tensor, torch.Tensor, int | None]:
         """(images NCHW in NHWC memory, labels, segment): the batch written into a free segment.
 
         segment is the segment's index in `state`, or None where `fallback` made the batch
@@ -77,14 +85,14 @@ class BatchPool:
 
     def _buffer(self, index: int, batch: list[tuple[torch.Tensor, int]]) -> Batch:
         """Views of the segment's buffers sized for this batch (the last one may be smaller)."""
-        height, width = batch[0][0].shape[1:]
-        channels = batch[0][0].shape[0]
+        channels, height, width = batch[0][0].shape
+        size = len(batch)
         images, labels = self._buffers.get(index, (None, None))
-        if images is None or images.shape[0] < len(batch) or images.shape[1:] != (height, width, channels):
-            images = torch.empty(len(batch), height, width, channels, dtype=torch.uint8).share_memory_()
-            labels = torch.empty(len(batch), dtype=torch.int64).share_memory_()
+        if images is None or images.shape[0] < size or images.shape[1:] != (height, width, channels):
+            images = torch.empty(size, height, width, channels, dtype=torch.uint8).share_memory_()
+            labels = torch.empty(size, dtype=torch.int64).share_memory_()
             self._buffers[index] = images, labels
-        return images[:len(batch)], labels[:len(batch)]
+        return images[:size], labels[:size]
 
 
 class PooledLoader(DataLoader):
@@ -95,15 +103,21 @@ class PooledLoader(DataLoader):
         self.pool = pool
 
     def __iter__(self) -> Iterator[Batch]:
-        # Before the DataLoader restarts its workers: batches of a pass cut short are dropped by
-        # its reset, never yielded, so their segments may be reused from here on.
-        self.pool.new_pass()
-        for images, labels, segment in super().__iter__():
-            if segment is not None:
-                if images.is_pinned():  # pin_memory copied the batch out of its segment
-                    self.pool.release(segment)
-                else:
-                    self.pool.hold(segment, images)
-                    labels = labels.clone()  # 8 bytes an image: simpler to copy than to track
-            yield images, labels
-            del images, labels  # the batch is the consumer's alone: its segment frees when they let go
+        # With persistent workers the DataLoader's reset waits until every worker has finished the
+        # previous pass's batches, and drops those nobody took. Claims made in that time would be
+        # stamped with the old generation: none are allowed until it is over.
+        generation = self.pool.pause()
+        batches = super().__iter__()
+        self.pool.resume(generation + 1)
+        # map, not a generator: nothing here keeps a yielded batch (and its segment) alive.
+        return map(self._hand_over, batches)
+
+    def _hand_over(self, batch: tuple[torch.Tensor, torch.Tensor, int | None]) -> Batch:
+        images, labels, segment = batch
+        if segment is not None:
+            if images.is_pinned():  # pin_memory copied the batch out of its segment
+                self.pool.release(segment)
+            else:
+                self.pool.hold(segment, images)
+                labels = labels.clone()  # 8 bytes an image: simpler to copy than to track
+        return images, labels
