@@ -196,8 +196,8 @@ def test_reused_batch_memory_yields_the_same_batches_and_never_changes_one_in_us
 
 
 def _pooled_steps(loaders, epoch: int, steps: int):
-    """The first `steps` training batches of a pass, each let go before the next is asked for,
-    with whether it was in a worker's segment (and only its) while the consumer held it."""
+    """Take the first `steps` training batches of a pass, each let go before the next is asked
+    for; for each, the number of segments marked as held while the consumer had it (1: its own)."""
     state = loaders.train.pool.state
     loaders.train_sampler.set_epoch(epoch)
     batches, pooled = iter(loaders.train), []

@@ -128,7 +128,7 @@ def _loader(dataset: Dataset, data_cfg: Any, common: dict[str, Any], **kwargs: A
             and data_cfg.get("reuse_batch_memory", True)):
         return DataLoader(dataset, collate_fn=collate, **common, **kwargs)
     # A worker has at most prefetch_factor batches in flight, and the training process holds
-    # one more while it copies it out: with that many segments a worker never falls back.
+    # one more (the batch it is using): with that many segments a worker never falls back.
     pool = BatchPool(common["num_workers"], slots_per_worker=common["prefetch_factor"] + 1)
     return PooledLoader(dataset, pool, collate_fn=partial(pool.collate, fallback=collate),
                         **common, **kwargs)
