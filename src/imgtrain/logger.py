@@ -7,13 +7,30 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from imgtrain.checkpoint import write_json_atomic
+from imgtrain.progress import ConsoleHandler
 
 log = logging.getLogger("imgtrain")
-HPARAM_METRICS = ("hparams/best_acc1", "hparams/final_acc1", "hparams/final_acc5",
-                  "hparams/images_per_sec")
+# HParams metrics name tags the run writes anyway: the table shows their last values.
+HPARAM_METRICS = ("val/acc1", "val/acc5", "val/loss", "train/images_per_sec")
+# The Custom Scalars tab's first screen: throughput and accuracy, whatever the Scalars tab's order.
+LAYOUT = {
+    "throughput": {
+        "images/sec (train)": ["Multiline", [r"^train/images_per_sec$"]],
+        "data loading % of step time": ["Multiline", [r"^time/data_loading_percent$"]],
+    },
+    "accuracy": {
+        "Acc@1 (train and val)": ["Multiline", [r"^train/acc1$", r"^val/acc1$"]],
+        "Acc@5 (val)": ["Multiline", [r"^val/acc5$"]],
+    },
+    "loss and time": {
+        "loss (train and val)": ["Multiline", [r"^train/loss$", r"^val/loss$"]],
+        "hours left": ["Multiline", [r"^time/eta_hours$"]],
+    },
+}
+GRID_IMAGES = 32  # images/train_batch shows at most this many of the first batch
 
 
 def setup_logging(output_dir: Path | None, is_main: bool) -> None:
@@ -21,7 +38,7 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> None:
     log.handlers.clear()
     log.propagate = False
     log.setLevel(logging.INFO if is_main else logging.WARNING)
-    console = logging.StreamHandler(sys.stdout)
+    console = ConsoleHandler() if is_main else logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
     if is_main and output_dir is not None:
@@ -53,12 +70,33 @@ class RunLogger:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
-    def hparams(self, params: dict[str, Any]) -> None:
-        """Declare this run's hyperparameters in its own event file (not add_hparams' sub-run)."""
+    def hparams(self, params: dict[str, Any], first: Iterable[str] = ()) -> None:
+        """Declare this run's hyperparameters in its own event file (not add_hparams' sub-run),
+        with the metrics pointing at existing tags, and the Custom Scalars layout.
+
+        TensorBoard orders the HParams columns by `differs`, then by name, and shows the first
+        few: the `first` keys (the run's overrides) are marked as differing so that they lead.
+        """
+        from tensorboard.plugins.hparams import metadata, plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams
         experiment, start, end = hparams(params, {tag: 0.0 for tag in HPARAM_METRICS})
+        value = experiment.value[0]
+        data = metadata.parse_experiment_plugin_data(value.metadata.plugin_data.content)
+        leading = set(first)
+        for info in data.hparam_infos:
+            info.differs = info.name in leading
+        value.metadata.plugin_data.content = metadata.create_summary_metadata(
+            plugin_data_pb2.HParamsPluginData(experiment=data)).plugin_data.content
         for summary in (experiment, start, end):
             self.writer.file_writer.add_summary(summary)
+        self.writer.add_custom_scalars(LAYOUT)
+
+    def batch_grid(self, images: Any, step: int) -> None:
+        """images/train_batch: the first uint8 batch as the loader gives it, after augmentation
+        and before the device normalises it, so the colours and crops are the network's input."""
+        from torchvision.utils import make_grid
+        grid = make_grid(images[:GRID_IMAGES].detach().cpu(), nrow=8, padding=2)
+        self.writer.add_image("images/train_batch", grid, step)
 
     def results(self, data: dict[str, Any]) -> None:
         write_json_atomic(self.results_path, data)
@@ -85,7 +123,10 @@ class NullLogger(RunLogger):
     def scalars(self, step: int, values: dict[str, float]) -> None:
         pass
 
-    def hparams(self, params: dict[str, Any]) -> None:
+    def hparams(self, params: dict[str, Any], first: Iterable[str] = ()) -> None:
+        pass
+
+    def batch_grid(self, images: Any, step: int) -> None:
         pass
 
     def results(self, data: dict[str, Any]) -> None:

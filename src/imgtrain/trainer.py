@@ -22,6 +22,7 @@ from imgtrain.distributed import World
 from imgtrain.errors import ConfigError, Preempted
 from imgtrain.logger import RunLogger
 from imgtrain.precision import Precision
+from imgtrain.progress import Progress
 from imgtrain.results import run_results
 
 log = logging.getLogger("imgtrain")
@@ -89,6 +90,7 @@ class Trainer:
         self.steps_per_epoch = epoch_steps(len(loaders.train), self.train_cfg["steps_per_epoch"])
         self._stop_requested = False
         self._last_checkpoint_time = time.monotonic()
+        self.progress = Progress.for_trainer(self)  # rank 0's console; does nothing elsewhere
 
     # ---- training -------------------------------------------------------------------------
     def _train_step(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -119,11 +121,14 @@ class Trainer:
         data_time, epoch_start = 0.0, time.perf_counter()
         window_start, end = epoch_start, epoch_start
         step = first_step
+        self.progress.start_epoch(epoch, first_step)
         # islice, not a break: a capped epoch must not decode one batch more than it trains on.
         batches = itertools.islice(self.loaders.train, max(0, self.steps_per_epoch - first_step))
         for step, (images, target) in enumerate(batches, start=first_step):
             data_time += time.perf_counter() - end
             self._fault_injection(step)
+            if self.state.global_step == 0:  # once per run: what the network sees (host memory)
+                self.logger.batch_grid(images, self.state.global_step)
             loss, correct = self._train_step(*self._to_device(images, target))
             batch = torch.stack([loss * target.numel(), correct.float(),
                                  torch.tensor(float(target.numel()), device=loss.device)])
@@ -162,10 +167,9 @@ class Trainer:
         images_per_sec = count * self.world.world_size / max(seconds, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]
         loss, acc1 = loss_sum / max(count, 1), 100.0 * correct / max(count, 1)
-        self.logger.info("epoch %d [%d/%d] loss %.4f acc1 %.2f img/s %.1f lr %.5f", epoch + 1, step,
-                         self.steps_per_epoch, loss, acc1, images_per_sec, lr)
         values = {"train/loss": loss, "train/acc1": acc1, "train/images_per_sec": images_per_sec,
                   "train/lr": lr, "train/data_time": data_time / max(step, 1)}
+        values.update(self.progress.train_update(epoch, step, values, seconds, data_time))
         if self.precision.loss_scale is not None:
             values["amp/loss_scale"] = float(self.precision.loss_scale.item())
         self.logger.scalars(self.state.global_step, values)
@@ -176,7 +180,8 @@ class Trainer:
         """Loss, Acc@1 and Acc@5 over the whole validation set, each sample counted exactly once."""
         self.model.eval()
         sums = torch.zeros(4, device=self.device.torch_device)  # loss sum, top1, top5, samples
-        for images, target in self.loaders.val:
+        self.progress.start_val()
+        for batch, (images, target) in enumerate(self.loaders.val, start=1):
             images, target = self._to_device(images, target)
             with self.precision.autocast():
                 output = self.model(self.normalize(images)).float()
@@ -185,7 +190,10 @@ class Trainer:
             sums += torch.stack([nn.functional.cross_entropy(output, target, reduction="sum"),
                                  hits[:, 0].sum().float(), hits.any(dim=1).sum().float(),
                                  torch.tensor(float(target.numel()), device=output.device)])
+            if batch % self.train_cfg["print_freq"] == 0:
+                self.progress.val_update(batch)
         loss_sum, top1, top5, count = self.world.sum(sums).tolist()
+        self.progress.end_val()
         count = max(count, 1.0)
         return {"loss": loss_sum / count, "acc1": 100.0 * top1 / count,
                 "acc5": 100.0 * top5 / count, "samples": int(count)}
@@ -195,7 +203,7 @@ class Trainer:
         """Train the remaining epochs, evaluating and checkpointing after each; return the last metrics."""
         epochs = self.train_cfg["epochs"]
         val: dict[str, float] = self.state.history[-1] if self.state.history else {}
-        with self._preemption_signals():
+        with self._preemption_signals(), self.progress:
             for epoch in range(self.state.epoch, epochs):
                 train = self.train_epoch(epoch)
                 val = self.evaluate()

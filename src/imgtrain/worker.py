@@ -16,10 +16,12 @@ from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, 
                                   world_from_env)
 from imgtrain.errors import ConfigError
 from imgtrain.logger import NullLogger, RunLogger, setup_logging
+from imgtrain.memory import check_memory
 from imgtrain.models import build_model, load_weights
 from imgtrain.optim import build_optimizer, build_scheduler
 from imgtrain.precision import Precision
 from imgtrain.results import run_results
+from imgtrain.summary import end_lines, start_lines
 from imgtrain.errors import Preempted
 from imgtrain.trainer import Trainer, TrainState, epoch_steps
 
@@ -63,6 +65,7 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
         from imgtrain.bench import bench_loader
         return bench_loader(cfg, loaders, world, logger)
     precision = Precision.from_config(cfg["amp"], device)
+    check_memory(cfg, device, world, loaders.num_classes, half=precision.dtype is not None)
     model = build_model(cfg["model"]["arch"], loaders.num_classes)
     resume_from = checkpoint.resume_path(out, cfg["train"]["resume"]) if cfg["mode"] == "train" \
         else None
@@ -74,7 +77,7 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
     elif cfg["mode"] == "eval":
         raise ConfigError("mode=eval needs model.weights=<checkpoint or state-dict file>")
     trainer = _build_trainer(cfg, out, world, device, logger, loaders, precision, model, saved)
-    return _execute(cfg, trainer, logger, resumed=saved is not None)
+    return _execute(cfg, trainer, logger, resumed_from=resume_from if saved else None, out=out)
 
 
 def _load_resume(path: Path, cfg: dict[str, Any], loaders: Any, world: World) -> dict[str, Any]:
@@ -82,9 +85,7 @@ def _load_resume(path: Path, cfg: dict[str, Any], loaders: Any, world: World) ->
     checkpoint.check_compatible(saved, {"arch": cfg["model"]["arch"],
                                         "num_classes": loaders.num_classes,
                                         "global_batch_size": cfg["train"]["batch_size"]}, path)
-    log.info("resuming from %s (epoch %d, step %d)", path, saved["state"]["epoch"] + 1,
-             saved["state"]["step_in_epoch"])
-    return saved
+    return saved  # the start summary says where it resumes from
 
 
 def _channels_last(cfg: dict[str, Any], device: devices.DeviceInfo) -> bool:
@@ -141,10 +142,12 @@ def _restore(saved: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler:
     return TrainState(**saved["state"])
 
 
-def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed: bool) -> Any:
+def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed_from: Path | None,
+             out: Path) -> Any:
     results = run_results(cfg, trainer)
     if cfg["mode"] == "eval":
-        val = trainer.evaluate()
+        with trainer.progress:
+            val = trainer.evaluate()
         logger.info("eval: loss %.4f acc1 %.3f acc5 %.3f (%d images)", val["loss"], val["acc1"],
                     val["acc5"], val["samples"])
         results.update(status="completed", final_acc1=val["acc1"], final_acc5=val["acc5"],
@@ -155,7 +158,9 @@ def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed: 
         logger.info("run already completed %d epochs; nothing to train (results.json has its "
                     "results)", trainer.state.epoch)
         return {**run_results(cfg, trainer), "status": "completed", "already_completed": True}
-    logger.hparams(hparam_values(cfg, trainer))
+    for line in start_lines(cfg, trainer, out, resumed_from):
+        logger.info("%s", line)
+    logger.hparams(hparam_values(cfg, trainer), first=override_keys(cfg))
     logger.results({**results, "status": "running"})
     started = time.time()
     try:
@@ -166,20 +171,35 @@ def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed: 
         logger.results({**run_results(cfg, trainer), "status": "preempted"})
         raise
     results = {**run_results(cfg, trainer), "status": "completed"}
-    logger.scalars(trainer.state.global_step, {
-        "hparams/best_acc1": results["best_acc1"], "hparams/final_acc1": results["final_acc1"],
-        "hparams/final_acc5": results["final_acc5"],
-        "hparams/images_per_sec": results["images_per_sec"]})
     logger.results(results)
-    logger.info("done in %.1f s: best acc1 %.3f, final acc1 %.3f, %.1f img/s", time.time() - started,
-                results["best_acc1"], results["final_acc1"], results["images_per_sec"])
+    for line in end_lines(results, time.time() - started, out):
+        logger.info("%s", line)
     return results
 
 
+def override_keys(cfg: dict[str, Any]) -> list[str]:
+    """The keys of the run's command-line overrides, without their +/++/~ prefixes."""
+    return [str(o).partition("=")[0].lstrip("+~") for o in cfg.get("overrides") or []]
+
+
+def _hparam_value(text: str) -> Any:
+    """An override's value as TensorBoard filters it: numbers as numbers, the rest as text."""
+    try:
+        return float(text) if text.strip().lower() not in ("nan", "inf", "-inf") else text
+    except ValueError:
+        return text
+
+
 def hparam_values(cfg: dict[str, Any], trainer: Trainer) -> dict[str, Any]:
-    return {"arch": cfg["model"]["arch"], "dataset": cfg["dataset"]["name"],
+    """Every override (the swept keys among them), then the run's main settings by config key."""
+    values = {key: _hparam_value(str(override).partition("=")[2])
+              for key, override in zip(override_keys(cfg), cfg.get("overrides") or [])}
+    main = {"model.arch": cfg["model"]["arch"], "dataset.name": cfg["dataset"]["name"],
             "device": cfg["device"]["resolved"], "world_size": trainer.world.world_size,
-            "global_batch_size": trainer.global_batch, "lr": cfg["optim"]["lr"],
-            "weight_decay": cfg["optim"]["weight_decay"], "sched": cfg["sched"]["name"],
-            "warmup_epochs": cfg["sched"]["warmup_epochs"], "epochs": cfg["train"]["epochs"],
-            "amp": cfg["amp"]["level"]}
+            "train.batch_size": trainer.global_batch, "optim.lr": cfg["optim"]["lr"],
+            "optim.weight_decay": cfg["optim"]["weight_decay"], "sched.name": cfg["sched"]["name"],
+            "sched.warmup_epochs": cfg["sched"]["warmup_epochs"],
+            "train.epochs": cfg["train"]["epochs"], "amp.level": cfg["amp"]["level"]}
+    for key, value in main.items():
+        values.setdefault(key, value)
+    return values

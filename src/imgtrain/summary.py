@@ -1,0 +1,74 @@
+"""The one-screen summaries rank 0 prints when a run starts and when it ends."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from imgtrain.progress import duration
+
+
+def _precision(precision: Any) -> str:
+    dtype = str(precision.dtype).replace("torch.", "") if precision.dtype else "float32"
+    if precision.scaler is None:
+        scale = "no loss scaling"
+    elif precision.static_scale is not None:
+        scale = f"static loss scale {precision.static_scale:g}"
+    else:
+        scale = "dynamic loss scale"
+    return f"amp={precision.level} ({dtype}), {scale}"
+
+
+def _schedule(cfg: dict[str, Any]) -> str:
+    sched = cfg["sched"]
+    warmup = sched.get("warmup_epochs") or 0
+    return f"{sched['name']}" + (f" after {warmup} warm-up epoch{'s' * (warmup != 1)}"
+                                 if warmup else "")
+
+
+def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
+                resumed_from: Path | None) -> list[str]:
+    """arch, data, device and world, precision, batch and lr, length, run folder, resume."""
+    data, train = cfg["dataset"], cfg["train"]
+    loaders, world, state = trainer.loaders, trainer.world, trainer.state
+    params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
+    source = f" from {data['root']}" if data.get("root") else ""
+    per_device = trainer.global_batch // world.world_size
+    total_steps = train["epochs"] * trainer.steps_per_epoch
+    if resumed_from is None:
+        resume = "no: a new run"
+    else:
+        resume = (f"resuming from {resumed_from} (epoch {state.epoch + 1}, step "
+                  f"{state.step_in_epoch}; {state.global_step} of {total_steps} steps done)")
+    return [
+        f"imgtrain: {cfg['mode']} {cfg['model']['arch']} on {data['name']}",
+        f"  model      {cfg['model']['arch']}, {params:.1f} M parameters",
+        f"  data       {data['name']}{source}: {len(loaders.train.dataset):,} train / "
+        f"{len(loaders.val.dataset):,} val images, {loaders.num_classes} classes, "
+        f"{data['image_size']} px",
+        f"  device     {trainer.device.device_string} x {world.world_size} "
+        f"process{'es' * (world.world_size > 1)} ({trainer.device.backend})",
+        f"  precision  {_precision(trainer.precision)}",
+        f"  batch      {trainer.global_batch} global ({per_device} per device), "
+        f"lr {cfg['optim']['lr']:g}, {_schedule(cfg)}",
+        f"  length     {train['epochs']} epochs x {trainer.steps_per_epoch} steps = "
+        f"{total_steps:,} steps",
+        f"  run dir    {output_dir}",
+        f"  resume     {resume}",
+    ]
+
+
+def end_lines(results: dict[str, Any], wall_seconds: float, output_dir: Path) -> list[str]:
+    """Best and final Acc@1, img/s, wall time, and where results and the best weights are."""
+    history = results.get("history") or []
+    best_epoch = max(history, key=lambda row: row["acc1"])["epoch"] if history else None
+    best = output_dir / "checkpoints" / "best.pt"
+    lines = [
+        f"done in {duration(wall_seconds)}: best acc1 {results['best_acc1']:.3f}"
+        + (f" (epoch {best_epoch})" if best_epoch else "")
+        + f", final acc1 {results['final_acc1']:.3f} acc5 {results['final_acc5']:.3f}, "
+        f"{results['images_per_sec']:.1f} img/s",
+        f"  results    {output_dir / 'results.json'}",
+    ]
+    if best.exists():
+        lines.append(f"  best       {best}")
+    return lines
