@@ -5,6 +5,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from imgtrain.app import run
+from imgtrain.errors import one_line_job_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -15,4 +16,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_job_errors():  # a failed sweep job: one `error:` line, not Hydra's three
+        main()

@@ -10,6 +10,13 @@ def job_dirname(overrides: str) -> str:
     return name[:160]
 
 
+def run_name(overrides: str, arch: str, dataset: str) -> str:
+    """A single run's folder name after its time: its overrides, else what it trains on."""
+    return job_dirname(overrides) if overrides else f"{arch}_{dataset}"
+
+
 # Registered on import, so Hydra can resolve the sweep subdir in any process that runs a job.
 if not OmegaConf.has_resolver("imgtrain.dirname"):
     OmegaConf.register_new_resolver("imgtrain.dirname", job_dirname)
+if not OmegaConf.has_resolver("imgtrain.run_name"):
+    OmegaConf.register_new_resolver("imgtrain.run_name", run_name)

@@ -92,7 +92,8 @@ def _record(config: dict[str, Any], output_dir: str, error: str, started: float)
 def _fail(config: dict[str, Any], output_dir: str, error: str, started: float,
           multirun: bool) -> None:
     _record(config, output_dir, error, started)
-    if multirun:
-        raise JobFailed(f"error: {error}")
+    if multirun:  # run.py's stderr filter drops Hydra's lines around this one
+        job = " ".join(config.get("overrides") or []) or "defaults"
+        raise JobFailed(f"error: {error} (sweep job: {job})")
     sys.stderr.write(f"error: {error}\n")
     sys.exit(1)

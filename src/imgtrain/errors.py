@@ -1,4 +1,9 @@
-"""The one exception type for mistakes a user can fix."""
+"""The one exception type for mistakes a user can fix, and how run.py shows it."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Any, Iterator
 
 
 class ConfigError(Exception):
@@ -23,3 +28,58 @@ def one_line(message: str) -> str:
     if prefix in last:
         last = last.split(prefix, 1)[1]
     return last
+
+
+class _OneLineJobErrors:
+    """stderr for a sweep: a failed job's `error: ...` line without Hydra's frame around it.
+
+    Hydra prints "Error executing job with overrides: [...]" before a failed job's exception
+    and "Set the environment variable HYDRA_FULL_ERROR=1 ..." after it. For imgtrain's own
+    one-line errors (which already name the job) both are dropped; a crash's traceback keeps them.
+    """
+
+    _HEADER = "Error executing job with overrides:"
+    _HINT = "Set the environment variable HYDRA_FULL_ERROR=1"
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.pending, self.after_error = stream, "", False
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines(keepends=True):
+            self._line(line)
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if self.after_error and (not line.strip() or line.startswith(self._HINT)):
+            return
+        self.after_error = False
+        if line.startswith(self._HEADER):
+            self.pending = line
+            return
+        if self.pending and line.startswith("error: "):
+            self.pending, self.after_error = "", True
+        elif self.pending:
+            self.stream.write(self.pending)
+            self.pending = ""
+        self.stream.write(line)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.stream.write(self.pending)
+            self.pending = ""
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def one_line_job_errors() -> Iterator[None]:
+    """While run.py runs: a failed sweep job prints one `error:` line."""
+    original = sys.stderr
+    sys.stderr = _OneLineJobErrors(original)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = original

@@ -1,8 +1,10 @@
 """The results table: `python -m imgtrain.report [PATH ...] [--format csv] [--sort COLUMN]`.
 
-Reads every results.json below the paths (default outputs/) and prints one row per run, in the
-layout of the seed's Table 2 (DEVICE | PyTorch | Acc@1 | FPS | Epochs | AMP_Type), followed by
-the overrides that differ between the runs and, when any run did not complete, its status.
+Reads every results.json below the paths (default outputs/) and prints one row per run: the run's
+folder, the seed's Table 2 (DEVICE | PyTorch | Acc@1 | FPS | Epochs | AMP_Type), the overrides
+that differ between the runs and, when any run did not complete, its status. Runs that failed
+before training started are left out unless --all is given. On a terminal the table is fitted to
+its width by shortening long cells.
 """
 from __future__ import annotations
 
@@ -11,41 +13,54 @@ import csv
 import io
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+RUN = "Run"
 FIXED_COLUMNS = ("DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type")
 STATUS = "Status"
+MIN_WIDTH = 10  # a shortened cell keeps at least this many characters
 # Override keys the fixed columns already show, or that only say where files went.
 _SHOWN_ELSEWHERE = {"amp", "amp.level"}
 _LOCATION_PREFIXES = ("hydra.", "hydra/")
 
 
-def find_results(paths: Iterable[Path]) -> list[Path]:
-    """Every results.json at or below the paths, in natural order (job 2 before job 10)."""
-    found: set[Path] = set()
+def find_results(paths: Iterable[Path]) -> list[tuple[Path, str]]:
+    """Every results.json at or below the paths, with its run's name (its folder relative to the
+    path searched), in natural order (job 2 before job 10)."""
+    found: dict[Path, str] = {}
     for path in paths:
         if path.is_file() and path.name == "results.json":
-            found.add(path)
+            found.setdefault(path, path.parent.name)
         elif path.is_dir():
-            found.update(path.rglob("results.json"))
-    return sorted(found, key=_natural_key)
+            for file in path.rglob("results.json"):
+                found.setdefault(file, str(file.parent.relative_to(path)) if file.parent != path
+                                 else path.resolve().name)
+    return sorted(found.items(), key=lambda item: _natural_key(item[0]))
 
 
 def _natural_key(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
-def load_runs(files: Iterable[Path]) -> list[dict[str, Any]]:
-    """Parsed results; an unreadable file is reported on stderr and left out."""
+def load_runs(files: Iterable[tuple[Path, str]]) -> list[dict[str, Any]]:
+    """Parsed results, each with its run's name under `run`; an unreadable file is reported on
+    stderr and left out."""
     runs = []
-    for file in files:
+    for file, name in files:
         try:
-            runs.append(json.loads(file.read_text()))
+            runs.append({**json.loads(file.read_text()), "run": name})
         except (OSError, ValueError) as exc:
             sys.stderr.write(f"warning: skipping {file}: {exc}\n")
     return runs
+
+
+def failed_at_start(run: dict[str, Any]) -> bool:
+    """A run that failed before its first training step: only run.py's failure record exists
+    (a worker that started training writes epochs_completed)."""
+    return run.get("status") == "failed" and "epochs_completed" not in run
 
 
 def override_values(run: dict[str, Any]) -> dict[str, str]:
@@ -66,13 +81,14 @@ def differing_keys(per_run: Sequence[dict[str, str]]) -> list[str]:
 
 
 def _fixed_cells(run: dict[str, Any]) -> list[str]:
-    evaluated = bool(run.get("epochs_completed")) or run.get("mode") == "eval"
+    is_eval = run.get("mode") == "eval"
+    evaluated = bool(run.get("epochs_completed")) or (is_eval and run.get("status") == "completed")
     return [
         f"{run.get('world_size', '?')}p-{str(run.get('device', '?')).upper()}",
         str(run.get("torch_version", "")).split("+")[0],  # the local build tag adds nothing here
         _decimals(run.get("best_acc1")) if evaluated else "",
         _decimals(run.get("images_per_sec")) if run.get("images_per_sec") else "",
-        str(run.get("epochs_completed", "")),
+        "eval" if is_eval else str(run.get("epochs_completed", "")),
         str(run.get("amp", "")),
     ]
 
@@ -95,10 +111,10 @@ def table(runs: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     per_run = [override_values(run) for run in runs]
     keys = differing_keys(per_run)
     with_status = any(run.get("status") != "completed" for run in runs)
-    header = [*FIXED_COLUMNS, *keys, *([STATUS] if with_status else [])]
+    header = [RUN, *FIXED_COLUMNS, *keys, *([STATUS] if with_status else [])]
     rows = []
     for run, values in zip(runs, per_run):
-        row = [*_fixed_cells(run), *(values.get(key, "") for key in keys)]
+        row = [str(run.get("run", "")), *_fixed_cells(run), *(values.get(key, "") for key in keys)]
         rows.append(row + [status_text(run)] if with_status else row)
     return header, rows
 
@@ -122,11 +138,60 @@ def _sortable(cell: str) -> tuple[int, float, str]:
         return (1, 0.0, cell)
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+def shorten(text: str, width: int, keep: str = "middle") -> str:
+    """At most `width` characters, cut at the end (keep="start"), the start (keep="end"), or in
+    the middle."""
+    if len(text) <= width:
+        return text
+    if keep == "start":
+        return text[:width - 1] + "…"
+    if keep == "end":
+        return "…" + text[-(width - 1):]
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
-    return "\n".join([line(header), line(["---"] * len(header)), *(line(row) for row in rows)])
+
+def _shorten_cell(column: str, cell: str, width: int, is_header: bool) -> str:
+    if is_header and "." in cell and len(cell) > width:
+        cell = cell.rsplit(".", 1)[1]  # optim.lr -> lr: the key's own name says most
+    if column in (RUN, STATUS):  # job numbers and the error's first words matter most
+        return shorten(cell, width, "start")
+    return shorten(cell, width, "end" if "/" in cell else "middle")
+
+
+def fit(header: list[str], rows: list[list[str]],
+        width: int) -> tuple[list[str], list[list[str]]]:
+    """Header and rows whose Markdown lines fit `width` characters: the widest shrinkable column
+    (run, overrides, status) loses a character at a time, down to 8; the fixed columns stay
+    whole."""
+    fixed = set(FIXED_COLUMNS)
+    limits = [max([len(name)] + [len(row[i]) for row in rows]) for i, name in enumerate(header)]
+
+    def line_length() -> int:
+        return sum(limits) + 3 * len(limits) + 1
+
+    while line_length() > width:
+        shrinkable = [i for i, name in enumerate(header) if name not in fixed
+                      and limits[i] > MIN_WIDTH]
+        if not shrinkable:
+            break
+        widest = max(shrinkable, key=lambda i: limits[i])
+        limits[widest] -= 1
+    return ([_shorten_cell(name, name, limit, True) for name, limit in zip(header, limits)],
+            [[_shorten_cell(name, cell, limit, False) for name, cell, limit in
+              zip(header, row, limits)] for row in rows])
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table with aligned columns (readable as it is on a terminal)."""
+    escaped = [[cell.replace("|", "\\|") for cell in row] for row in [header, *rows]]
+    widths = [max([3] + [len(row[i]) for row in escaped]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.ljust(w) for cell, w in zip(cells, widths)) + " |"
+
+    rule = "| " + " | ".join("-" * w for w in widths) + " |"
+    return "\n".join([line(escaped[0]), rule, *(line(row) for row in escaped[1:])])
 
 
 def to_csv(header: list[str], rows: list[list[str]]) -> str:
@@ -144,18 +209,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     parser.add_argument("--sort", metavar="COLUMN", help="order rows by this column, e.g. Acc@1")
     parser.add_argument("--descending", action="store_true", help="with --sort: largest first")
+    parser.add_argument("--all", action="store_true",
+                        help="also list runs that failed before training started")
+    parser.add_argument("--width", type=int, metavar="N",
+                        help="fit the Markdown table to N columns (default: the terminal's width "
+                             "on a terminal, no limit otherwise)")
     args = parser.parse_args(argv)
     runs = load_runs(find_results(args.paths))
     if not runs:
         sys.stderr.write(f"error: no results.json under {', '.join(map(str, args.paths))}\n")
         return 1
+    hidden = 0 if args.all else sum(failed_at_start(run) for run in runs)
+    if hidden:
+        runs = [run for run in runs if not failed_at_start(run)]
+        sys.stderr.write(f"{hidden} run{'s' * (hidden > 1)} that failed before training left "
+                         "out (--all lists them)\n")
+    if not runs:
+        return 0
     header, rows = table(runs)
     if args.sort:
         try:
             rows = sort_rows(header, rows, args.sort, args.descending)
         except ValueError as exc:
             parser.error(str(exc))
-    print(to_csv(header, rows) if args.format == "csv" else markdown(header, rows))
+    if args.format == "csv":
+        print(to_csv(header, rows))
+        return 0
+    width = args.width or (shutil.get_terminal_size().columns if sys.stdout.isatty() else None)
+    print(markdown(*fit(header, rows, width)) if width else markdown(header, rows))
     return 0
 
 

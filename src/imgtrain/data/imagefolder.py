@@ -13,13 +13,14 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
 
 try:
@@ -38,11 +39,21 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         "TorchVision are deprecated", category=DeprecationWarning)
 
 
+def _reason(exc: Exception) -> str:
+    """Why an image did not load, without PIL's `<_io.BytesIO object at 0x...>` for the file
+    (the path is already in the message)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", str(exc))
+
+
 def check_layout(root: str) -> list[str]:
     """The class names under root/train, after checking that train/ and val/ agree."""
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise ConfigError(f"dataset.root does not exist: {base}")
+        raise ConfigError(f"dataset.root does not exist: {base}; give your ImageNet-style folder "
+                          "(train/<class>/*, val/<class>/*) with dataset.root=/path/to/it, or "
+                          "try imgtrain without data: python run.py experiment=quickstart")
     if not any(base.iterdir()):
         raise ConfigError(f"dataset.root is empty: {base}")
     classes = {}
@@ -87,10 +98,11 @@ class JpegFolder(torch.utils.data.Dataset):
             try:
                 return self._load(path, seed), label
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                reason = _reason(exc)
                 if not self.skip_bad_images:
-                    raise ConfigError(f"corrupt or truncated image file: {path} ({exc}); set "
+                    raise ConfigError(f"corrupt or truncated image file: {path} ({reason}); set "
                                       "dataset.skip_bad_images=true to skip such files") from None
-                log.warning("skipping bad image file %s (%s)", path, exc)
+                log.warning("skipping bad image file %s (%s)", path, reason)
         raise ConfigError(f"no readable image in {self.samples[0][0]}'s dataset")
 
     def _load(self, path: str, seed: int) -> torch.Tensor:
