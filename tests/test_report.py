@@ -36,10 +36,13 @@ def report(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def markdown_rows(text: str) -> list[list[str]]:
+def markdown_rows(text: str, run_column: bool = False) -> list[list[str]]:
+    """The cells of a Markdown table, without the Run column unless asked for."""
     lines = text.strip().splitlines()
-    assert set(lines[1].replace("|", "").split()) == {"---"}
-    return [line[2:-2].split(" | ") for line in [lines[0], *lines[2:]]]
+    assert set(lines[1].replace("|", "").split()) <= {"-" * n for n in range(3, 300)}
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+    rows = [[cell.strip() for cell in line[2:-2].split(" | ")] for line in [lines[0], *lines[2:]]]
+    return rows if run_column else [row[1:] for row in rows]
 
 
 def test_the_seeds_row(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -84,7 +87,7 @@ def test_csv_has_the_same_rows(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     write_run(tmp_path / "1_b", overrides=["optim.lr=0.8"], status="failed", error="boom, bang")
     _, markdown, _ = report(capsys, str(tmp_path))
     _, comma_separated, _ = report(capsys, str(tmp_path), "--format", "csv")
-    assert list(csv.reader(io.StringIO(comma_separated))) == markdown_rows(markdown)
+    assert list(csv.reader(io.StringIO(comma_separated))) == markdown_rows(markdown, True)
 
 
 def test_sort_by_any_column_numbers_as_numbers(tmp_path: Path,
@@ -97,10 +100,10 @@ def test_sort_by_any_column_numbers_as_numbers(tmp_path: Path,
         _, out, _ = report(capsys, str(tmp_path), "--format", "csv", *args)
         return [row[index] for row in list(csv.reader(io.StringIO(out)))[1:]]
 
-    assert column("--sort", "acc@1", index=2) == ["9.500", "10.250", "79.100", ""]
-    assert column("--sort", "Acc@1", "--descending", index=2) == ["79.100", "10.250", "9.500", ""]
-    assert column("--sort", "optim.lr", index=6) == ["0.1", "0.2", "0.4", ""]
-    assert column("--sort", "Status", index=7)[-1].startswith("failed")
+    assert column("--sort", "acc@1", index=3) == ["9.500", "10.250", "79.100", ""]
+    assert column("--sort", "Acc@1", "--descending", index=3) == ["79.100", "10.250", "9.500", ""]
+    assert column("--sort", "optim.lr", index=7) == ["0.1", "0.2", "0.4", ""]
+    assert column("--sort", "Status", index=8)[-1].startswith("failed")
 
 
 def test_an_unknown_sort_column_names_the_columns(tmp_path: Path,
@@ -109,7 +112,7 @@ def test_an_unknown_sort_column_names_the_columns(tmp_path: Path,
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path), "--sort", "speed"])
     assert exit_info.value.code == 2
-    assert "no column 'speed'; columns: DEVICE, PyTorch, Acc@1, FPS" in capsys.readouterr().err
+    assert "no column 'speed'; columns: Run, DEVICE, PyTorch, Acc@1, FPS" in capsys.readouterr().err
 
 
 def test_jobs_in_natural_order_and_bad_files_skipped(tmp_path: Path,
@@ -132,4 +135,78 @@ def test_command_line_defaults_to_outputs_and_fails_cleanly_when_empty(tmp_path:
     proc = subprocess.run([sys.executable, "-m", "imgtrain.report"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "| 8p-NPU | 1.8.1 | 79.102 | 623.887 | 137 | O2 |" in proc.stdout
+    (row,) = markdown_rows(proc.stdout, run_column=True)[1:]
+    assert row == ["2026-01-01/12-00-00", "8p-NPU", "1.8.1", "79.102", "623.887", "137", "O2"]
+
+
+def test_run_column_names_each_run_relative_to_the_path_searched(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for time in ("10-00-00", "11-00-00"):  # two identical quickstart rows, told apart by folder
+        write_run(tmp_path / "2026-01-01" / f"{time}_experiment=quickstart",
+                  overrides=["experiment=quickstart"])
+    _, out, _ = report(capsys, str(tmp_path))
+    assert [row[0] for row in markdown_rows(out, run_column=True)] == [
+        "Run", "2026-01-01/10-00-00_experiment=quickstart",
+        "2026-01-01/11-00-00_experiment=quickstart"]
+    _, out, _ = report(capsys, str(tmp_path / "2026-01-01" / "10-00-00_experiment=quickstart"))
+    assert markdown_rows(out, run_column=True)[1][0] == "10-00-00_experiment=quickstart"
+
+
+def test_start_up_failures_are_hidden_unless_all(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    write_run(tmp_path / "0_ok")
+    # What run.py records when a run fails before any worker trains: no epochs_completed at all.
+    start_up = {"arch": "resnet152", "dataset": "imagenet", "device": "cpu", "world_size": 1,
+                "amp": "O2", "torch_version": "2.5.0", "overrides": [], "mode": "train",
+                "status": "failed", "error": "dataset.root does not exist: data/imagenet"}
+    (tmp_path / "1_typo").mkdir()
+    (tmp_path / "1_typo" / "results.json").write_text(json.dumps(start_up))
+    write_run(tmp_path / "2_diverged", status="failed", error="training diverged",
+              epochs_completed=0)  # it trained, then failed: shown
+    code, out, err = report(capsys, str(tmp_path))
+    assert code == 0
+    assert [row[0] for row in markdown_rows(out, True)[1:]] == ["0_ok", "2_diverged"]
+    assert "1 run that failed before training left out (--all lists them)" in err
+    _, out, _ = report(capsys, str(tmp_path), "--all")
+    rows = markdown_rows(out, True)
+    assert [row[0] for row in rows[1:]] == ["0_ok", "1_typo", "2_diverged"]
+    assert rows[2][-1] == "failed: dataset.root does not exist: data/imagenet"
+
+
+def test_eval_runs_are_marked_as_such(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_run(tmp_path / "0_train")
+    write_run(tmp_path / "1_eval", mode="eval", epochs_completed=0, best_acc1=78.5,
+              images_per_sec=0.0)
+    _, out, _ = report(capsys, str(tmp_path))
+    header, trained, evaluated = markdown_rows(out)
+    assert header[2:5] == ["Acc@1", "FPS", "Epochs"]
+    assert trained[2:5] == ["79.102", "623.887", "137"]
+    assert evaluated[2:5] == ["78.500", "", "eval"]
+
+
+def test_the_table_fits_the_width_with_long_values_shortened(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    long_root = "/data/" + "very-long-folder-name/" * 6 + "imagenet"
+    for job, lr in enumerate(("0.1", "0.2")):
+        write_run(tmp_path / f"{job}_optim.lr={lr},dataset.root=long,model.weights=also-long",
+                  overrides=[f"optim.lr={lr}", f"dataset.root={long_root}{job}",
+                             "train.epochs=90", f"model.weights=/checkpoints/run-{job}/best.pt"],
+                  status="failed", error="a very long error message " * 8)
+    _, wide, _ = report(capsys, str(tmp_path))
+    assert max(map(len, wide.splitlines())) > 250  # what a pipe gets: every value whole
+    assert long_root + "0" in wide
+    code, out, _ = report(capsys, str(tmp_path), "--width", "150")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert max(map(len, lines)) <= 150, "\n".join(lines)
+    header, first, second = markdown_rows(out, run_column=True)
+    # The fixed columns stay whole; the shared train.epochs is not a column at all.
+    assert header[1:7] == ["DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type"]
+    assert first[1:7] == ["8p-NPU", "1.8.1", "79.102", "623.887", "137", "O2"]
+    assert not any("epochs" in name for name in header[7:])
+    # A path keeps its end, which tells the runs apart; the run and status keep their start.
+    root_column = header.index(next(name for name in header if name.endswith("root")))
+    assert first[root_column].startswith("…") and first[root_column].endswith("imagenet0")
+    assert second[root_column].endswith("imagenet1")
+    assert first[0].startswith("0_optim.lr=") and first[0].endswith("…")
+    assert first[-1].startswith("failed: a very") and first[-1].endswith("…")

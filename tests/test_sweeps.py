@@ -15,10 +15,14 @@ from conftest import TINY, read_results, run_cli
 # Quickstart, shrunk: one short epoch of 32 px images per job.
 QUICK = ["experiment=quickstart", *TINY, "train.epochs=1", "dataset.train_size=256",
          "dataset.val_size=64", "dataset.image_size=32", "train.steps_per_epoch=2"]
-HPARAM_NAMES = {"arch", "dataset", "device", "world_size", "global_batch_size", "lr",
-                "weight_decay", "sched", "warmup_epochs", "epochs", "amp"}
-HPARAM_METRICS = {"hparams/best_acc1", "hparams/final_acc1", "hparams/final_acc5",
-                  "hparams/images_per_sec"}
+# Every override key (the swept optim.lr among them), then the main settings by config key.
+OVERRIDE_KEYS = {"experiment", "device", "amp", "model", "train.print_freq", "dataset.workers",
+                 "train.epochs", "dataset.train_size", "dataset.val_size", "dataset.image_size",
+                 "train.steps_per_epoch", "optim.lr"}
+HPARAM_NAMES = OVERRIDE_KEYS | {"model.arch", "dataset.name", "world_size", "train.batch_size",
+                                "optim.weight_decay", "sched.name", "sched.warmup_epochs",
+                                "amp.level"}
+HPARAM_METRICS = {"val/acc1", "val/acc5", "val/loss", "train/images_per_sec"}
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -68,7 +72,7 @@ def _hparams_plugin_data(run_dir: Path) -> dict:
                 content[metadata.EXPERIMENT_TAG]),
             "start": metadata.parse_session_start_info_plugin_data(
                 content[metadata.SESSION_START_INFO_TAG]),
-            "best_acc1": events.Scalars("hparams/best_acc1")}
+            "val_acc1": events.Scalars("val/acc1")}
 
 
 def test_hparams_are_in_each_runs_own_event_file(lr_sweep: Path) -> None:
@@ -78,26 +82,33 @@ def test_hparams_are_in_each_runs_own_event_file(lr_sweep: Path) -> None:
         data = _hparams_plugin_data(job)
         hparams = data["start"].hparams
         assert set(hparams) == HPARAM_NAMES
-        assert hparams["lr"].number_value == pytest.approx(lr)
-        assert hparams["arch"].string_value == "resnet18" and hparams["amp"].string_value == "O0"
+        assert hparams["optim.lr"].number_value == pytest.approx(lr)
+        assert hparams["model.arch"].string_value == "resnet18"
+        assert hparams["amp"].string_value == "O0" and hparams["amp.level"].string_value == "O0"
         assert hparams["device"].string_value == "cpu" and hparams["world_size"].number_value == 1
-        assert hparams["epochs"].number_value == 1
-        assert hparams["global_batch_size"].number_value == 64
+        assert hparams["train.epochs"].number_value == 1
+        assert hparams["train.batch_size"].number_value == 64
+        # The overrides lead the HParams table: TensorBoard sorts differing columns first.
+        infos = data["experiment"].hparam_infos
+        assert {info.name for info in infos if info.differs} == OVERRIDE_KEYS
         assert {info.name.tag for info in data["experiment"].metric_infos} == HPARAM_METRICS
         results = read_results(job)
-        assert data["best_acc1"][-1].value == pytest.approx(results["best_acc1"])
+        assert data["val_acc1"][-1].value == pytest.approx(results["final_acc1"])
 
 
 def test_report_prints_both_jobs_with_their_lr(lr_sweep: Path) -> None:
     proc = run_report(str(lr_sweep))
     assert proc.returncode == 0, proc.stderr
-    header, _, *rows = [line.strip("| ").split(" | ") for line in proc.stdout.splitlines()]
-    assert header[:7] == ["DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type", "optim.lr"]
+    header, _, *rows = [[cell.strip() for cell in line.strip("| ").split(" | ")]
+                        for line in proc.stdout.splitlines()]
+    assert header[:8] == ["Run", "DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type",
+                          "optim.lr"]
     assert "Status" not in header  # every run completed
-    assert [row[6] for row in rows] == ["0.1", "0.2"]
+    assert [row[7] for row in rows] == ["0.1", "0.2"]
     for row, job in zip(rows, job_dirs(lr_sweep)):
         results = read_results(job)
-        assert row[:6] == ["1p-CPU", results["torch_version"].split("+")[0],
+        assert row[0] == job.name  # the job's folder, relative to the sweep searched
+        assert row[1:7] == ["1p-CPU", results["torch_version"].split("+")[0],
                            f"{results['best_acc1']:.3f}", f"{results['images_per_sec']:.3f}",
                            "1", "O0"]
 
@@ -115,11 +126,15 @@ def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     for crash in (crashed, crashed_too):
         assert crash["status"] == "failed" and "injected fault at step 1" in crash["error"], crash
     assert "error: training diverged" in proc.stderr
+    # The first failure, as one line: not framed by Hydra's "Error executing job" and hint.
+    assert "Error executing job" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: training diverged")
+    assert "(sweep job: " in proc.stderr.strip().splitlines()[-1]
     assert not list((jobs[0] / "checkpoints").glob("*.pt"))  # no NaN weights left to resume from
     report = run_report(str(tmp_path))
     assert report.returncode == 0, report.stderr
-    statuses = [line.rsplit(" | ", 1)[1] for line in report.stdout.splitlines()[2:]]
-    assert statuses[2] == "completed |"
+    statuses = [line.rsplit(" | ", 1)[1].rstrip("| ") for line in report.stdout.splitlines()[2:]]
+    assert statuses[2] == "completed"
     assert statuses[0].startswith("failed: training diverged")
     assert statuses[1].startswith("failed: RuntimeError: injected fault")
 
@@ -134,7 +149,8 @@ def test_multi_process_job_finishes_before_the_next_starts(tmp_path: Path) -> No
         assert results["status"] == "completed" and results["world_size"] == 2, results
     # The second job's log starts only after the first job logged its end.
     first_log = (first / "train.log").read_text().splitlines()
-    assert "done in" in first_log[-1]
+    assert len([line for line in first_log if " done in " in line]) == 1
+    assert first_log[-1].endswith("best.pt")  # the end summary closes the log
     assert _logged_at(first_log[-1]) <= _logged_at((second / "train.log").read_text())
 
 
