@@ -17,7 +17,9 @@ FOLDER_RUN = [*TINY, "dataset=imagenet", "dataset.image_size=32", "train.batch_s
 def test_missing_dataset_root(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     proc = run_cli(*FOLDER_RUN, f"dataset.root={missing}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert_clean_error(proc, str(missing), "does not exist")
+    # It says what to do next: point dataset.root at the data, or try the quickstart.
+    assert_clean_error(proc, str(missing), "does not exist", "dataset.root=",
+                       "experiment=quickstart")
 
 
 def test_empty_dataset_root(tmp_path: Path) -> None:
@@ -120,3 +122,12 @@ def test_unknown_key_or_group_option_fails(tmp_path: Path) -> None:
     proc = run_cli("experiment=quickstart", "model=resnet7", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0 and "resnet7" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_file_that_is_not_an_image_is_named_without_python_internals(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", num_classes=2, per_class=8, val_per_class=2)
+    victim = sorted((root / "train" / "class_1").iterdir())[0]
+    victim.write_bytes(b"not an image at all " * 20)
+    proc = run_cli(*FOLDER_RUN, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_clean_error(proc, str(victim), "not an image format PIL can read")
+    assert "BytesIO" not in proc.stdout + proc.stderr  # was: <_io.BytesIO object at 0x...>
