@@ -1,6 +1,8 @@
 """imgtrain: Hydra-configured ResNet training on Ascend NPUs, NVIDIA GPUs and CPUs."""
 from omegaconf import OmegaConf
 
+from imgtrain import config as _config, records as _records
+
 __version__ = "0.1.0"
 
 
@@ -13,3 +15,6 @@ def job_dirname(overrides: str) -> str:
 # Registered on import, so Hydra can resolve the sweep subdir in any process that runs a job.
 if not OmegaConf.has_resolver("imgtrain.dirname"):
     OmegaConf.register_new_resolver("imgtrain.dirname", job_dirname)
+
+_config.register()
+_records.register()
