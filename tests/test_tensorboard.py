@@ -45,7 +45,9 @@ def server(plain_run) -> Iterator[str]:  # noqa: F811 - the fixture imported abo
 
 def get(url: str, route: str, body: dict | None = None) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    with urllib.request.urlopen(f"{url}data/plugin/{route}", data=data, timeout=30) as reply:
+    request = urllib.request.Request(f"{url}data/plugin/{route}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
         raw = reply.read()
     return raw if route.startswith("images/individualImage") else json.loads(raw)
 

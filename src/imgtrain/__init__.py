@@ -1,6 +1,8 @@
 """imgtrain: Hydra-configured ResNet training on Ascend NPUs, NVIDIA GPUs and CPUs."""
 from omegaconf import OmegaConf
 
+from imgtrain import config as _config, records as _records
+
 __version__ = "0.1.0"
 
 
@@ -20,3 +22,6 @@ if not OmegaConf.has_resolver("imgtrain.dirname"):
     OmegaConf.register_new_resolver("imgtrain.dirname", job_dirname)
 if not OmegaConf.has_resolver("imgtrain.run_name"):
     OmegaConf.register_new_resolver("imgtrain.run_name", run_name)
+
+_config.register()
+_records.register()

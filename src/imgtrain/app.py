@@ -10,13 +10,14 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from imgtrain import device as devices
+from imgtrain import device as devices, records
+from imgtrain.config import lr_rule, unknown_keys
 from imgtrain.data import check_dataset
 from imgtrain.distributed import WorkerFailed, check_world, launch
 from imgtrain.errors import ConfigError, Preempted, one_line
 from imgtrain.models import check_arch
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
-from imgtrain.results import record_failure
+from imgtrain.results import RESULTS, read as read_results, record_failure
 
 log = logging.getLogger("imgtrain")
 MODES = ("train", "eval", "bench_data")
@@ -28,9 +29,14 @@ class JobFailed(CompactHydraException):
 
 def resolve(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """The config as plain data, with the device resolved once, for the workers."""
+    extra = unknown_keys(cfg)
+    if extra:
+        raise ConfigError(f"unknown config key {extra[0]} (added with +); python run.py --help "
+                          "lists the groups, and conf/ holds every key")
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
     config["overrides"] = overrides
+    config["optim"]["lr_rule"] = lr_rule(cfg)
     config["device"]["resolved"] = devices.resolve_name(config["device"]["name"])
     return config
 
@@ -52,6 +58,24 @@ def check(config: dict[str, Any]) -> None:
     config["dataset"]["num_classes"] = check_dataset(config["dataset"])
 
 
+def check_directory(config: dict[str, Any], output_dir: str) -> None:
+    """A run directory belongs to the mode that made it: an eval never replaces a training run's
+    results.json, nor a training run an eval's."""
+    previous = read_results(Path(output_dir) / RESULTS)
+    if previous and previous.get("mode", "train") != config["mode"]:
+        raise ConfigError(f"{output_dir} holds a mode={previous.get('mode', 'train')} run; "
+                          f"mode={config['mode']} writes its own results, in a new directory "
+                          "(leave hydra.run.dir out)")
+
+
+def warn_about(config: dict[str, Any]) -> None:
+    """Settings that work but are probably not what was meant."""
+    warmup, epochs = config["sched"]["warmup_epochs"], config["train"]["epochs"]
+    if config["mode"] == "train" and warmup >= epochs:
+        log.warning("warning: sched.warmup_epochs=%s is not shorter than train.epochs=%s: the lr "
+                    "never reaches optim.lr=%s", warmup, epochs, config["optim"]["lr"])
+
+
 def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) -> float | None:
     """Run one job; return its best Acc@1 (what Optuna maximises)."""
     started = time.time()
@@ -59,6 +83,8 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
     try:
         config = resolve(cfg, overrides)
         check(config)
+        check_directory(config, output_dir)
+        warn_about(config)
         results = launch(_worker_entry(), config, output_dir)
     except ConfigError as exc:
         return _fail(config, output_dir, one_line(str(exc)), started, multirun)
@@ -89,11 +115,25 @@ def _record(config: dict[str, Any], output_dir: str, error: str, started: float)
         pass  # never mask the original error with a bookkeeping one
 
 
+def _record_if_running(config: dict[str, Any], output_dir: str, error: str,
+                       started: float) -> None:
+    """Mark a run failed only if this command got as far as training it."""
+    path = Path(output_dir) / RESULTS
+    if path.exists() and path.stat().st_mtime >= started:
+        _record(config, output_dir, error, started)
+
+
 def _fail(config: dict[str, Any], output_dir: str, error: str, started: float,
           multirun: bool) -> None:
-    _record(config, output_dir, error, started)
-    if multirun:  # run.py's stderr filter drops Hydra's lines around this one
+    """Report a user error. A sweep job keeps an error record; a single run that changed nothing
+    leaves nothing behind."""
+    if multirun:
+        _record(config, output_dir, error, started)
+    else:
+        _record_if_running(config, output_dir, error, started)
+    records.discard_startup(output_dir, started, keep_error_record=multirun)
+    if multirun:
         job = " ".join(config.get("overrides") or []) or "defaults"
-        raise JobFailed(f"error: {error} (sweep job: {job})")
+        raise JobFailed(f"error: {error} (sweep job: {job})")  # run.py drops Hydra's framing
     sys.stderr.write(f"error: {error}\n")
     sys.exit(1)

@@ -1,17 +1,24 @@
-"""Checkpoints: atomic writes, retention, integrity checks, and what a resume restores."""
+"""Checkpoint files: atomic writes, one serialisation linked under several names, retention,
+integrity checks, and each rank's RNG state. What a checkpoint holds is the Trainer's
+`state_dict()` / `load_state_dict()`."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from imgtrain.errors import ConfigError
 
+log = logging.getLogger("imgtrain")
 FORMAT_VERSION = 1
 LAST, BEST = "last.pt", "best.pt"
 _NUMBERED = re.compile(r"^(epoch|step)-(\d+)\.pt$")
@@ -46,6 +53,24 @@ def save(state: dict[str, Any], path: Path) -> None:
                           f"{str(exc).strip().splitlines()[0]}") from exc
 
     write_atomic(path, write)
+
+
+def link_atomic(source: Path, path: Path) -> None:
+    """`path` becomes the same file as `source`: a hard link, or a copy where links fail.
+
+    Replaced atomically, like a write. Later writes of `source` replace its directory entry
+    (os.replace), so the file behind `path` never changes under it.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -85,30 +110,90 @@ def check_compatible(saved: dict[str, Any], identity: dict[str, Any], path: Path
                               f"run has {key}={value}; use a new hydra.run.dir or train.resume=null")
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def rng_state(device_module: Any = None) -> dict[str, Any]:
+    """This process's random generators: torch's CPU one, Python's, numpy's and its device's."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": _numpy_state_as_plain_values()}
+    if device_module is not None and device_module.is_initialized():
+        state["device"] = device_module.get_rng_state()  # the current device's, not all of them
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device_module: Any = None) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "device" in state and device_module is not None:
+        device_module.set_rng_state(state["device"])
+
+
+def _numpy_state_as_plain_values() -> list[Any]:
+    """numpy's legacy state with its key array as a list: weights_only loads plain values only."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
 
 
 def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def numbered(folder: Path) -> list[tuple[int, str, Path]]:
+    """The numbered checkpoints, oldest first by the step they record (an epoch-N file is as old as
+    the step that ended epoch N, which the file's own state gives: numbers alone do not interleave).
+    """
+    found = []
+    for path in folder.glob("*.pt"):
+        match = _NUMBERED.match(path.name)
+        if match:
+            found.append((path.stat().st_mtime_ns, int(match.group(2)), path))
+    # Write time orders files of different kinds; among equal times the number decides (never the
+    # name: 'step-8.pt' sorts after 'step-18.pt').
+    return [(number, path.name, path) for _, number, path in sorted(found, key=lambda f: f[:2])]
+
+
 def prune(folder: Path, keep: int | None) -> None:
     """Keep the newest `keep` numbered checkpoints; last.pt and best.pt always stay."""
     if not keep or keep < 1:
         return
-    # Newest by write time: epoch and step numbers count different things and do not interleave.
-    numbered = sorted((p.stat().st_mtime_ns, p.name, p) for p in folder.glob("*.pt")
-                      if _NUMBERED.match(p.name))
-    for _, _, path in numbered[:-keep]:
+    for _, _, path in numbered(folder)[:-keep]:
         path.unlink(missing_ok=True)
+
+
+class CheckpointWriter:
+    """Rank 0's checkpoint files: one serialisation per save, linked as last.pt, best.pt and the
+    numbered file; retention; and the train.on_checkpoint_error policy."""
+
+    def __init__(self, folder: Path, train_cfg: dict[str, Any]) -> None:
+        self.folder = folder
+        self.keep = train_cfg.get("keep_checkpoints")
+        self.warn_on_error = train_cfg.get("on_checkpoint_error") == "warn"
+        self.enabled = bool(train_cfg.get("save_checkpoints", True))
+        self.last_attempt = time.monotonic()  # successful or not: intervals count from here
+
+    def write(self, state: dict[str, Any], name: str, best: bool) -> bool:
+        """Write `name` (kept only with train.keep_checkpoints) and last.pt, and best.pt if `best`.
+        Returns whether it was written; a failure keeps the previous files."""
+        self.last_attempt = time.monotonic()
+        if not self.enabled:
+            return False
+        start = time.perf_counter()
+        try:
+            last = self.folder / LAST
+            save(state, last)
+            if best:
+                link_atomic(last, self.folder / BEST)
+            if self.keep:
+                link_atomic(last, self.folder / name)
+                prune(self.folder, self.keep)
+        except OSError as exc:
+            message = f"checkpoint write to {self.folder} failed: {exc}"
+            if self.warn_on_error:
+                log.warning("warning: %s; the previous checkpoint is kept, training goes on "
+                            "(the next try is at the next checkpoint interval)", message)
+                return False
+            raise ConfigError(f"{message}; the previous checkpoint is kept "
+                              "(train.on_checkpoint_error=warn to train on)") from None
+        log.debug("checkpoint %s written in %.2f s", name, time.perf_counter() - start)
+        return True

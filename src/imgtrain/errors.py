@@ -30,6 +30,36 @@ def one_line(message: str) -> str:
     return last
 
 
+
+_HYDRA_DETAIL = ("full_key:", "reference_type=", "object_type=", "Set the environment variable",
+                 "To append to your config")
+
+
+def config_error_line(exc: BaseException) -> str:
+    """One line from a Hydra or OmegaConf error about the command line or the config files.
+
+    Their messages span several lines (the failing override, OmegaConf's reason, the key's types,
+    a group's options, the search path); the line keeps what names the problem.
+    """
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if "not in" in str(cause) and getattr(cause, "full_key", None):
+        return (f"unknown config key {cause.full_key}; python run.py --help lists the groups, and "
+                "conf/ holds every key")
+    texts = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ is not None else [])
+    parts: list[str] = []
+    options: list[str] = []
+    for text in texts:
+        for raw in text.split("Config search path")[0].splitlines():
+            line = raw.strip()
+            if not line or line.startswith(_HYDRA_DETAIL) or line in parts:
+                continue
+            if raw.startswith("\t"):  # Hydra lists a group's options one per tab-indented line
+                options.append(line)
+            else:
+                parts.append(line.rstrip(":") if line.startswith("Available options") else line)
+    if options:
+        parts[-1] += ": " + ", ".join(options)
+    return "; ".join(parts) or type(exc).__name__
 class _OneLineJobErrors:
     """stderr for a sweep: a failed job's `error: ...` line without Hydra's frame around it.
 

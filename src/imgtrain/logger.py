@@ -43,7 +43,8 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> None:
     log.addHandler(console)
     if is_main and output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(output_dir / "train.log")
+        # Opened at the first line: a command that fails before logging leaves the log untouched.
+        file = logging.FileHandler(output_dir / "train.log", delay=True)
         file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(file)
 

@@ -45,8 +45,13 @@ def lr_factor(step: int, steps_per_epoch: int, sched_cfg: Any, epochs: int) -> f
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Any, epochs: int,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR stepped once per training step; its state_dict records the step for resume."""
+                    steps_per_epoch: int, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per training step, from `start_step` (a resume's global step).
+
+    A resumed schedule is built at its step rather than loaded, so that it scales the lr of this
+    run's config (each group's `initial_lr`) with this run's epochs.
+    """
     lr_factor(0, steps_per_epoch, sched_cfg, epochs)  # reject a bad name before training starts
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch, sched_cfg, epochs))
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, sched_cfg, epochs),
+        last_epoch=start_step - 1)

@@ -164,6 +164,21 @@ class Precision:
                 state[name] = master_of[id(param)].detach()
         return {key: value.cpu() for key, value in state.items()}
 
+    def master_params(self, model: nn.Module) -> list[torch.Tensor]:
+        """The weights that hold the model's true values: O2's fp32 masters, else its parameters."""
+        return [master for _, master in self._pairs] or list(bare_model(model).parameters())
+
+    @torch.no_grad()
+    def load_full_precision_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """The inverse of `full_precision_state`: fp32 weights into the model, and into O2's
+        masters at full precision (the model's half weights are their rounded copies)."""
+        bare = bare_model(model)
+        bare.load_state_dict(state)
+        master_of = {id(half): master for half, master in self._pairs if half is not master}
+        for name, param in bare.named_parameters():
+            if id(param) in master_of:
+                master_of[id(param)].copy_(state[name])
+
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict() if self.scaler else None}
 

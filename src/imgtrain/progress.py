@@ -125,8 +125,8 @@ class Progress:
         self.console = live_console()
         self._live: Any = None
         self._train_task = self._val_task = None
-        self._last_step, self._last_data_time = 0, 0.0
-        self._val_start = 0.0
+        self._first_step = self._last_step = 0
+        self._last_data_time = self._val_start = 0.0
 
     @classmethod
     def for_trainer(cls, trainer: Any) -> "Progress":
@@ -163,7 +163,7 @@ class Progress:
     # ---- training ------------------------------------------------------------------------
     def start_epoch(self, epoch: int, first_step: int) -> None:
         self.eta.start_epoch()
-        self._last_step, self._last_data_time = first_step, 0.0
+        self._first_step, self._last_step, self._last_data_time = first_step, first_step, 0.0
         if self._live is not None:
             self._train_task = self._live.add_task(f"epoch {epoch + 1}/{self.epochs}",
                                                    total=self.steps_per_epoch,
@@ -174,10 +174,11 @@ class Progress:
                      data_time: float) -> dict[str, float]:
         """Show a print point's numbers; return the time/ and memory/ scalars to log with them.
 
-        `seconds` is the window since the last print point; `data_time` the epoch's seconds so
-        far spent waiting for the loader.
+        `seconds` is the window since the last print point; `data_time` the mean seconds per step
+        spent waiting for the loader, over this epoch's steps so far.
         """
         window_steps = step - self._last_step
+        data_time = data_time * (step - self._first_step)  # the epoch's total so far
         data_percent = 100.0 * (data_time - self._last_data_time) / max(seconds, 1e-9)
         self._last_step, self._last_data_time = step, data_time
         self.eta.measure(step, window_steps, seconds)

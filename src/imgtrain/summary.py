@@ -49,7 +49,8 @@ def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
         f"process{'es' * (world.world_size > 1)} ({trainer.device.backend})",
         f"  precision  {_precision(trainer.precision)}",
         f"  batch      {trainer.global_batch} global ({per_device} per device), "
-        f"lr {cfg['optim']['lr']:g}, {_schedule(cfg)}",
+        f"lr {cfg['optim']['lr']:g} ({cfg['optim'].get('lr_rule') or 'set by optim.lr'}), "
+        f"{_schedule(cfg)}",
         f"  length     {train['epochs']} epochs x {trainer.steps_per_epoch} steps = "
         f"{total_steps:,} steps",
         f"  run dir    {output_dir}",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
 from imgtrain.errors import ConfigError, Preempted
 from imgtrain.logger import RunLogger
-from imgtrain.precision import Precision
+from imgtrain.optim import build_scheduler
+from imgtrain.precision import Precision, bare_model
 from imgtrain.progress import Progress
 from imgtrain.results import run_results
 
@@ -51,45 +51,54 @@ class _Throughput:
     """Global images/sec over an epoch's steps after the first `warmup` ones.
 
     The device is synchronised only at the two measurement points, so the timer measures the
-    device's work, not the launch queue, without a per-step host sync.
+    device's work, not the launch queue, without a per-step host sync. Time spent writing
+    checkpoints is left out: it is not training speed.
     """
 
     def __init__(self, device: DeviceInfo, warmup: int, global_batch: int) -> None:
         self.device, self.warmup, self.global_batch = device, warmup, global_batch
         self.steps = 0
         self.start_time = self.start_step = None
+        self.excluded_seconds = 0.0
 
     def step(self) -> None:
         self.steps += 1
         if self.steps == self.warmup or (self.warmup <= 0 and self.steps == 1):
             self.device.synchronize()
             self.start_time, self.start_step = time.perf_counter(), self.steps
+            self.excluded_seconds = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded_seconds += seconds
 
     def finish(self, epoch_start: float) -> tuple[float, float]:
         """(images, seconds) of the timed window; the whole epoch when it is shorter than warm-up."""
         self.device.synchronize()
         now = time.perf_counter()
         if self.start_time is None or self.steps <= self.start_step:
-            return self.steps * self.global_batch, now - epoch_start
-        return (self.steps - self.start_step) * self.global_batch, now - self.start_time
+            return self.steps * self.global_batch, now - epoch_start - self.excluded_seconds
+        return ((self.steps - self.start_step) * self.global_batch,
+                now - self.start_time - self.excluded_seconds)
 
 
 class Trainer:
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  precision: Precision, loaders: Loaders, device: DeviceInfo, world: World,
                  logger: RunLogger, cfg: dict[str, Any], output_dir: Path,
-                 channels_last: bool, state: TrainState | None = None) -> None:
+                 channels_last: bool, eval_model: nn.Module | None = None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        # Evaluation runs the module without its DDP wrapper: DDP's forward broadcasts buffers, a
+        # collective that a rank with no validation batch would never join.
+        self.eval_model = eval_model if eval_model is not None else bare_model(model)
         self.precision, self.loaders, self.device, self.world = precision, loaders, device, world
         self.logger, self.cfg, self.train_cfg = logger, cfg, cfg["train"]
-        self.checkpoint_dir = output_dir / "checkpoints"
-        self.state = state or TrainState()
+        self.checkpoints = checkpoint.CheckpointWriter(output_dir / "checkpoints", cfg["train"])
+        self.state = TrainState()
         self.normalize = Normalizer(device.torch_device, channels_last)
         self.criterion = nn.CrossEntropyLoss()
         self.global_batch = loaders.per_rank_batch * world.world_size
         self.steps_per_epoch = epoch_steps(len(loaders.train), self.train_cfg["steps_per_epoch"])
         self._stop_requested = False
-        self._last_checkpoint_time = time.monotonic()
         self.progress = Progress.for_trainer(self)  # rank 0's console; does nothing elsewhere
 
     # ---- training -------------------------------------------------------------------------
@@ -115,11 +124,13 @@ class Trainer:
         sampler.set_epoch(epoch)
         first_step = self.state.step_in_epoch
         sampler.skip(first_step * self.loaders.per_rank_batch)  # not read, not decoded
-        sums = torch.zeros(3, device=self.device.torch_device)  # loss sum, correct, samples
+        # Loss sum over the steps whose loss was finite, correct, samples behind that loss sum:
+        # a step the loss scaler skipped for an fp16 overflow does not poison the epoch's loss.
+        sums = torch.zeros(3, device=self.device.torch_device)
         window = torch.zeros(3, device=self.device.torch_device)
         throughput = _Throughput(self.device, self.train_cfg["fps_warmup_steps"], self.global_batch)
         data_time, epoch_start = 0.0, time.perf_counter()
-        window_start, end = epoch_start, epoch_start
+        window_start, end, window_steps = epoch_start, epoch_start, 0
         step = first_step
         self.progress.start_epoch(epoch, first_step)
         # islice, not a break: a capped epoch must not decode one batch more than it trains on.
@@ -130,45 +141,50 @@ class Trainer:
             if self.state.global_step == 0:  # once per run: what the network sees (host memory)
                 self.logger.batch_grid(images, self.state.global_step)
             loss, correct = self._train_step(*self._to_device(images, target))
-            batch = torch.stack([loss * target.numel(), correct.float(),
-                                 torch.tensor(float(target.numel()), device=loss.device)])
+            finite = loss.isfinite()
+            samples = target.shape[0]  # a host number: multiplying by it needs no device copy
+            batch = torch.stack([torch.where(finite, loss, 0.0) * samples, correct.float(),
+                                 finite.float() * samples])
             sums += batch
             window += batch
+            window_steps += 1
             throughput.step()
             self.state.step_in_epoch, self.state.global_step = step + 1, self.state.global_step + 1
             if (step + 1) % self.train_cfg["print_freq"] == 0:
-                self._log_progress(epoch, step + 1, window, time.perf_counter() - window_start,
-                                   data_time)
+                self._log_progress(epoch, step + 1, window, window_steps,
+                                   time.perf_counter() - window_start,
+                                   data_time / (step + 1 - first_step))
                 window.zero_()
-                window_start = time.perf_counter()
-            self._maybe_checkpoint_mid_epoch(step + 1)
+                window_start, window_steps = time.perf_counter(), 0
+            throughput.exclude(self._maybe_checkpoint_mid_epoch(step + 1))
             end = time.perf_counter()
-        if self.state.step_in_epoch % self.train_cfg["print_freq"]:  # the epoch's last few steps
-            self._log_progress(epoch, self.state.step_in_epoch, window,
-                               time.perf_counter() - window_start, data_time)
+        steps_run = max(1, step + 1 - first_step)
+        if window_steps:  # the epoch's last few steps
+            self._log_progress(epoch, self.state.step_in_epoch, window, window_steps,
+                               time.perf_counter() - window_start, data_time / steps_run)
         images_timed, seconds_timed = throughput.finish(epoch_start)
         self.state.timed_images += images_timed
         self.state.timed_seconds += seconds_timed
         self.state.train_seconds += time.perf_counter() - epoch_start
-        loss_sum, correct, count = self.world.sum(sums).tolist()
-        # Checked on the all-reduced sum, so every rank stops together, before a NaN checkpoint.
-        if not math.isfinite(loss_sum):
-            raise ConfigError(f"training diverged: the loss of epoch {epoch + 1} is {loss_sum} "
-                              f"(optim.lr={self.cfg['optim']['lr']}); lower the lr or check "
-                              "the data")
-        steps_run = max(1, step + 1 - first_step)
-        return {"loss": loss_sum / max(count, 1), "acc1": 100.0 * correct / max(count, 1),
+        loss_sum, correct, finite_samples = self.world.sum(sums).tolist()
+        samples = steps_run * self.global_batch
+        self._check_finite(f"epoch {epoch + 1}")
+        return {"loss": loss_sum / finite_samples if finite_samples else float("nan"),
+                "acc1": 100.0 * correct / samples,
                 "images_per_sec": images_timed / max(seconds_timed, 1e-9),
                 "data_time": data_time / steps_run}
 
-    def _log_progress(self, epoch: int, step: int, window: torch.Tensor, seconds: float,
-                      data_time: float) -> None:
-        loss_sum, correct, count = window.tolist()  # the one host sync every print_freq steps
-        images_per_sec = count * self.world.world_size / max(seconds, 1e-9)
+    def _log_progress(self, epoch: int, step: int, window: torch.Tensor, window_steps: int,
+                      seconds: float, data_time: float) -> None:
+        """One console line and TensorBoard points for the steps since the last print point."""
+        loss_sum, correct, finite_samples = window.tolist()  # the one host sync per print point
+        samples = window_steps * self.loaders.per_rank_batch
+        images_per_sec = samples * self.world.world_size / max(seconds, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]
-        loss, acc1 = loss_sum / max(count, 1), 100.0 * correct / max(count, 1)
+        loss = loss_sum / finite_samples if finite_samples else float("nan")
+        acc1 = 100.0 * correct / max(samples, 1)
         values = {"train/loss": loss, "train/acc1": acc1, "train/images_per_sec": images_per_sec,
-                  "train/lr": lr, "train/data_time": data_time / max(step, 1)}
+                  "train/lr": lr, "train/data_time": data_time}
         values.update(self.progress.train_update(epoch, step, values, seconds, data_time))
         if self.precision.loss_scale is not None:
             values["amp/loss_scale"] = float(self.precision.loss_scale.item())
@@ -178,21 +194,24 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss, Acc@1 and Acc@5 over the whole validation set, each sample counted exactly once."""
-        self.model.eval()
-        sums = torch.zeros(4, device=self.device.torch_device)  # loss sum, top1, top5, samples
+        model = self.eval_model
+        model.eval()
+        sums = torch.zeros(3, device=self.device.torch_device)  # loss sum, top1, top5
+        samples = 0
         self.progress.start_val()
         for batch, (images, target) in enumerate(self.loaders.val, start=1):
             images, target = self._to_device(images, target)
             with self.precision.autocast():
-                output = self.model(self.normalize(images)).float()
+                output = model(self.normalize(images)).float()
             k = min(5, output.shape[1])
             hits = output.topk(k, dim=1).indices == target[:, None]
             sums += torch.stack([nn.functional.cross_entropy(output, target, reduction="sum"),
-                                 hits[:, 0].sum().float(), hits.any(dim=1).sum().float(),
-                                 torch.tensor(float(target.numel()), device=output.device)])
+                                 hits[:, 0].sum().float(), hits.any(dim=1).sum().float()])
+            samples += target.shape[0]
             if batch % self.train_cfg["print_freq"] == 0:
                 self.progress.val_update(batch)
-        loss_sum, top1, top5, count = self.world.sum(sums).tolist()
+        totals = torch.cat([sums, torch.full((1,), float(samples), device=sums.device)])
+        loss_sum, top1, top5, count = self.world.sum(totals).tolist()
         self.progress.end_val()
         count = max(count, 1.0)
         return {"loss": loss_sum / count, "acc1": 100.0 * top1 / count,
@@ -200,7 +219,8 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
-        """Train the remaining epochs, evaluating and checkpointing after each; return the last metrics."""
+        """Train the remaining epochs, evaluating and checkpointing after each; return the last
+        metrics. A stop signal is acted on at an agreed step, or else at the epoch's end."""
         epochs = self.train_cfg["epochs"]
         val: dict[str, float] = self.state.history[-1] if self.state.history else {}
         with self._preemption_signals(), self.progress:
@@ -208,6 +228,9 @@ class Trainer:
                 train = self.train_epoch(epoch)
                 val = self.evaluate()
                 self._end_epoch(epoch, train, val)
+                if epoch + 1 < epochs and self.world.any(self._stop_requested,
+                                                         self.device.torch_device):
+                    raise Preempted(f"stopped by a signal at the end of epoch {epoch + 1}")
         return val
 
     def _end_epoch(self, epoch: int, train: dict[str, float], val: dict[str, float]) -> None:
@@ -229,8 +252,9 @@ class Trainer:
         self.logger.results({**run_results(self.cfg, self), "status": "running"})
         self.logger.flush()
 
-    # ---- checkpoints and preemption -------------------------------------------------------
-    def checkpoint_state(self) -> dict[str, Any]:
+    # ---- what a checkpoint holds ----------------------------------------------------------
+    def state_dict(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything a resume needs; `rng_states` holds every rank's generators, by rank."""
         s = self.state
         return {
             "format_version": checkpoint.FORMAT_VERSION,
@@ -245,49 +269,93 @@ class Trainer:
             "identity": {"arch": self.cfg["model"]["arch"],
                          "num_classes": self.loaders.num_classes,
                          "global_batch_size": self.global_batch},
-            "rng": checkpoint.rng_state(),
+            "rng": rng_states,
             "config": self.cfg,
         }
 
-    def save_checkpoint(self, name: str, best: bool = False) -> None:
-        """Rank 0 writes `name` and last.pt (and best.pt); a failed write keeps the old ones."""
-        if not self.world.is_main:
-            return
-        start = time.perf_counter()
-        state = self.checkpoint_state()
-        try:
-            checkpoint.save(state, self.checkpoint_dir / checkpoint.LAST)
-            if best:
-                checkpoint.save(state, self.checkpoint_dir / checkpoint.BEST)
-            if self.train_cfg["keep_checkpoints"]:
-                checkpoint.save(state, self.checkpoint_dir / name)
-                checkpoint.prune(self.checkpoint_dir, self.train_cfg["keep_checkpoints"])
-        except OSError as exc:
-            message = f"checkpoint write to {self.checkpoint_dir} failed: {exc}"
-            if self.train_cfg["on_checkpoint_error"] == "warn":
-                log.warning("warning: %s; the previous checkpoint is kept, training goes on", message)
-                return
-            raise ConfigError(f"{message}; the previous checkpoint is kept "
-                              "(train.on_checkpoint_error=warn to train on)") from None
-        self._last_checkpoint_time = time.monotonic()
-        log.debug("checkpoint %s written in %.2f s", name, time.perf_counter() - start)
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore a `state_dict()`: weights, optimizer, scale, position and this rank's RNG.
 
-    def _maybe_checkpoint_mid_epoch(self, step: int) -> None:
+        This run's optim settings and train.epochs apply from here on (a changed lr is logged),
+        and the schedule continues at the saved step with them.
+        """
+        self.precision.load_full_precision_state(self.model, saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.precision.load_state_dict(saved["precision"])
+        self.state = TrainState(**saved["state"])
+        self._restore_rng(saved["rng"])
+        optim, old = self.cfg["optim"], saved["config"]
+        for key in ("lr", "momentum", "weight_decay"):
+            if old["optim"].get(key) != optim[key]:
+                log.info("resume: optim.%s changed from %s to %s; using the new value", key,
+                         old["optim"].get(key), optim[key])
+        if old["train"]["epochs"] != self.train_cfg["epochs"]:
+            log.info("resume: train.epochs changed from %s to %s", old["train"]["epochs"],
+                     self.train_cfg["epochs"])
+        for group in self.optimizer.param_groups:
+            group.update(momentum=optim["momentum"], weight_decay=optim["weight_decay"],
+                         initial_lr=optim["lr"])
+        self.scheduler = build_scheduler(self.optimizer, self.cfg["sched"],
+                                         self.train_cfg["epochs"], self.steps_per_epoch,
+                                         start_step=self.state.global_step)
+
+    def _restore_rng(self, saved: Any) -> None:
+        states = saved if isinstance(saved, list) else [saved]  # one state: written by rank 0 only
+        if self.world.rank < len(states):
+            checkpoint.set_rng_state(states[self.world.rank], self.device.module())
+        else:  # more processes than the run that saved: this rank's generators start afresh
+            log.warning("resume: no saved random state for rank %d (the checkpoint has %d); it "
+                        "keeps its fresh seed", self.world.rank, len(states))
+
+    # ---- checkpoints and preemption -------------------------------------------------------
+    def save_checkpoint(self, name: str, best: bool = False) -> float:
+        """Every rank calls this (the RNG states are gathered); rank 0 writes. A model whose
+        weights are not finite is never written: the run stops as diverged instead.
+        Returns the seconds it took."""
+        start = time.perf_counter()
+        self._check_finite(f"step {self.state.global_step}")
+        rng_states = self.world.gather_objects(checkpoint.rng_state(self.device.module()))
+        if self.world.is_main:
+            self.checkpoints.write(self.state_dict(rng_states), name, best)
+        else:
+            self.checkpoints.last_attempt = time.monotonic()
+        return time.perf_counter() - start
+
+    def _check_finite(self, where: str) -> None:
+        """Stop as diverged when a weight or BatchNorm statistic is inf or NaN.
+
+        A step the loss scaler skipped leaves the weights as they were; only a non-finite value
+        that reached the weights is divergence. DDP keeps the weights equal on every rank, so
+        every rank reaches the same verdict without exchanging it.
+        """
+        tensors = [t for t in itertools.chain(self.precision.master_params(self.model),
+                                              bare_model(self.model).buffers())
+                   if t.is_floating_point()]
+        if torch.stack([t.isfinite().all() for t in tensors]).all():
+            return
+        raise ConfigError(f"training diverged: the weights are not finite at {where} "
+                          f"(optim.lr={self.cfg['optim']['lr']}); lower the lr or check the data; "
+                          "the last checkpoint is the last good one")
+
+    def _maybe_checkpoint_mid_epoch(self, step: int) -> float:
+        """Write a mid-epoch checkpoint when one is due, or stop on a signal; the seconds spent."""
+        if step >= self.steps_per_epoch:
+            return 0.0  # the epoch's end writes its own checkpoint (and acts on a signal)
         every_steps = self.train_cfg["checkpoint_every_steps"]
         every_minutes = self.train_cfg["checkpoint_every_minutes"]
         due = bool(every_steps) and self.state.global_step % every_steps == 0
+        agreed = self._agreed_at_boundary(step)
         # Ranks must agree on when to save (the wall clock differs by rank): rank 0's clock decides.
-        if every_minutes and self._agreed_at_boundary(step):
+        if every_minutes and agreed:
             due = due or self.world.any(
-                self.world.is_main and time.monotonic() - self._last_checkpoint_time
+                self.world.is_main and time.monotonic() - self.checkpoints.last_attempt
                 >= every_minutes * 60, self.device.torch_device)
-        stop = self._agreed_at_boundary(step) and self.world.any(self._stop_requested,
-                                                                 self.device.torch_device)
-        if (due or stop) and step < self.steps_per_epoch:
-            self.save_checkpoint(f"step-{self.state.global_step}.pt")
+        stop = agreed and self.world.any(self._stop_requested, self.device.torch_device)
+        seconds = self.save_checkpoint(f"step-{self.state.global_step}.pt") if due or stop else 0.0
         if stop:
             self.world.barrier()
             raise Preempted(f"stopped by a signal at epoch {self.state.epoch + 1}, step {step}")
+        return seconds
 
     def _agreed_at_boundary(self, step: int) -> bool:
         """Steps at which all ranks exchange flags: every step on one process, else at print points."""
@@ -313,11 +381,11 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _fault_injection(self, step: int) -> None:
-        """Test-only: `+train.fault_at_step=N` makes rank `+train.fault_rank` (0) raise at global
-        step N; with `+train.fault_once_file=PATH` only the first time (for restart tests)."""
+        """Test-only: `train.fault_at_step=N` makes rank `train.fault_rank` (0) raise at global
+        step N; with `train.fault_once_file=PATH` only the first time (for restart tests)."""
         fault_at = self.train_cfg.get("fault_at_step")
         if fault_at is None or self.state.global_step != fault_at or \
-                self.world.rank != self.train_cfg.get("fault_rank", 0):
+                self.world.rank != (self.train_cfg.get("fault_rank") or 0):
             return
         marker = self.train_cfg.get("fault_once_file")
         if marker and Path(marker).exists():

@@ -23,7 +23,7 @@ from imgtrain.precision import Precision
 from imgtrain.results import run_results
 from imgtrain.summary import end_lines, start_lines
 from imgtrain.errors import Preempted
-from imgtrain.trainer import Trainer, TrainState, epoch_steps
+from imgtrain.trainer import Trainer, epoch_steps
 
 log = logging.getLogger("imgtrain")
 
@@ -70,13 +70,13 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
     resume_from = checkpoint.resume_path(out, cfg["train"]["resume"]) if cfg["mode"] == "train" \
         else None
     saved = _load_resume(resume_from, cfg, loaders, world) if resume_from else None
-    if saved:
-        model.load_state_dict(saved["model"])
-    elif cfg["model"]["weights"]:
+    if not saved and cfg["model"]["weights"]:
         load_weights(model, cfg["model"]["weights"])
-    elif cfg["mode"] == "eval":
+    elif not saved and cfg["mode"] == "eval":
         raise ConfigError("mode=eval needs model.weights=<checkpoint or state-dict file>")
-    trainer = _build_trainer(cfg, out, world, device, logger, loaders, precision, model, saved)
+    trainer = _build_trainer(cfg, out, world, device, logger, loaders, precision, model)
+    if saved:
+        trainer.load_state_dict(saved)
     return _execute(cfg, trainer, logger, resumed_from=resume_from if saved else None, out=out)
 
 
@@ -94,8 +94,8 @@ def _channels_last(cfg: dict[str, Any], device: devices.DeviceInfo) -> bool:
 
 
 def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
-                   logger: RunLogger, loaders: Any, precision: Precision, model: torch.nn.Module,
-                   saved: dict[str, Any] | None) -> Trainer:
+                   logger: RunLogger, loaders: Any, precision: Precision,
+                   model: torch.nn.Module) -> Trainer:
     channels_last = _channels_last(cfg, device)
     model = model.to(device.torch_device,
                      memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -103,43 +103,15 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
     optimizer = build_optimizer(params, cfg["optim"], device)
     scheduler = build_scheduler(optimizer, cfg["sched"], cfg["train"]["epochs"],
                                 epoch_steps(len(loaders.train), cfg["train"]["steps_per_epoch"]))
-    state = TrainState()
-    if saved:
-        state = _restore(saved, optimizer, scheduler, precision, cfg)
+    eval_model = model  # never wrapped by DDP: see Trainer.eval_model
     if world.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.is_accelerator else None)
     if cfg["model"]["compile"]:
-        model = torch.compile(model)
+        model, eval_model = torch.compile(model), torch.compile(eval_model)
     return Trainer(model=model, optimizer=optimizer, scheduler=scheduler, precision=precision,
                    loaders=loaders, device=device, world=world, logger=logger, cfg=cfg,
-                   output_dir=out, channels_last=channels_last, state=state)
-
-
-def _restore(saved: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
-             precision: Precision, cfg: dict[str, Any]) -> TrainState:
-    """Load optimizer, schedule, scaler and RNG; then apply this run's optim settings (#816)."""
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    precision.load_state_dict(saved["precision"])
-    checkpoint.set_rng_state(saved["rng"])
-    old = saved["config"]["optim"]
-    for key in ("lr", "momentum", "weight_decay"):
-        if old.get(key) != cfg["optim"][key]:
-            log.info("resume: optim.%s changed from %s to %s; using the new value", key,
-                     old.get(key), cfg["optim"][key])
-    for group in optimizer.param_groups:
-        group.update(momentum=cfg["optim"]["momentum"], weight_decay=cfg["optim"]["weight_decay"],
-                     initial_lr=cfg["optim"]["lr"])
-    # The saved schedule position stays; the lr it scales is this run's.
-    scheduler.base_lrs = [cfg["optim"]["lr"]] * len(optimizer.param_groups)
-    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-    for group in optimizer.param_groups:
-        group["lr"] = cfg["optim"]["lr"] * factor
-    if saved["config"]["train"]["epochs"] != cfg["train"]["epochs"]:
-        log.info("resume: train.epochs changed from %s to %s", saved["config"]["train"]["epochs"],
-                 cfg["train"]["epochs"])
-    return TrainState(**saved["state"])
+                   output_dir=out, channels_last=channels_last, eval_model=eval_model)
 
 
 def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed_from: Path | None,

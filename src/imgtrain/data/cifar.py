@@ -1,6 +1,7 @@
 """dataset=cifar10: the cifar-10-batches-py pickle layout, without checksum checks."""
 from __future__ import annotations
 
+import io
 import pickle
 import random
 from pathlib import Path
@@ -16,6 +17,47 @@ TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
 
 
+# What the CIFAR-10 pickles need, and nothing that can run code: numpy's array reconstruction
+# (numpy.core for the official Python 2 files, numpy._core for files re-packed with numpy 2), and
+# _codecs.encode, which Python 3 uses for bytes in protocol-2 pickles. Dicts, lists, strings and
+# numbers are pickle opcodes, not classes.
+_ALLOWED_GLOBALS = {
+    *((f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")),
+    *((f"numpy.{core}.multiarray", "scalar") for core in ("core", "_core")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads only plain data and numpy arrays: a crafted file cannot name a function to call."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which CIFAR-10 files "
+                                         "never do")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        data = _CifarUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    if not isinstance(data, dict):
+        raise pickle.UnpicklingError(f"it holds a {type(data).__name__}, not a dict of batches")
+    return data
+
+
+def _download(base: Path) -> None:
+    from torchvision.datasets import CIFAR10
+    try:
+        CIFAR10(str(base), train=True, download=True)
+    except OSError as exc:  # URLError and socket errors are OSErrors
+        raise ConfigError(f"dataset.download=true could not fetch CIFAR-10 into {base} "
+                          f"({type(exc).__name__}: {getattr(exc, 'reason', exc)}); without a "
+                          "network, copy cifar-10-batches-py there and drop dataset.download")\
+            from None
+
+
 def find_root(root: str, download: bool) -> Path:
     """root itself or root/cifar-10-batches-py, downloading there first if asked."""
     base = Path(root).expanduser()
@@ -23,8 +65,7 @@ def find_root(root: str, download: bool) -> Path:
         if (candidate / TEST_FILES[0]).is_file():
             return candidate
     if download:
-        from torchvision.datasets import CIFAR10
-        CIFAR10(str(base), train=True, download=True)
+        _download(base)
         return base / FOLDER
     if not base.exists():
         raise ConfigError(f"dataset.root does not exist: {base} (add dataset.download=true to fetch "
@@ -40,10 +81,11 @@ def _load_batches(folder: Path, names: list[str]) -> tuple[np.ndarray, list[int]
         if not path.is_file():
             continue  # a subset copy may hold fewer training batches
         try:
-            with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
+            batch = _unpickle(path)
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(batch.get("labels", batch.get("fine_labels", [])))
+        except pickle.UnpicklingError as exc:
+            raise ConfigError(f"refusing CIFAR-10 batch file {path}: {exc}") from None
         except Exception as exc:
             raise ConfigError(f"corrupt CIFAR-10 batch file: {path} ({type(exc).__name__})") from None
     if not images:

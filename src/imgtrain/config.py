@@ -1,0 +1,166 @@
+"""The config's schema: every key with its type and default, as Hydra structured configs.
+
+The YAML groups under conf/ stay the place where recipes set values; this schema makes OmegaConf
+check their types (`train.batch_size=abc` is refused with the key's name), and lists the keys that
+exist, so that `+key=value` for a key imgtrain does not know is refused instead of ignored.
+Keys whose values mix words and numbers (`auto` or a number) are `Any` here and checked by the
+module that reads them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+SCHEMA_NAME = "imgtrain_schema"
+# The seed's rule: lr 0.1 for every 256 images of the global batch.
+LINEAR_LR = "${imgtrain.linear_lr:${optim.lr_base},${train.batch_size},${optim.lr_base_size}}"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 140
+    batch_size: int = 256
+    steps_per_epoch: Optional[int] = None
+    seed: int = 49
+    print_freq: int = 10
+    fps_warmup_steps: int = 5
+    resume: Optional[str] = "auto"
+    checkpoint_every_steps: Optional[int] = None
+    checkpoint_every_minutes: Optional[float] = None
+    keep_checkpoints: Optional[int] = None
+    save_checkpoints: bool = True
+    on_checkpoint_error: str = "fail"
+    preempt_exit_code: int = 143
+    memory_check: bool = True  # estimate peak memory before training (memory.py)
+    # Test hooks (tests/test_distributed.py): rank fault_rank raises at global step fault_at_step,
+    # only the first time when fault_once_file is set.
+    fault_at_step: Optional[int] = None
+    fault_rank: int = 0
+    fault_once_file: Optional[str] = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = LINEAR_LR  # type: ignore[assignment]  # an interpolation until resolved
+    lr_base: float = 0.1
+    lr_base_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    fused: bool = False
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"
+    warmup_epochs: float = 5
+    step_epochs: int = 30
+    gamma: float = 0.1
+
+
+@dataclass
+class AmpConfig:
+    level: str = "O2"
+    dtype: str = "auto"
+    loss_scale: Any = "auto"  # auto | dynamic | a number
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "auto"
+
+
+@dataclass
+class WorldConfig:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: Optional[int] = None
+    max_restarts: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet152"
+    weights: Optional[str] = None
+    channels_last: Any = "auto"  # auto | true | false
+    compile: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    """The keys of every dataset option; each option's YAML sets the ones it uses."""
+
+    name: str = "imagenet"
+    root: Optional[str] = None
+    image_size: int = 224
+    num_classes: Optional[int] = None
+    workers: Any = "auto"  # auto | a number
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 4
+    reuse_batch_memory: bool = True
+    skip_bad_images: bool = False
+    download: bool = False
+    train_size: int = 12800
+    val_size: int = 1000
+    noise: float = 1.0
+
+
+@dataclass
+class Config:
+    mode: str = "train"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    amp: AmpConfig = field(default_factory=AmpConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+
+
+def linear_lr(base: float, global_batch: int, base_size: int) -> float:
+    return float(base) * int(global_batch) / int(base_size)
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore (conf/config.yaml names it first in its defaults)
+    and the resolvers it uses; safe to call more than once."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    if not OmegaConf.has_resolver("imgtrain.linear_lr"):
+        OmegaConf.register_new_resolver("imgtrain.linear_lr", linear_lr)
+
+
+def unknown_keys(cfg: DictConfig) -> list[str]:
+    """Keys in `cfg` that the schema lacks: what `+key=value` added (Hydra lets `+` add any key)."""
+    return _extra(OmegaConf.to_container(cfg, resolve=False),
+                  OmegaConf.to_container(OmegaConf.structured(Config), resolve=False), "")
+
+
+def _extra(actual: Any, schema: Any, prefix: str) -> list[str]:
+    if not isinstance(actual, dict) or not isinstance(schema, dict):
+        return []
+    found = []
+    for key, value in actual.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            found.append(path)
+        else:
+            found.extend(_extra(value, schema[key], path + "."))
+    return found
+
+
+def lr_rule(cfg: DictConfig) -> str:
+    """How optim.lr was chosen, for the log: the linear rule, or set explicitly."""
+    optim = cfg.optim
+    if OmegaConf.is_interpolation(optim, "lr") and "imgtrain.linear_lr" in str(
+            optim._get_node("lr")._value()):
+        return (f"optim.lr_base {optim.lr_base} x global batch {cfg.train.batch_size} / "
+                f"{optim.lr_base_size} (the seed's linear rule; set optim.lr to override)")
+    return "set by optim.lr"
