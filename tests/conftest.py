@@ -109,3 +109,18 @@ def compose():
             return hydra_compose(config_name="config", overrides=list(overrides))
 
     return _compose
+
+
+# One short quickstart run (one epoch of 4 steps, print points at 2 and 4, 2 validation batches).
+SHORT = ["experiment=quickstart", *TINY, "train.epochs=1", "dataset.train_size=256",
+         "dataset.val_size=128", "dataset.image_size=32"]
+
+
+@pytest.fixture(scope="session")
+def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """SHORT run once with stdout captured (not a terminal), in an outputs/ tree: the console
+    tests read its output, the TensorBoard tests serve its folder."""
+    run_dir = tmp_path_factory.mktemp("short") / "outputs" / "run"
+    proc = run_cli(*SHORT, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    return run_dir, proc

@@ -14,12 +14,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, SHORT, run_cli
 from imgtrain import memory
 
-# One epoch of 4 steps with a print point every 2, then a validation pass of 2 batches.
-SHORT = ["experiment=quickstart", *TINY, "train.epochs=1", "dataset.train_size=256",
-         "dataset.val_size=128", "dataset.image_size=32"]
 PLAIN_LINE = re.compile(r"^epoch 1 \[(\d)/4\] loss [\d.]+ acc1 [\d.]+ img/s [\d.]+ lr [\d.]+ "
                         r"data \d+% \| ETA epoch \d+:\d\d:\d\d run \d+:\d\d:\d\d$")
 SUMMARY_KEYS = ("model      resnet18", "data       synthetic: 256 train / 128 val images, 10 "
@@ -71,15 +68,6 @@ def test_terminal_shows_a_live_display_and_train_log_stays_plain(tmp_path: Path)
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", log), repr(log)
     steps = [PLAIN_LINE.match(line[24:]) for line in log.splitlines() if "] loss" in line]
     assert [match.group(1) for match in steps if match] == ["2", "4"], log
-
-
-@pytest.fixture(scope="module")
-def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """One short run with stdout captured (not a terminal), in an outputs/ tree for TensorBoard."""
-    run_dir = tmp_path_factory.mktemp("tb") / "outputs" / "run"
-    proc = run_cli(*SHORT, f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 0, proc.stderr
-    return run_dir, proc
 
 
 def test_without_a_terminal_each_print_point_is_a_plain_line_with_the_run_eta(

@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from imgtrain.data import build_loaders
-from test_console import SHORT, plain_run  # noqa: F401 - the shared short run (a pytest fixture)
+from conftest import SHORT
 
 NEW_TAGS = {"time/data_loading_percent", "time/eta_hours", "memory/host_rss_gib"}
 OVERRIDES = ["dataset.image_size", "dataset.train_size", "dataset.val_size", "dataset.workers",
@@ -28,7 +28,7 @@ OVERRIDES = ["dataset.image_size", "dataset.train_size", "dataset.val_size", "da
 
 
 @pytest.fixture(scope="module")
-def server(plain_run) -> Iterator[str]:  # noqa: F811 - the fixture imported above
+def server(plain_run: tuple[Path, subprocess.CompletedProcess]) -> Iterator[str]:
     run_dir, _ = plain_run
     tensorboard = Path(sys.executable).with_name("tensorboard")
     proc = subprocess.Popen([str(tensorboard), "--logdir", str(run_dir.parent), "--host",
