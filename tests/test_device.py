@@ -217,9 +217,10 @@ def test_npu_visible_devices_out_of_order_is_one_error_line(tmp_path: Path):
 
 
 _STEPS_AFTER_SET_CURRENT = """
-import resource, torch, torchvision
+import resource, sys, torch, torchvision
 from imgtrain.device import DeviceInfo
-DeviceInfo("cpu").set_current()
+if sys.argv[1] == "keep":
+    DeviceInfo("cpu").set_current()
 torch.manual_seed(0)
 model = torchvision.models.resnet18(num_classes=4)
 optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -241,8 +242,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="glibc's malloc only")
 def test_cpu_training_steps_reuse_memory_instead_of_faulting_it_in() -> None:
-    """With glibc's defaults this loop takes 4,000-7,000 page faults a step; kept memory, almost none."""
-    proc = subprocess.run([sys.executable, "-c", _STEPS_AFTER_SET_CURRENT], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout.split()[-1]) < 1000
+    """The same steps with glibc's defaults and with the CPU device's setting, side by side: with
+    kept memory a step faults in a small fraction of the pages (4,000-7,000 against almost none
+    on the development machine; the ratio, not the count, is what any machine shares)."""
+    faults = {}
+    for mode in ("default", "keep"):
+        proc = subprocess.run([sys.executable, "-c", _STEPS_AFTER_SET_CURRENT, mode],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        faults[mode] = float(proc.stdout.split()[-1])
+    assert faults["keep"] < 0.2 * faults["default"], faults

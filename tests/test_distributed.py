@@ -1,6 +1,9 @@
 """Real multi-process runs with gloo on the CPU, launched by torch.distributed's elastic engine."""
 from __future__ import annotations
 
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -156,3 +159,77 @@ def test_torchrun_environment_makes_the_process_that_rank(monkeypatch: pytest.Mo
     assert calls == ["/tmp/x"]  # ran in-process: no second launch
 
 
+
+
+def test_an_external_torchrun_launch_uses_one_run_directory(tmp_path: Path) -> None:
+    # Microseconds in the directory name: ranks resolving their own time would each get one.
+    # One validation image: rank 1 has no validation batch, so evaluation must not need it.
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "run.py"), *SYNTH, "train.epochs=1", "dataset.val_size=1",
+         "hydra.run.dir=outputs/run-${imgtrain.now:%H-%M-%S-%f}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_dirs = list((tmp_path / "outputs").iterdir())
+    assert len(run_dirs) == 1, run_dirs
+    results = read_results(run_dirs[0])
+    assert results["status"] == "completed" and results["world_size"] == 2
+    assert results["val_samples"] == 1
+    assert sorted(p.name for p in run_dirs[0].glob(".hydra*")) == [".hydra"]  # rank 0's record
+
+
+_TRACE_SAMPLES = """
+import os
+if os.environ.get("IMGTRAIN_TEST_TRACE"):
+    # Test-only: every training sample the synthetic dataset is asked for, in order, by rank.
+    from imgtrain.data import synthetic
+
+    original = synthetic.Synthetic.__getitems__
+
+    def traced(self, items):
+        if self.train:
+            name = f"rank{os.environ.get('RANK', '0')}.txt"
+            with open(os.path.join(os.environ["IMGTRAIN_TEST_TRACE"], name), "a") as f:
+                f.write("".join(f"{index}\\n" for index, _seed in items))
+        return original(self, items)
+
+    synthetic.Synthetic.__getitems__ = traced
+"""
+
+
+def test_a_run_stopped_on_two_processes_resumes_on_one_seeing_each_sample_once(
+        tmp_path: Path) -> None:
+    """Elastic resume: the same global batch on fewer processes continues the epoch exactly."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_TRACE_SAMPLES)
+    run_dir, first, second = tmp_path / "run", tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get(
+        "PYTHONPATH", "")]), "IMGTRAIN_TEST_TRACE": str(first)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *TWO_PROCS, "train.epochs=2",
+                             "dataset.workers=0", f"hydra.run.dir={run_dir}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not re.search(
+            r"epoch 2 \[4/16\]", (run_dir / "train.log").read_text()
+            if (run_dir / "train.log").exists() else ""):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 143, stderr[-3000:]
+
+    again = run_cli("world=1p", *SYNTH, "train.epochs=2", "dataset.workers=0",
+                    f"hydra.run.dir={run_dir}", env={**env, "IMGTRAIN_TEST_TRACE": str(second)})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert read_results(run_dir)["epochs_completed"] == 2
+
+    per_rank = [[int(i) for i in (first / f"rank{r}.txt").read_text().split()] for r in (0, 1)]
+    resumed = [int(i) for i in (second / "rank0.txt").read_text().split()]
+    epoch_per_rank = 512 // 2
+    epoch1 = per_rank[0][:epoch_per_rank] + per_rank[1][:epoch_per_rank]
+    epoch2 = per_rank[0][epoch_per_rank:] + per_rank[1][epoch_per_rank:] + resumed
+    assert 0 < len(per_rank[0]) - epoch_per_rank < epoch_per_rank  # stopped inside epoch 2
+    assert sorted(epoch1) == list(range(512))
+    assert sorted(epoch2) == list(range(512))  # each sample exactly once across the two runs

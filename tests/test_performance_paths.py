@@ -87,6 +87,29 @@ def test_training_crop_matches_random_resized_crop_and_flip(photo_folder: Path, 
         assert difference.max() <= 1.01 * ONE_LEVEL, (path, difference.max() / ONE_LEVEL)
 
 
+def test_crop_boxes_follow_random_resized_crops_distribution() -> None:
+    """imgtrain draws each sample's box from its own seed; torchvision's get_params draws from
+    torch's generator. Over many draws the boxes' areas, shapes and positions agree."""
+    width, height, draws = 120, 90, 4000
+    ours = [imgtrain_transforms.train_crop_params(width, height, seed)[0] for seed in range(draws)]
+    torch.manual_seed(0)
+    image = torch.zeros(3, height, width)
+    theirs = [T.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3])
+              for _ in range(draws)]
+    theirs = [(left, top, w, h) for top, left, h, w in theirs]
+
+    def summary(boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+        boxes = np.array(boxes, dtype=np.float64)
+        area = boxes[:, 2] * boxes[:, 3] / (width * height)
+        log_ratio = np.log(boxes[:, 2] / boxes[:, 3])
+        centre_x = (boxes[:, 0] + boxes[:, 2] / 2) / width
+        return np.stack([np.quantile(v, [0.1, 0.25, 0.5, 0.75, 0.9])
+                         for v in (area, log_ratio, centre_x)])
+
+    # 4000 draws: sampling error of these quantiles is about 0.01-0.02.
+    np.testing.assert_allclose(summary(ours), summary(theirs), atol=0.05)
+
+
 def test_validation_matches_resize_then_centre_crop(photo_folder: Path) -> None:
     dataset = JpegFolder(str(photo_folder), "val", 32, train=False)
     reference = T.Compose([T.Resize(imgtrain_transforms.val_resize(32)), T.CenterCrop(32)])

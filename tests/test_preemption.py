@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 import resource
 import shutil
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_clean_error, read_results, run_cli
+from imgtrain.optim import lr_factor
 
 # A stable configuration (lr 0.05): equal weights then really mean the same computation was replayed.
 RUN = ["experiment=quickstart", "device=cpu", "dataset.train_size=640", "dataset.val_size=64",
@@ -49,34 +49,33 @@ def _start(args: list[str], run_dir: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_epoch(proc: subprocess.Popen, run_dir: Path, epochs: int) -> None:
+def _wait_for_log(proc: subprocess.Popen, run_dir: Path, pattern: str) -> None:
+    """Until train.log has a line matching `pattern` (progress lines come every print_freq steps)."""
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
-        results = run_dir / "results.json"
-        try:
-            if json.loads(results.read_text()).get("epochs_completed", 0) >= epochs:
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
+        log = run_dir / "train.log"
+        if log.exists() and re.search(pattern, log.read_text()):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no {pattern!r} in train.log")
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_mid_epoch_two_then_resume_gives_the_same_weights(tmp_path: Path,
-                                                                  workers: int) -> None:
+@pytest.mark.parametrize("workers,sig", [(0, signal.SIGTERM), (2, signal.SIGUSR1)])
+def test_a_signal_mid_epoch_two_then_resume_gives_the_same_weights(tmp_path: Path, workers: int,
+                                                                   sig: signal.Signals) -> None:
     args = [*RUN, f"dataset.workers={workers}"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
 
     proc = _start(args, stopped)
-    _wait_for_epoch(proc, stopped, 1)
-    time.sleep(0.3)  # into epoch 2
-    proc.send_signal(signal.SIGTERM)
+    _wait_for_log(proc, stopped, r"epoch 2 \[4/10\]")
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     assert "preempted" in stderr and "Traceback" not in stderr
     saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
-    assert saved["state"]["epoch"] >= 1
+    # One process agrees with itself at every step: it stops at the next one, inside epoch 2.
+    assert saved["state"]["epoch"] == 1 and 4 <= saved["state"]["step_in_epoch"] < 10
     assert read_results(stopped)["status"] == "preempted"
 
     again = run_cli(*args, f"hydra.run.dir={stopped}")
@@ -90,8 +89,7 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path: Pat
     assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
 
     proc = _start(args, killed)
-    _wait_for_epoch(proc, killed, 1)
-    time.sleep(random.uniform(0.0, 1.0))
+    _wait_for_log(proc, killed, r"epoch 2 \[5/10\]")  # global step 15: one step past a checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     # print_freq=1: one progress line per finished step, written just before that step's checkpoint.
@@ -103,19 +101,65 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path: Pat
     assert _max_diff(straight / "checkpoints/last.pt", killed / "checkpoints/last.pt") <= 1e-6
 
 
+def test_a_second_signal_during_the_save_changes_nothing(tmp_path: Path) -> None:
+    args = [*RUN, "dataset.workers=0", "train.epochs=2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
+    proc = _start(args, stopped)
+    _wait_for_log(proc, stopped, r"epoch 2 \[2/10\]")
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(".tmp-" in p.name for p in
+                                             (stopped / "checkpoints").glob(".*")):
+        time.sleep(0.001)  # until the preemption checkpoint is being written
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+    assert saved["state"]["epoch"] == 1 and saved["state"]["step_in_epoch"] > 0
+    assert run_cli(*args, f"hydra.run.dir={stopped}").returncode == 0
+    assert _max_diff(straight / "checkpoints/last.pt", stopped / "checkpoints/last.pt") <= 1e-6
+
+
+def test_checkpoint_every_minutes_writes_mid_epoch_checkpoints(tmp_path: Path) -> None:
+    # 0.0005 minutes = 30 ms: shorter than a step, so each step of one process is due one.
+    proc = run_cli(*RUN, "train.epochs=1", "train.checkpoint_every_minutes=0.0005",
+                   "train.keep_checkpoints=100", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    steps = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*.pt"))
+    assert steps and steps[0] <= 2 and len(steps) >= 5, steps
+
+
+def test_weights_that_are_not_finite_are_never_checkpointed(tmp_path: Path) -> None:
+    proc = run_cli(*RUN, "train.epochs=1", "optim.lr=1e30", "sched.warmup_epochs=0",
+                   "train.checkpoint_every_steps=1", f"hydra.run.dir={tmp_path}")
+    assert_clean_error(proc, "training diverged", "optim.lr=1e+30")
+    saved = torch.load(tmp_path / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+    assert saved["state"]["global_step"] >= 1
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert read_results(tmp_path)["status"] == "failed"
+
+
 @pytest.mark.slow
-def test_two_process_run_stopped_by_sigterm_resumes_to_the_same_weights(tmp_path: Path) -> None:
-    args = [*RUN, *TWO_PROCS, "dataset.workers=0", "train.epochs=2"]
+def test_a_stop_on_an_epochs_last_step_finishes_the_epoch_then_resumes_exactly(
+        tmp_path: Path) -> None:
+    # print_freq = the epoch's 20 steps: two processes agree on a stop only at the epoch's last step.
+    args = [*RUN, *TWO_PROCS, "dataset.workers=0", "train.epochs=2", "train.print_freq=20"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     proc = run_cli(*args, f"hydra.run.dir={straight}")
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     proc = _start(args, stopped)
-    _wait_for_epoch(proc, stopped, 1)
+    _wait_for_log(proc, stopped, r"lr 0\.05: ")  # logged as training starts
+    time.sleep(0.5)  # the signal handlers are in place; the epoch takes several seconds
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 143, stderr[-3000:]
     assert read_results(stopped)["status"] == "preempted"
+    saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+    assert (saved["state"]["epoch"], saved["state"]["step_in_epoch"]) == (1, 0)  # epoch 1 finished
+    assert len(saved["state"]["history"]) == 1  # and evaluated
 
     again = run_cli(*args, f"hydra.run.dir={stopped}")
     assert again.returncode == 0, again.stderr[-2000:]
@@ -173,5 +217,19 @@ def test_changed_lr_on_resume_is_applied_and_logged(one_epoch_run: Path, tmp_pat
     proc = run_cli(*RUN, "train.epochs=2", "optim.lr=0.01", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert "optim.lr changed from 0.05 to 0.01" in proc.stdout
+    # Each command's record is kept: the first in .hydra/, the resume in .hydra-2/.
+    assert "optim.lr=0.01" not in (tmp_path / ".hydra/overrides.yaml").read_text()
+    assert "optim.lr=0.01" in (tmp_path / ".hydra-2/overrides.yaml").read_text()
     saved = torch.load(tmp_path / "checkpoints/last.pt", map_location="cpu", weights_only=True)
     assert saved["optimizer"]["param_groups"][0]["initial_lr"] == 0.01
+    # The lr each step used: the new base on the saved position of the (new) schedule.
+    sched = saved["config"]["sched"]
+    used = _lr_points(tmp_path)
+    for step in (12, 16, 20):  # epoch 2, printed every 2 steps; step n logs the lr for step n + 1
+        assert used[step] == pytest.approx(0.01 * lr_factor(step, 10, sched, 2), rel=1e-5), step
+
+
+def _lr_points(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir)).Reload()
+    return {point.step: point.value for point in events.Scalars("train/lr")}

@@ -110,6 +110,7 @@ def test_eval_mode_on_a_checkpoint_and_on_a_torchvision_state_dict(image_folder:
     assert run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=2",
                    f"hydra.run.dir={train_dir}").returncode == 0
     trained = read_results(train_dir)
+    assert trained["final_acc1"] >= 50  # learned something (chance is 25): loading must matter
     proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "mode=eval",
                    f"model.weights={train_dir / 'checkpoints/last.pt'}",
                    f"hydra.run.dir={tmp_path / 'eval'}")
@@ -119,9 +120,12 @@ def test_eval_mode_on_a_checkpoint_and_on_a_torchvision_state_dict(image_folder:
     assert evaluated["final_acc1"] == pytest.approx(trained["final_acc1"])
     assert evaluated["val_samples"] == 32
 
-    plain = tmp_path / "resnet18.pth"  # what torchvision users have: a bare state dict
-    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), plain)
+    # What torchvision users have: a bare state dict, here of the same trained weights.
+    plain = tmp_path / "resnet18.pth"
+    torch.save(_weights(train_dir / "checkpoints/last.pt"), plain)
     proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "mode=eval",
                    f"model.weights={plain}", f"hydra.run.dir={tmp_path / 'plain'}")
     assert proc.returncode == 0, proc.stderr
-    assert read_results(tmp_path / "plain")["val_samples"] == 32
+    from_plain = read_results(tmp_path / "plain")
+    assert from_plain["val_samples"] == 32
+    assert from_plain["final_acc1"] == pytest.approx(trained["final_acc1"])

@@ -107,7 +107,13 @@ class PooledLoader(DataLoader):
         # previous pass's batches, and drops those nobody took. Claims made in that time would be
         # stamped with the old generation: none are allowed until it is over.
         generation = self.pool.pause()
-        batches = super().__iter__()
+        try:
+            batches = super().__iter__()
+        except BaseException:
+            # Workers must not wait for a resume that never comes; their claims are for
+            # a pass that did not start, so the old generation stays.
+            self.pool.resume(generation)
+            raise
         self.pool.resume(generation + 1)
         # map, not a generator: nothing here keeps a yielded batch (and its segment) alive.
         return map(self._hand_over, batches)
