@@ -118,8 +118,10 @@ class Eta:
 class Progress:
     """Rank 0's console view of training; `NullProgress` stands in on the other ranks."""
 
-    def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, device: Any) -> None:
+    def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, device: Any,
+                 print_freq: int = 1) -> None:
         self.eta = Eta(epochs, steps_per_epoch, val_steps)
+        self.print_freq = print_freq
         self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
         self.device = device
         self.console = live_console()
@@ -133,7 +135,7 @@ class Progress:
         if not trainer.world.is_main:
             return NullProgress()
         return cls(trainer.train_cfg["epochs"], trainer.steps_per_epoch, len(trainer.loaders.val),
-                   trainer.device)
+                   trainer.device, trainer.train_cfg["print_freq"])
 
     # ---- the live display (terminals only) -----------------------------------------------
     def __enter__(self) -> "Progress":
@@ -206,7 +208,10 @@ class Progress:
             self._live.refresh()
 
     def val_update(self, batches: int) -> None:
-        if self._live is not None:
+        """Called after every validation batch (a host counter, no device sync); redrawn about
+        ten times a pass, at most every print_freq batches."""
+        every = max(1, min(self.print_freq, self.val_steps // 10))
+        if self._live is not None and (batches % every == 0 or batches == self.val_steps):
             elapsed = time.perf_counter() - self._val_start
             left = elapsed / max(batches, 1) * (self.val_steps - batches)
             self._show(self._val_task, batches, f"ETA {duration(left)}")

@@ -208,8 +208,7 @@ class Trainer:
             sums += torch.stack([nn.functional.cross_entropy(output, target, reduction="sum"),
                                  hits[:, 0].sum().float(), hits.any(dim=1).sum().float()])
             samples += target.shape[0]
-            if batch % self.train_cfg["print_freq"] == 0:
-                self.progress.val_update(batch)
+            self.progress.val_update(batch)  # a host counter; the display decides when to redraw
         totals = torch.cat([sums, torch.full((1,), float(samples), device=sums.device)])
         loss_sum, top1, top5, count = self.world.sum(totals).tolist()
         self.progress.end_val()
