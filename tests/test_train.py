@@ -101,6 +101,7 @@ def test_sigkill_after_an_epoch_then_resume_gives_the_same_weights(image_folder:
     before = (resumed / "results.json").read_bytes()
     done = run_cli(*args, f"hydra.run.dir={resumed}")
     assert done.returncode == 0 and "already completed" in done.stdout
+    assert "resuming" not in done.stdout  # a finished run does not first claim to resume
     assert (resumed / "results.json").read_bytes() == before
 
 
