@@ -320,14 +320,17 @@ class Trainer:
         that reached the weights is divergence. DDP keeps the weights equal on every rank, so
         every rank reaches the same verdict without exchanging it.
         """
-        tensors = [t for t in itertools.chain(self.precision.master_params(self.model),
-                                              bare_model(self.model).buffers())
-                   if t.is_floating_point()]
-        if torch.stack([t.isfinite().all() for t in tensors]).all():
+        bare = bare_model(self.model)
+        named = [*zip((name for name, _ in bare.named_parameters()),
+                      self.precision.master_params(self.model)),
+                 *((name, b) for name, b in bare.named_buffers() if b.is_floating_point())]
+        if torch.stack([t.isfinite().all() for _, t in named]).all():  # one host sync
             return
-        raise ConfigError(f"training diverged: the weights are not finite at {where} "
+        name, bad = next((name, t) for name, t in named if not t.isfinite().all())
+        kind = "nan" if bad.isnan().any() else "inf"
+        raise ConfigError(f"training diverged: {kind} in {name} at {where} "
                           f"(optim.lr={self.cfg['optim']['lr']}); lower the lr or check the data; "
-                          "the last checkpoint is the last good one")
+                          "no checkpoint was written from these weights")
 
     def _maybe_checkpoint_mid_epoch(self, step: int) -> float:
         """Write a mid-epoch checkpoint when one is due, or stop on a signal; the seconds spent."""
