@@ -19,7 +19,8 @@ from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import record_failure
 
 log = logging.getLogger("imgtrain")
-MODES = ("train", "eval", "bench_data")
+MODES = ("train", "eval", "bench_data", "predict", "export")
+NO_DATASET = ("predict", "export")  # they read images or nothing, not dataset.root
 
 
 class JobFailed(CompactHydraException):
@@ -49,6 +50,11 @@ def check(config: dict[str, Any]) -> None:
             raise ConfigError(f"train.{key}={config['train'][key]} must be at least 1")
     if config["train"]["on_checkpoint_error"] not in ("fail", "warn"):
         raise ConfigError("train.on_checkpoint_error must be fail or warn")
+    if config["mode"] in NO_DATASET:
+        processes = int(config["world"]["nproc_per_node"]) * int(config["world"]["nnodes"])
+        if processes > 1:
+            raise ConfigError(f"mode={config['mode']} runs in one process; drop world=8p")
+        return
     config["dataset"]["num_classes"] = check_dataset(config["dataset"])
 
 

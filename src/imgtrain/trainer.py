@@ -22,6 +22,7 @@ from imgtrain.distributed import World
 from imgtrain.errors import ConfigError, Preempted
 from imgtrain.logger import RunLogger
 from imgtrain.precision import Precision
+from imgtrain.profiling import build_profiler
 from imgtrain.results import run_results
 
 log = logging.getLogger("imgtrain")
@@ -89,6 +90,7 @@ class Trainer:
         self.steps_per_epoch = epoch_steps(len(loaders.train), self.train_cfg["steps_per_epoch"])
         self._stop_requested = False
         self._last_checkpoint_time = time.monotonic()
+        self.profiler = build_profiler(self.train_cfg, output_dir, device, world)
 
     # ---- training -------------------------------------------------------------------------
     def _train_step(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -130,6 +132,7 @@ class Trainer:
             sums += batch
             window += batch
             throughput.step()
+            self.profiler.step()
             self.state.step_in_epoch, self.state.global_step = step + 1, self.state.global_step + 1
             if (step + 1) % self.train_cfg["print_freq"] == 0:
                 self._log_progress(epoch, step + 1, window, time.perf_counter() - window_start,
@@ -195,7 +198,7 @@ class Trainer:
         """Train the remaining epochs, evaluating and checkpointing after each; return the last metrics."""
         epochs = self.train_cfg["epochs"]
         val: dict[str, float] = self.state.history[-1] if self.state.history else {}
-        with self._preemption_signals():
+        with self._preemption_signals(), self.profiler:
             for epoch in range(self.state.epoch, epochs):
                 train = self.train_epoch(epoch)
                 val = self.evaluate()
@@ -236,7 +239,9 @@ class Trainer:
                       "timed_seconds": s.timed_seconds, "train_seconds": s.train_seconds},
             "identity": {"arch": self.cfg["model"]["arch"],
                          "num_classes": self.loaders.num_classes,
-                         "global_batch_size": self.global_batch},
+                         "global_batch_size": self.global_batch,
+                         "freeze": self.cfg["model"].get("freeze", "none")},
+            "class_names": self.loaders.class_names,  # for mode=predict|export
             "rng": checkpoint.rng_state(),
             "config": self.cfg,
         }

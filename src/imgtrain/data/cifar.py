@@ -14,6 +14,8 @@ from imgtrain.errors import ConfigError
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
+LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck"]
 
 
 def find_root(root: str, download: bool) -> Path:
@@ -51,6 +53,16 @@ def _load_batches(folder: Path, names: list[str]) -> tuple[np.ndarray, list[int]
     return np.concatenate(images), labels
 
 
+def label_names(folder: Path) -> list[str]:
+    """batches.meta's label names (CIFAR-10's own ten when a subset copy lacks the file)."""
+    try:
+        with open(folder / "batches.meta", "rb") as f:
+            names = pickle.load(f, encoding="latin1")["label_names"]
+        return [str(name) for name in names]
+    except (OSError, KeyError, pickle.UnpicklingError, EOFError, TypeError):
+        return list(LABEL_NAMES)
+
+
 class Cifar10(torch.utils.data.Dataset):
     """CIFAR-10 as uint8 CHW tensors; training adds a 4-pixel padded random crop and a flip."""
 
@@ -61,6 +73,7 @@ class Cifar10(torch.utils.data.Dataset):
         data, labels = _load_batches(folder, TRAIN_FILES if train else TEST_FILES)
         self.images, self.labels = torch.from_numpy(data), labels
         self.train = train
+        self.classes = label_names(folder)
 
     def __len__(self) -> int:
         return len(self.labels)
