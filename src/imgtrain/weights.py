@@ -80,6 +80,9 @@ def _load(file: Path) -> Any:
         with torch.serialization.safe_globals(SAFE_CLASSES):
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):  # not a torch.save file at all
+            raise ConfigError(f"model.weights {file} is not a PyTorch checkpoint or state dict "
+                              f"({type(exc).__name__})") from None
         refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
         what = f"it holds a {refused.group(1)} object, " if refused else ""
         keys = peek_keys(file)
@@ -100,6 +103,9 @@ class _Stub(dict):
 
     def __setstate__(self, state: Any) -> None:
         pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Stub":  # a stubbed function's result
+        return _Stub()
 
 
 class _Peeker(pickle.Unpickler):
