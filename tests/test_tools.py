@@ -171,7 +171,9 @@ def test_profile_writes_a_chrome_trace_and_training_goes_on(tmp_path: Path, caps
 
 
 @pytest.mark.slow
-def test_frozen_backbone_with_ddp_and_o2(  # O2: no masters for frozen weights, exact fp32 savedfine_tuned: dict, tmp_path: Path) -> None:
+def test_frozen_backbone_with_ddp_and_o2(fine_tuned: dict, tmp_path: Path) -> None:
+    """Two gloo processes (no unused-parameter error from DDP) and O2 (no fp32 masters for the
+    frozen weights: the checkpoint's exact fp32 values come from their CPU copy)."""
     source = tmp_path / "checkpoint.pth.tar"
     state = _pretrained_pth_tar(fine_tuned["root"], source)
     proc = run_cli(*NO_AMP, "amp=O2", *FOLDER, f"dataset.root={fine_tuned['root']}",

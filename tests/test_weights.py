@@ -73,7 +73,7 @@ def bare_state_dict(model: torch.nn.Module, ema: torch.nn.Module, path: Path) ->
 
 def _val_batch(root: Path) -> torch.Tensor:
     val = JpegFolder(str(root), "val", 32, train=False)
-    return torch.stack([val[i][0] for i in range(len(val))])
+    return torch.stack([val[i][0] for i in range(0, len(val), 4)])  # 8 images, 2 a class
 
 
 def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
