@@ -233,10 +233,10 @@ def for_mode(cfg: dict[str, Any]) -> WeightsFile | None:
             raise ConfigError(f"model.weights {weights.path} holds {weights.arch} weights, but "
                               f"model.arch={model_cfg['arch']} was asked for; drop that override "
                               "to use the checkpoint's arch")
-        log.info("model.arch=%s, from %s", weights.arch, weights.path.name)
+        log.info("using model.arch=%s from %s", weights.arch, weights.path.name)
         model_cfg["arch"] = weights.arch
     size = weights.image_size
     if size and size != cfg["dataset"]["image_size"] and "dataset.image_size" not in given:
-        log.info("dataset.image_size=%d, as the checkpoint was trained", size)
+        log.info("using dataset.image_size=%d from %s (as it was trained)", size, weights.path.name)
         cfg["dataset"]["image_size"] = size
     return weights
