@@ -84,12 +84,12 @@ def _load(file: Path) -> Any:
             raise ConfigError(f"model.weights {file} is not a PyTorch checkpoint or state dict "
                               f"({type(exc).__name__})") from None
         refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"it holds a {refused.group(1)} object, " if refused else ""
-        keys = peek_keys(file)
+        what = f"a {refused.group(1)} object" if refused else "objects"
+        keys = ", ".join(peek_keys(file)) or "unknown"
         raise ConfigError(
-            f"model.weights {file} cannot be loaded with weights_only=True: {what}which only "
-            f"code could rebuild (keys found: {', '.join(keys) or 'unknown'}); re-save just the "
-            "state dict, e.g. torch.save(checkpoint['state_dict'], 'weights.pth')") from None
+            f"model.weights {file} cannot be loaded with weights_only=True: it holds {what} that "
+            f"only running code could rebuild (keys found: {keys}); re-save just the state "
+            "dict, e.g. torch.save(checkpoint['state_dict'], 'weights.pth')") from None
     except Exception as exc:
         raise ConfigError(f"model.weights {file} is not a PyTorch checkpoint or state dict "
                           f"({type(exc).__name__})") from None
@@ -132,8 +132,9 @@ def peek_keys(file: Path) -> list[str]:
 def _describe(key: Any, value: Any) -> str:
     """A key, with the class of its value where that class is what weights_only refuses."""
     kind = type(value).__name__
-    plain = not isinstance(value, _Stub) or type(value) is _Stub or kind.startswith(
-        ("torch.", "collections."))
+    allowed = {f"{cls.__module__}.{cls.__qualname__}" for cls in SAFE_CLASSES}
+    plain = not isinstance(value, _Stub) or type(value) is _Stub or kind in allowed or \
+        kind.startswith(("torch.", "collections."))
     return str(key) if plain else f"{key} ({kind})"
 
 
