@@ -182,3 +182,9 @@ def test_frozen_backbone_with_ddp_and_o2(fine_tuned: dict, tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     model = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.equal(model[k], v) for k, v in state.items() if not k.startswith("fc."))
+
+
+def test_unknown_freeze_setting_is_refused() -> None:
+    from imgtrain.models import check_freeze
+    with pytest.raises(ConfigError, match="unknown model.freeze 'head'; choose one of none, backbone"):
+        check_freeze("head")

@@ -14,7 +14,7 @@ from imgtrain import device as devices
 from imgtrain.data import check_dataset
 from imgtrain.distributed import WorkerFailed, check_world, launch
 from imgtrain.errors import ConfigError, Preempted, one_line
-from imgtrain.models import check_arch
+from imgtrain.models import check_arch, check_freeze
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import record_failure
 
@@ -41,6 +41,7 @@ def check(config: dict[str, Any]) -> None:
     if config["mode"] not in MODES:
         raise ConfigError(f"unknown mode {config['mode']!r}; choose one of {', '.join(MODES)}")
     check_arch(config["model"]["arch"])
+    check_freeze(config["model"]["freeze"])
     device = devices.DeviceInfo(config["device"]["resolved"])
     dtype = resolve_dtype(config["amp"]["level"], str(config["amp"]["dtype"]), device)
     resolve_loss_scale(config["amp"]["level"], dtype, config["amp"]["loss_scale"])

@@ -22,16 +22,20 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
 FREEZE = ("none", "backbone")
 
 
+def check_freeze(what: str | None) -> str:
+    if what not in (None, *FREEZE):
+        raise ConfigError(f"unknown model.freeze {what!r}; choose one of {', '.join(FREEZE)}")
+    return what or "none"
+
+
 def freeze(model: nn.Module, what: str | None) -> None:
     """model.freeze=backbone: train only `fc`, as the seed's --pretrained does.
 
     The frozen part's BatchNorm layers stay in eval mode whenever the model is put in training
     mode, so their running statistics keep the loaded values.
     """
-    if what in (None, "none"):
+    if check_freeze(what) == "none":
         return
-    if what not in FREEZE:
-        raise ConfigError(f"unknown model.freeze {what!r}; choose one of {', '.join(FREEZE)}")
     for param in model.parameters():
         param.requires_grad_(False)
     for param in model.fc.parameters():
