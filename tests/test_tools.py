@@ -83,11 +83,9 @@ def test_fine_tune_trains_only_a_new_fc(fine_tuned: dict) -> None:
 
 def test_eval_takes_arch_and_size_from_the_checkpoint(fine_tuned: dict, tmp_path: Path) -> None:
     # The README's command: no model= and no dataset.image_size (the defaults: resnet152, 224 px).
-    proc = run_cli("device=cpu", "amp=O0", "dataset=imagenet", "dataset.workers=0",
-                   f"dataset.root={fine_tuned['root']}", "mode=eval", "train.batch_size=16",
-                   f"model.weights={fine_tuned['run_dir'] / 'checkpoints/last.pt'}",
-                   f"hydra.run.dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr
+    run_app(tmp_path, "device=cpu", "amp=O0", "dataset=imagenet", "dataset.workers=0",
+            f"dataset.root={fine_tuned['root']}", "mode=eval", "train.batch_size=16",
+            f"model.weights={fine_tuned['run_dir'] / 'checkpoints/last.pt'}")
     evaluated, trained = read_results(tmp_path), read_results(fine_tuned["run_dir"])
     assert evaluated["arch"] == "resnet18"
     assert evaluated["final_acc1"] == pytest.approx(trained["final_acc1"])
