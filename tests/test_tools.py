@@ -186,3 +186,14 @@ def test_unknown_freeze_setting_is_refused() -> None:
     from imgtrain.models import check_freeze
     with pytest.raises(ConfigError, match="unknown model.freeze 'head'; choose one of none, backbone"):
         check_freeze("head")
+
+
+def test_resume_with_another_freeze_is_refused(fine_tuned: dict, tmp_path: Path, capsys) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    saved = tmp_path / "checkpoints/last.pt"
+    saved.write_bytes((fine_tuned["run_dir"] / "checkpoints/last.pt").read_bytes())
+    with pytest.raises(SystemExit):
+        run_app(tmp_path, *TINY, *FOLDER, f"dataset.root={fine_tuned['root']}",
+                "model.freeze=none", "train.epochs=3")
+    assert "trained with freeze=backbone, this run has freeze=none" in capsys.readouterr().err
+    assert saved.read_bytes() == (fine_tuned["run_dir"] / "checkpoints/last.pt").read_bytes()
