@@ -275,3 +275,13 @@ def test_checkpoint_writes_are_left_out_of_images_per_sec(monkeypatch: pytest.Mo
         throughput.step()
     throughput.exclude(4.0)  # a mid-epoch checkpoint took 4 of those seconds
     assert throughput.finish(epoch_start=0.0) == (80, 6.0)
+
+
+def test_a_crafted_cifar_label_file_runs_nothing(tmp_path: Path) -> None:
+    root = make_cifar10(tmp_path / "data", per_class=1, test_per_class=1)
+    marker = tmp_path / "pwned"
+    (root / "cifar-10-batches-py" / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": _Payload(marker)}))
+    with pytest.raises(ConfigError, match="batches.meta"):
+        Cifar10(str(root), train=False)
+    assert not marker.exists()

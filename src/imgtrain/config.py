@@ -34,6 +34,11 @@ class TrainConfig:
     save_checkpoints: bool = True
     on_checkpoint_error: str = "fail"
     preempt_exit_code: int = 143
+    profile: bool = False
+    profile_wait: int = 1
+    profile_warmup: int = 1
+    profile_active: int = 3
+    profile_rank: int = 0
     # Test hooks (tests/test_distributed.py): rank fault_rank raises at global step fault_at_step,
     # only the first time when fault_once_file is set.
     fault_at_step: Optional[int] = None
@@ -87,6 +92,8 @@ class WorldConfig:
 class ModelConfig:
     arch: str = "resnet152"
     weights: Optional[str] = None
+    weights_key: Optional[str] = None
+    freeze: str = "none"
     channels_last: Any = "auto"  # auto | true | false
     compile: bool = False
 
@@ -112,6 +119,20 @@ class DatasetConfig:
 
 
 @dataclass
+class PredictConfig:
+    inputs: list[str] = field(default_factory=list)
+    topk: int = 5
+
+
+@dataclass
+class ExportConfig:
+    format: str = "onnx"
+    opset: int = 18
+    exporter: str = "auto"
+    batch: Any = "dynamic"  # dynamic | a batch size
+
+
+@dataclass
 class Config:
     mode: str = "train"
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -122,6 +143,8 @@ class Config:
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def linear_lr(base: float, global_batch: int, base_size: int) -> float:

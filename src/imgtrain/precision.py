@@ -90,6 +90,7 @@ class Precision:
             self.scaler = device.grad_scaler(init_scale=self.static_scale or 2.0 ** 16,
                                              dynamic=self.static_scale is None)
         self._pairs: list[tuple[nn.Parameter, nn.Parameter]] = []  # O2: (half param, fp32 master)
+        self._frozen_fp32: dict[int, torch.Tensor] = {}  # O2: frozen params' fp32 values by id
 
     @classmethod
     def from_config(cls, amp_cfg: Any, device: DeviceInfo) -> "Precision":
@@ -100,13 +101,17 @@ class Precision:
     def prepare(self, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
         """Make the model this level's shape; return it and the parameters the optimizer steps."""
         if self.level != "O2":
-            return model, list(model.parameters())
+            return model, [p for p in model.parameters() if p.requires_grad]
         _sync_from_rank0(model)
-        masters = [nn.Parameter(p.detach().clone().float()) for p in model.parameters()]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        masters = [nn.Parameter(p.detach().clone().float()) for p in trainable]
+        # Frozen parameters get no master; checkpoints save their exact fp32 values from a CPU copy.
+        self._frozen_fp32 = {id(p): p.detach().float().cpu().clone()
+                             for p in model.parameters() if not p.requires_grad}
         _keep_batchnorm_fp32(model, self.dtype)
         # BatchNorm's fp32 parameters are their own masters: the optimizer steps them in place.
         self._pairs = [(p, p if p.dtype == torch.float32 else m)
-                       for p, m in zip(model.parameters(), masters)]
+                       for p, m in zip(trainable, masters)]
         dtype = self.dtype
         # As apex O2's patched forward: half inputs in, fp32 outputs out, so callers never cast.
         model.register_forward_pre_hook(lambda _module, args: tuple(
@@ -158,15 +163,17 @@ class Precision:
         bare = bare_model(model)
         state = {key: value.detach().float() if value.is_floating_point() else value.detach()
                  for key, value in bare.state_dict().items()}
-        master_of = {id(half): master for half, master in self._pairs}
+        master_of = {**self._frozen_fp32, **{id(half): master for half, master in self._pairs}}
         for name, param in bare.named_parameters():
             if id(param) in master_of:
                 state[name] = master_of[id(param)].detach()
         return {key: value.cpu() for key, value in state.items()}
 
     def master_params(self, model: nn.Module) -> list[torch.Tensor]:
-        """The weights that hold the model's true values: O2's fp32 masters, else its parameters."""
-        return [master for _, master in self._pairs] or list(bare_model(model).parameters())
+        """Each parameter's true value, in the model's order: O2's fp32 master where it has one,
+        else the parameter itself."""
+        master_of = {id(half): master for half, master in self._pairs}
+        return [master_of.get(id(p), p) for p in bare_model(model).parameters()]
 
     @torch.no_grad()
     def load_full_precision_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -174,7 +181,8 @@ class Precision:
         masters at full precision (the model's half weights are their rounded copies)."""
         bare = bare_model(model)
         bare.load_state_dict(state)
-        master_of = {id(half): master for half, master in self._pairs if half is not master}
+        master_of = {**self._frozen_fp32,
+                     **{id(half): master for half, master in self._pairs if half is not master}}
         for name, param in bare.named_parameters():
             if id(param) in master_of:
                 master_of[id(param)].copy_(state[name])

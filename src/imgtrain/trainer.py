@@ -22,6 +22,7 @@ from imgtrain.errors import ConfigError, Preempted
 from imgtrain.logger import RunLogger
 from imgtrain.optim import build_scheduler
 from imgtrain.precision import Precision, bare_model
+from imgtrain.profiling import build_profiler
 from imgtrain.results import run_results
 
 log = logging.getLogger("imgtrain")
@@ -98,6 +99,7 @@ class Trainer:
         self.global_batch = loaders.per_rank_batch * world.world_size
         self.steps_per_epoch = epoch_steps(len(loaders.train), self.train_cfg["steps_per_epoch"])
         self._stop_requested = False
+        self.profiler = build_profiler(self.train_cfg, output_dir, device, world)
 
     # ---- training -------------------------------------------------------------------------
     def _train_step(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -144,6 +146,7 @@ class Trainer:
             window += batch
             window_steps += 1
             throughput.step()
+            self.profiler.step()
             self.state.step_in_epoch, self.state.global_step = step + 1, self.state.global_step + 1
             if (step + 1) % self.train_cfg["print_freq"] == 0:
                 self._log_progress(epoch, step + 1, window, window_steps,
@@ -215,7 +218,7 @@ class Trainer:
         metrics. A stop signal is acted on at an agreed step, or else at the epoch's end."""
         epochs = self.train_cfg["epochs"]
         val: dict[str, float] = self.state.history[-1] if self.state.history else {}
-        with self._preemption_signals():
+        with self._preemption_signals(), self.profiler:
             for epoch in range(self.state.epoch, epochs):
                 train = self.train_epoch(epoch)
                 val = self.evaluate()
@@ -260,7 +263,9 @@ class Trainer:
                       "timed_seconds": s.timed_seconds, "train_seconds": s.train_seconds},
             "identity": {"arch": self.cfg["model"]["arch"],
                          "num_classes": self.loaders.num_classes,
-                         "global_batch_size": self.global_batch},
+                         "global_batch_size": self.global_batch,
+                         "freeze": self.cfg["model"].get("freeze", "none")},
+            "class_names": self.loaders.class_names,  # for mode=predict|export
             "rng": rng_states,
             "config": self.cfg,
         }

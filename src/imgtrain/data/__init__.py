@@ -30,6 +30,7 @@ class Loaders:
     train_sampler: TrainSampler
     num_classes: int
     per_rank_batch: int
+    class_names: list[str] | None = None  # saved in checkpoints for predict and export
 
 
 def check_dataset(data_cfg: Any) -> int:
@@ -118,7 +119,8 @@ def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
                     drop_last=True)
     val = _loader(val_set, data_cfg, common, batch_size=per_rank_batch,
                   sampler=ExactValSampler(len(val_set), rank, world_size), drop_last=False)
-    return Loaders(train, val, train_sampler, num_classes, per_rank_batch)
+    return Loaders(train, val, train_sampler, num_classes, per_rank_batch,
+                   class_names=getattr(val_set, "classes", None))
 
 
 def _loader(dataset: Dataset, data_cfg: Any, common: dict[str, Any], **kwargs: Any) -> DataLoader:
