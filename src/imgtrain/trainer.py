@@ -95,7 +95,7 @@ class Trainer:
         with self.precision.autocast():
             output = self.model(self.normalize(images))
             loss = self.criterion(output.float(), target)
-        self.model.zero_grad(set_to_none=True)
+        self.precision.zero_grad(self.model, self.optimizer)
         self.precision.backward(loss)
         self.precision.step(self.optimizer)
         self.scheduler.step()
@@ -103,8 +103,7 @@ class Trainer:
         return loss.detach(), correct
 
     def _to_device(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        dev = self.device.torch_device
-        return images.to(dev, non_blocking=True), target.to(dev, non_blocking=True)
+        return self.device.copy_in(images), self.device.copy_in(target)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch, from the step a resumed checkpoint stopped at; return its metrics."""
@@ -113,8 +112,11 @@ class Trainer:
         sampler.set_epoch(epoch)
         first_step = self.state.step_in_epoch
         sampler.skip(first_step * self.loaders.per_rank_batch)  # not read, not decoded
-        sums = torch.zeros(3, device=self.device.torch_device)  # loss sum, correct, samples
-        window = torch.zeros(3, device=self.device.torch_device)
+        # Loss sum and correct count on the device; sample counts on the host, where they are known:
+        # a device tensor made from a host number each step would cost a host sync (#120996).
+        sums = torch.zeros(2, device=self.device.torch_device)
+        window = torch.zeros(2, device=self.device.torch_device)
+        samples = window_samples = 0
         throughput = _Throughput(self.device, self.train_cfg["fps_warmup_steps"], self.global_batch)
         data_time, epoch_start = 0.0, time.perf_counter()
         window_start, end = epoch_start, epoch_start
@@ -125,27 +127,29 @@ class Trainer:
             data_time += time.perf_counter() - end
             self._fault_injection(step)
             loss, correct = self._train_step(*self._to_device(images, target))
-            batch = torch.stack([loss * target.numel(), correct.float(),
-                                 torch.tensor(float(target.numel()), device=loss.device)])
+            batch = torch.stack([loss * target.numel(), correct.float()])
             sums += batch
             window += batch
+            samples, window_samples = samples + target.numel(), window_samples + target.numel()
             throughput.step()
             self.state.step_in_epoch, self.state.global_step = step + 1, self.state.global_step + 1
             if (step + 1) % self.train_cfg["print_freq"] == 0:
-                self._log_progress(epoch, step + 1, window, time.perf_counter() - window_start,
-                                   data_time)
+                self._log_progress(epoch, step + 1, window, window_samples,
+                                   time.perf_counter() - window_start, data_time)
                 window.zero_()
+                window_samples = 0
                 window_start = time.perf_counter()
             self._maybe_checkpoint_mid_epoch(step + 1)
             end = time.perf_counter()
         if self.state.step_in_epoch % self.train_cfg["print_freq"]:  # the epoch's last few steps
-            self._log_progress(epoch, self.state.step_in_epoch, window,
+            self._log_progress(epoch, self.state.step_in_epoch, window, window_samples,
                                time.perf_counter() - window_start, data_time)
         images_timed, seconds_timed = throughput.finish(epoch_start)
         self.state.timed_images += images_timed
         self.state.timed_seconds += seconds_timed
         self.state.train_seconds += time.perf_counter() - epoch_start
-        loss_sum, correct, count = self.world.sum(sums).tolist()
+        totals = torch.cat([sums, sums.new_tensor([samples])])  # once an epoch
+        loss_sum, correct, count = self.world.sum(totals).tolist()
         # Checked on the all-reduced sum, so every rank stops together, before a NaN checkpoint.
         if not math.isfinite(loss_sum):
             raise ConfigError(f"training diverged: the loss of epoch {epoch + 1} is {loss_sum} "
@@ -156,9 +160,9 @@ class Trainer:
                 "images_per_sec": images_timed / max(seconds_timed, 1e-9),
                 "data_time": data_time / steps_run}
 
-    def _log_progress(self, epoch: int, step: int, window: torch.Tensor, seconds: float,
-                      data_time: float) -> None:
-        loss_sum, correct, count = window.tolist()  # the one host sync every print_freq steps
+    def _log_progress(self, epoch: int, step: int, window: torch.Tensor, count: int,
+                      seconds: float, data_time: float) -> None:
+        loss_sum, correct = window.tolist()  # the one host sync every print_freq steps
         images_per_sec = count * self.world.world_size / max(seconds, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]
         loss, acc1 = loss_sum / max(count, 1), 100.0 * correct / max(count, 1)
@@ -175,7 +179,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Loss, Acc@1 and Acc@5 over the whole validation set, each sample counted exactly once."""
         self.model.eval()
-        sums = torch.zeros(4, device=self.device.torch_device)  # loss sum, top1, top5, samples
+        sums = torch.zeros(3, device=self.device.torch_device)  # loss sum, top1, top5
+        samples = 0  # on the host: no device tensor from a host number per batch
         for images, target in self.loaders.val:
             images, target = self._to_device(images, target)
             with self.precision.autocast():
@@ -183,9 +188,10 @@ class Trainer:
             k = min(5, output.shape[1])
             hits = output.topk(k, dim=1).indices == target[:, None]
             sums += torch.stack([nn.functional.cross_entropy(output, target, reduction="sum"),
-                                 hits[:, 0].sum().float(), hits.any(dim=1).sum().float(),
-                                 torch.tensor(float(target.numel()), device=output.device)])
-        loss_sum, top1, top5, count = self.world.sum(sums).tolist()
+                                 hits[:, 0].sum().float(), hits.any(dim=1).sum().float()])
+            samples += target.numel()
+        totals = torch.cat([sums, sums.new_tensor([samples])])
+        loss_sum, top1, top5, count = self.world.sum(totals).tolist()
         count = max(count, 1.0)
         return {"loss": loss_sum / count, "acc1": 100.0 * top1 / count,
                 "acc5": 100.0 * top5 / count, "samples": int(count)}

@@ -17,7 +17,7 @@ from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, 
 from imgtrain.errors import ConfigError
 from imgtrain.logger import NullLogger, RunLogger, setup_logging
 from imgtrain.models import build_model, load_weights
-from imgtrain.optim import build_optimizer, build_scheduler
+from imgtrain.optim import build_optimizer, build_scheduler, load_optimizer_state
 from imgtrain.precision import Precision
 from imgtrain.results import run_results
 from imgtrain.errors import Preempted
@@ -33,6 +33,7 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
     out = Path(output_dir)
     setup_logging(out, world.is_main)
     device = devices.for_local_rank(cfg["device"]["resolved"], world.local_rank)
+    device.apply_settings(cfg["device"])
     logger = RunLogger(out) if world.is_main else NullLogger()
     with process_group(world, device):
         try:
@@ -118,7 +119,7 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
 def _restore(saved: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
              precision: Precision, cfg: dict[str, Any]) -> TrainState:
     """Load optimizer, schedule, scaler and RNG; then apply this run's optim settings (#816)."""
-    optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     precision.load_state_dict(saved["precision"])
     checkpoint.set_rng_state(saved["rng"])
