@@ -2,6 +2,7 @@
 batches, /dev/shm space for the batch pool, and the rendezvous port of a multi-node run."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import types
 from pathlib import Path
@@ -91,3 +92,26 @@ def test_several_nodes_need_a_master_port():
     assert "\n" not in str(info.value)
     distributed.check_world({**world, "master_port": 29500}, "cpu", 2)
     distributed.check_world({**world, "nnodes": 1, "node_rank": 0}, "cpu", 2)  # one node: free port
+
+
+@pytest.mark.slow
+def test_accelerator_check_runs_end_to_end_on_the_cpu(tmp_path: Path):
+    """`benchmarks/accelerator_check.py --device cpu --quick`: every section of the report, each
+    check passing; without --device cpu on a host with no accelerator it stops with one line."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    script = str(REPO / "benchmarks" / "accelerator_check.py")
+    if not (torch.cuda.is_available() or importlib.util.find_spec("torch_npu")):
+        proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "no accelerator here" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--quick", "--work-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = proc.stdout
+    for section in ("## Environment", "## Training throughput", "## Host syncs", "## Overflow",
+                    "## Resume and eval", "## Batch pool"):
+        assert section in report
+    assert "| O0 | auto | 0 |" in report and "| O2 | bfloat16 | 0 |" in report
+    assert report.count("**pass**") == 2 and "**identical**" in report
