@@ -55,7 +55,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
-    fused: bool = False
+    fused: Any = "auto"  # auto | true | false
 
 
 @dataclass
@@ -76,6 +76,7 @@ class AmpConfig:
 @dataclass
 class DeviceConfig:
     name: str = "auto"
+    cudnn_benchmark: bool = True
 
 
 @dataclass

@@ -127,17 +127,46 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    def zero_grad(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Clear the gradients before a backward pass.
+
+        Normally they are dropped (set to None). An optimizer that keeps its own views of the
+        gradients (torch_npu's fused optimizers copy every `.grad` into one flat buffer on their
+        first step and read only that buffer afterwards) gets them zeroed in place instead:
+        replacing a `.grad` would leave it stepping a stale buffer from then on.
+        """
+        if not keeps_gradient_views(optimizer):
+            model.zero_grad(set_to_none=True)
+            return
+        optimizer.zero_grad(set_to_none=False)  # the stepped gradients, in place
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for param in model.parameters():
+            if id(param) not in stepped:  # O2's half weights: copied into the masters' .grad
+                param.grad = None
+
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step (unless gradients overflowed), update the scale, and refresh O2's half weights.
 
-        The scaler unscales and checks the fp32 masters' gradients, so an fp16 gradient that
-        overflowed reaches it as inf and the step is skipped before any weight changes.
+        With a loss scale, imgtrain checks the unscaled gradients itself and skips a step whose
+        gradients are not finite, whatever the scaler would do (torch_npu's static scaler applies
+        such a step). torch's fused SGD reads that verdict on the device, so the step costs no host
+        sync; other optimizers need one read of it on the host.
         """
         self._grads_to_masters()
         if self.scaler is None:
             optimizer.step()
         else:
-            self.scaler.step(optimizer)
+            self.scaler.unscale_(optimizer)
+            found_inf = _non_finite(optimizer)
+            if getattr(optimizer, "_step_supports_amp_scaling", False):
+                # The GradScaler contract for fused optimizers: they skip the step on the device.
+                optimizer.grad_scale, optimizer.found_inf = None, found_inf
+                try:
+                    optimizer.step()
+                finally:
+                    del optimizer.grad_scale, optimizer.found_inf
+            elif not found_inf.item():
+                optimizer.step()
             self.scaler.update(self.static_scale)  # a static scale is re-pinned; dynamic adapts
         self._masters_to_model()
 
@@ -148,9 +177,18 @@ class Precision:
 
     @torch.no_grad()
     def _grads_to_masters(self) -> None:
+        """Copy O2's half gradients into the masters' existing `.grad` (an optimizer may hold views
+        of it), or give a master its first one."""
         for half, master in self._pairs:
-            if half is not master:
-                master.grad = None if half.grad is None else half.grad.float()
+            if half is master:
+                continue
+            if half.grad is None:
+                if master.grad is not None:
+                    master.grad.zero_()
+            elif master.grad is None:
+                master.grad = half.grad.float()
+            else:
+                master.grad.copy_(half.grad)
 
     @torch.no_grad()
     def _masters_to_model(self) -> None:
@@ -197,6 +235,33 @@ class Precision:
             return
         # torch_npu's scaler also wants its `dynamic` flag, which a GPU checkpoint lacks.
         self.scaler.load_state_dict({**saved, "dynamic": True})
+
+
+def keeps_gradient_views(optimizer: torch.optim.Optimizer) -> bool:
+    """torch_npu's fused optimizers (NpuFusedOptimizerBase sets is_fused_optimizer)."""
+    return bool(getattr(optimizer, "is_fused_optimizer", False))
+
+
+@torch.no_grad()
+def _non_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """1.0 on the device if any gradient the optimizer steps holds an inf or a nan, else 0.0.
+
+    One fused pass per dtype (the kernel GradScaler unscales with, here with a scale of 1), no
+    host sync. A process drives one device, so every gradient is on the same one.
+    """
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+    if not by_dtype:
+        return torch.zeros(())
+    device = next(iter(by_dtype.values()))[0].device
+    found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    one = torch.ones((), dtype=torch.float32, device=device)
+    for grads in by_dtype.values():
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
+    return found_inf
 
 
 def _sync_from_rank0(model: nn.Module) -> None:

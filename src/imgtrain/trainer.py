@@ -20,7 +20,7 @@ from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
 from imgtrain.errors import ConfigError, Preempted
 from imgtrain.logger import RunLogger
-from imgtrain.optim import build_scheduler
+from imgtrain.optim import build_scheduler, load_optimizer_state
 from imgtrain.precision import Precision, bare_model
 from imgtrain.profiling import build_profiler
 from imgtrain.results import run_results
@@ -106,7 +106,7 @@ class Trainer:
         with self.precision.autocast():
             output = self.model(self.normalize(images))
             loss = self.criterion(output.float(), target)
-        self.model.zero_grad(set_to_none=True)
+        self.precision.zero_grad(self.model, self.optimizer)
         self.precision.backward(loss)
         self.precision.step(self.optimizer)
         self.scheduler.step()
@@ -114,8 +114,7 @@ class Trainer:
         return loss.detach(), correct
 
     def _to_device(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        dev = self.device.torch_device
-        return images.to(dev, non_blocking=True), target.to(dev, non_blocking=True)
+        return self.device.copy_in(images), self.device.copy_in(target)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch, from the step a resumed checkpoint stopped at; return its metrics."""
@@ -277,7 +276,7 @@ class Trainer:
         and the schedule continues at the saved step with them.
         """
         self.precision.load_full_precision_state(self.model, saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(self.optimizer, saved["optimizer"])
         self.precision.load_state_dict(saved["precision"])
         self.state = TrainState(**saved["state"])
         self._restore_rng(saved["rng"])

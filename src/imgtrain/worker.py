@@ -32,6 +32,7 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
     out = Path(output_dir)
     setup_logging(out, world.is_main)
     device = devices.for_local_rank(cfg["device"]["resolved"], world.local_rank)
+    device.apply_settings(cfg["device"])
     logger = RunLogger(out) if world.is_main else NullLogger()
     with process_group(world, device):
         try:
