@@ -194,6 +194,8 @@ def test_lr_follows_the_global_batch_unless_set(compose: Any, overrides: list[st
 
 def test_a_warmup_longer_than_the_run_is_a_warning(compose: Any,
                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from imgtrain.logger import close_logging
+    close_logging()  # whatever an earlier in-process run left attached
     config = app.resolve(compose(*SMALL, "sched.warmup_epochs=5"), [])
     app.warn_about(config)
     assert "sched.warmup_epochs=5" in caplog.text and "train.epochs=2" in caplog.text

@@ -14,7 +14,7 @@ from imgtrain import checkpoint, device as devices, weights as model_weights
 from imgtrain.data import build_loaders, cpu_cores
 from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, process_group,
                                   world_from_env)
-from imgtrain.logger import NullLogger, RunLogger, setup_logging
+from imgtrain.logger import NullLogger, RunLogger, close_logging, setup_logging
 from imgtrain.models import build_model, freeze
 from imgtrain.optim import build_optimizer, build_scheduler
 from imgtrain.precision import Precision
@@ -43,6 +43,7 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
             raise
         finally:
             logger.close()
+            close_logging()
 
 
 def _share_cpu_threads(world: World) -> None:
