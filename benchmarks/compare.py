@@ -4,11 +4,15 @@ Two comparisons, each a ratio (imgtrain / reference) measured in interleaved rou
 from other processes hits both sides alike; the table reports the median of the per-round ratios.
 
 - step time: `python run.py dataset=synthetic` training images/sec against bare_loop.py, on the
-  same arch, image size, batch, class count and device (fp32, the CPU here).
+  same arch, image size, batch, class count and device: fp32 on the CPU; with `--device gpu|npu`,
+  ResNet-50 and ResNet-152 at 224 px with float16 autocast (amp=O1) and channels_last on both
+  sides, on the accelerator.
 - loader: `python run.py mode=bench_data` on a folder of ImageNet-sized JPEGs (500x375, quality
   90, about 100 KB each) against loader_baseline.py, with the same worker count and batch size.
 
-usage: python benchmarks/compare.py [--rounds 3] [--quick] [--reference-dir DIR]
+The loader comparison is host work and always runs with device=cpu.
+
+usage: python benchmarks/compare.py [--rounds 3] [--quick] [--device cpu|gpu|npu] [--reference-dir DIR]
 """
 from __future__ import annotations
 
@@ -32,6 +36,11 @@ DEFAULT_REFERENCE = REPO.parent / "shared" / "reference"
 # The issue's two step-time shapes: (arch, image size, batch, timed steps). A resnet18 step is
 # about 4x shorter, so it gets more steps: each timed window lasts several seconds.
 STEP_SHAPES = [("resnet18", 32, 64, 60), ("resnet50", 64, 32, 20)]
+# On an accelerator: the shapes the recipe trains, in mixed precision with channels_last.
+ACCELERATOR_SHAPES = [("resnet50", 224, 256, 40), ("resnet152", 224, 128, 30)]
+ACCELERATOR_WARMUP = 10
+# imgtrain's device names -> torch's, as bare_loop.py takes them
+TORCH_DEVICE = {"cpu": "cpu", "gpu": "cuda", "npu": "npu"}
 LOADER_WORKERS = [1, 2]
 
 
@@ -83,8 +92,8 @@ def run_json(command: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
-def imgtrain_run(overrides: list[str], out: Path) -> dict:
-    command = [sys.executable, str(REPO / "run.py"), "device=cpu", *overrides,
+def imgtrain_run(overrides: list[str], out: Path, device: str = "cpu") -> dict:
+    command = [sys.executable, str(REPO / "run.py"), f"device={device}", *overrides,
                f"hydra.run.dir={out}"]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -93,17 +102,22 @@ def imgtrain_run(overrides: list[str], out: Path) -> dict:
 
 
 def step_pair(arch: str, size: int, batch: int, timed_steps: int, sizes: Sizes, reference: Path,
-              out: Path) -> tuple[float, float]:
+              out: Path, device: str = "cpu") -> tuple[float, float]:
     """(bare loop, imgtrain) training images/sec, each timed after the same number of warm-up steps."""
+    accelerator = device != "cpu"
+    warmup = max(sizes.warmup_steps, ACCELERATOR_WARMUP) if accelerator else sizes.warmup_steps
+    like = ["--amp", "fp16", "--channels-last"] if accelerator else []
     bare = run_json([sys.executable, str(reference / "bare_loop.py"), "--arch", arch,
                      "--image-size", str(size), "--batch-size", str(batch), "--num-classes", "10",
-                     "--steps", str(timed_steps), "--warmup", str(sizes.warmup_steps)])
-    steps = sizes.warmup_steps + timed_steps
+                     "--steps", str(timed_steps), "--warmup", str(warmup),
+                     "--device", TORCH_DEVICE[device], *like])
+    steps = warmup + timed_steps
+    precision = ["amp=O1", "model.channels_last=true"] if accelerator else ["amp=O0"]
     ours = imgtrain_run([
-        "dataset=synthetic", f"model={arch}", "amp=O0", f"dataset.image_size={size}",
+        "dataset=synthetic", f"model={arch}", *precision, f"dataset.image_size={size}",
         f"train.batch_size={batch}", "dataset.num_classes=10", f"dataset.train_size={batch * steps}",
         f"dataset.val_size={batch}", "train.epochs=1", f"train.steps_per_epoch={steps}",
-        f"train.fps_warmup_steps={sizes.warmup_steps}"], out)
+        f"train.fps_warmup_steps={warmup}"], out, device)
     return bare["images_per_sec"], ours["images_per_sec"]
 
 
@@ -143,11 +157,13 @@ class Row:
                 f">= {self.target:.2f}x | {verdict} |")
 
 
-def measure(rounds: int, sizes: Sizes, reference: Path, work: Path, quick: bool) -> list[Row]:
+def measure(rounds: int, sizes: Sizes, reference: Path, work: Path, quick: bool,
+            device: str = "cpu") -> list[Row]:
     """Every comparison once per round, rounds interleaved, so slow spells hit all pairs alike."""
-    shapes, loader_workers = STEP_SHAPES, LOADER_WORKERS
+    shapes = STEP_SHAPES if device == "cpu" else ACCELERATOR_SHAPES
+    loader_workers = LOADER_WORKERS
     if quick:  # one of each kind, tiny: the script runs end to end, nothing is measured
-        shapes, loader_workers = [(arch, 32, 4, 2) for arch, *_ in STEP_SHAPES[:1]], [1]
+        shapes, loader_workers = [(arch, 32, 4, 2) for arch, *_ in shapes[:1]], [1]
     rows = {**{f"step {a} {s}px batch {b}": Row(f"step: {a}, {s} px, batch {b} (vs bare_loop)",
                                                  [], [], 0.97) for a, s, b, _ in shapes},
             **{f"loader {w}": Row(f"loader: {w} worker{'s' * (w > 1)}, batch "
@@ -158,13 +174,13 @@ def measure(rounds: int, sizes: Sizes, reference: Path, work: Path, quick: bool)
     for round_index in range(rounds):
         for arch, size, batch, timed_steps in shapes:
             pair = step_pair(arch, size, batch, timed_steps, sizes, reference,
-                             work / f"run-{round_index}-{arch}")
+                             work / f"run-{round_index}-{arch}", device)
             _record(rows[f"step {arch} {size}px batch {batch}"], pair, round_index)
         for workers in loader_workers:
             pair = loader_pair(root, workers, sizes, reference, work / f"data-{round_index}-{workers}")
             _record(rows[f"loader {workers}"], pair, round_index)
         # The table so far, so an interrupted session still has its medians.
-        print(table(list(rows.values()), round_index + 1, time.perf_counter() - started),
+        print(table(list(rows.values()), round_index + 1, time.perf_counter() - started, device),
               file=sys.stderr, flush=True)
     return list(rows.values())
 
@@ -176,11 +192,34 @@ def _record(row: Row, pair: tuple[float, float], round_index: int) -> None:
           f"img/s ({pair[1] / pair[0]:.2f}x)", file=sys.stderr, flush=True)
 
 
-def table(rows: list[Row], rounds: int, seconds: float) -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def device_present(device: str) -> bool:
+    """Whether this host can run the device (the npu check imports torch_npu, as imgtrain does)."""
+    if device == "cpu":
+        return True
+    sys.path.insert(0, str(REPO / "src"))
+    from imgtrain.device import resolve_name
+    from imgtrain.errors import ConfigError
+    try:
+        return resolve_name(device) == device
+    except ConfigError:
+        return False
+
+
+def device_name(device: str) -> str:
+    if device == "cpu":
+        return f"{platform.processor() or platform.machine()}, {_cores()} cores"
+    import torch
+    return getattr(torch, TORCH_DEVICE[device]).get_device_name(0)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def table(rows: list[Row], rounds: int, seconds: float, device: str = "cpu") -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    header = [f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {platform.processor() or platform.machine()}, "
-              f"{cores} cores, torch {_torch_version()}; {rounds} interleaved rounds in "
+    header = [f"{time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {device_name(device)}, "
+              f"torch {_torch_version()}; {rounds} interleaved rounds in "
               f"{seconds / 60:.1f} min; load average at the end {load:.1f}",
               "",
               "| comparison | reference img/s | imgtrain img/s | ratio (median) | ratio range | "
@@ -199,14 +238,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not a measurement")
     parser.add_argument("--reference-dir", type=Path, default=DEFAULT_REFERENCE)
+    parser.add_argument("--device", choices=sorted(TORCH_DEVICE), default="cpu",
+                        help="where the step-time pairs run (the loader pairs stay on the CPU)")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
+    if not device_present(args.device):
+        sys.exit(f"compare.py: --device {args.device} but no {args.device.upper()} is visible "
+                 "here; run it on a host with one, or use --device cpu")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="imgtrain-bench-") as tmp:
         work = args.work_dir or Path(tmp)
-        rows = measure(args.rounds, sizes, args.reference_dir, work, args.quick)
-    print(table(rows, args.rounds, time.perf_counter() - started))
+        rows = measure(args.rounds, sizes, args.reference_dir, work, args.quick, args.device)
+    print(table(rows, args.rounds, time.perf_counter() - started, args.device))
 
 
 if __name__ == "__main__":

@@ -22,13 +22,23 @@ from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
 
 
+class FakeNpuScaler:
+    """Stands in for torch_npu's GradScaler: records how it was made and configured."""
+
+    def __init__(self, **kwargs) -> None:
+        self.kwargs, self.growth_interval = kwargs, 2000
+
+    def set_growth_interval(self, interval: int) -> None:
+        self.growth_interval = interval
+
+
 class Recorder:
     """Stands in for torch.npu (or torch.cuda's functions): records what the device module calls."""
 
     def __init__(self, available: bool = True, count: int = 8) -> None:
         self.calls: list[tuple] = []
         self.available, self.count = available, count
-        self.amp = types.SimpleNamespace(GradScaler=lambda **kw: ("npu-scaler", kw))
+        self.amp = types.SimpleNamespace(GradScaler=FakeNpuScaler)
 
     def set_device(self, device: str) -> None:
         self.calls.append(("set_device", device))
@@ -111,10 +121,14 @@ def test_cpu_has_no_device_module_and_nothing_to_synchronize(monkeypatch: pytest
     info.synchronize()
 
 
-def test_npu_static_scale_uses_torch_npus_own_static_mode(fake_npu: Recorder):
-    assert DeviceInfo("npu", 0).grad_scaler(1024.0, dynamic=False) == \
-        ("npu-scaler", {"init_scale": 1024.0, "dynamic": False})
-    assert DeviceInfo("npu", 0).grad_scaler(2.0 ** 16)[1]["dynamic"] is True
+def test_npu_static_scale_never_uses_torch_npus_static_mode(fake_npu: Recorder):
+    """torch_npu's dynamic=False applies overflowed steps: a static scale is its dynamic mode with
+    growth out of reach (Precision re-pins the scale), as with torch.amp's scaler."""
+    static = DeviceInfo("npu", 0).grad_scaler(1024.0, dynamic=False)
+    assert static.kwargs == {"init_scale": 1024.0, "dynamic": True}
+    assert static.growth_interval >= 1 << 30
+    dynamic = DeviceInfo("npu", 0).grad_scaler(2.0 ** 16)
+    assert dynamic.kwargs["dynamic"] is True and dynamic.growth_interval == 2000
 
 
 def test_torch_scaler_static_never_grows_and_dynamic_does():
@@ -140,7 +154,7 @@ def test_npu_env_defaults_are_set_only_where_unset(fake_npu: Recorder,
                                                    monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HCCL_CONNECT_TIMEOUT", "300")
     assert devices.resolve_name("npu") == "npu"
-    assert os.environ["TASK_QUEUE_ENABLE"] == "1"
+    assert os.environ["TASK_QUEUE_ENABLE"] == "2"  # Ascend's recommendation; torch_npu's default is 1
     assert os.environ["HCCL_CONNECT_TIMEOUT"] == "300"
 
 

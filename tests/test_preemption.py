@@ -31,6 +31,15 @@ def one_epoch_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RUN trained without interruption: the weights every stopped-and-resumed RUN must end with
+    (print points, checkpoints and loader workers change no number of the training)."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    assert run_cli(*RUN, "dataset.workers=0", f"hydra.run.dir={run_dir}").returncode == 0
+    return run_dir
+
+
 def _copy_of(run_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
@@ -61,11 +70,10 @@ def _wait_for_log(proc: subprocess.Popen, run_dir: Path, pattern: str) -> None:
 
 
 @pytest.mark.parametrize("workers,sig", [(0, signal.SIGTERM), (2, signal.SIGUSR1)])
-def test_a_signal_mid_epoch_two_then_resume_gives_the_same_weights(tmp_path: Path, workers: int,
-                                                                   sig: signal.Signals) -> None:
+def test_a_signal_mid_epoch_two_then_resume_gives_the_same_weights(
+        straight_run: Path, tmp_path: Path, workers: int, sig: signal.Signals) -> None:
     args = [*RUN, f"dataset.workers={workers}"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
+    straight, stopped = straight_run, tmp_path / "stopped"
 
     proc = _start(args, stopped)
     _wait_for_log(proc, stopped, r"epoch 2 \[4/10\]")
@@ -83,10 +91,10 @@ def test_a_signal_mid_epoch_two_then_resume_gives_the_same_weights(tmp_path: Pat
     assert _max_diff(straight / "checkpoints/last.pt", stopped / "checkpoints/last.pt") <= 1e-6
 
 
-def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path: Path) -> None:
+def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(straight_run: Path,
+                                                                   tmp_path: Path) -> None:
     args = [*RUN, "dataset.workers=0", "train.print_freq=1", "train.checkpoint_every_steps=3"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
+    straight, killed = straight_run, tmp_path / "killed"
 
     proc = _start(args, killed)
     _wait_for_log(proc, killed, r"epoch 2 \[5/10\]")  # global step 15: one step past a checkpoint
@@ -101,10 +109,10 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path: Pat
     assert _max_diff(straight / "checkpoints/last.pt", killed / "checkpoints/last.pt") <= 1e-6
 
 
-def test_a_second_signal_during_the_save_changes_nothing(tmp_path: Path) -> None:
-    args = [*RUN, "dataset.workers=0", "train.epochs=2"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
+def test_a_second_signal_during_the_save_changes_nothing(straight_run: Path,
+                                                         tmp_path: Path) -> None:
+    args = [*RUN, "dataset.workers=0"]
+    straight, stopped = straight_run, tmp_path / "stopped"
     proc = _start(args, stopped)
     _wait_for_log(proc, stopped, r"epoch 2 \[2/10\]")
     proc.send_signal(signal.SIGTERM)

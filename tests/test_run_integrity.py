@@ -194,6 +194,8 @@ def test_lr_follows_the_global_batch_unless_set(compose: Any, overrides: list[st
 
 def test_a_warmup_longer_than_the_run_is_a_warning(compose: Any,
                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from imgtrain.logger import close_logging
+    close_logging()  # whatever an earlier in-process run left attached
     config = app.resolve(compose(*SMALL, "sched.warmup_epochs=5"), [])
     app.warn_about(config)
     assert "sched.warmup_epochs=5" in caplog.text and "train.epochs=2" in caplog.text
@@ -263,3 +265,25 @@ def test_the_pool_resumes_when_the_dataloader_cannot_start(monkeypatch: pytest.M
     with pytest.raises(RuntimeError):
         iter(loader)
     assert int(pool.state[0]) == 3  # not left paused at 0, where no worker could claim a segment
+
+
+def test_checkpoint_writes_are_left_out_of_images_per_sec(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgtrain import trainer as trainer_module
+
+    clock = iter([0.0, 10.0])  # the timed window opens at 0 and closes at 10 s
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(clock))
+    throughput = trainer_module._Throughput(DeviceInfo("cpu"), warmup=1, global_batch=8)
+    for _ in range(11):
+        throughput.step()
+    throughput.exclude(4.0)  # a mid-epoch checkpoint took 4 of those seconds
+    assert throughput.finish(epoch_start=0.0) == (80, 6.0)
+
+
+def test_a_crafted_cifar_label_file_runs_nothing(tmp_path: Path) -> None:
+    root = make_cifar10(tmp_path / "data", per_class=1, test_per_class=1)
+    marker = tmp_path / "pwned"
+    (root / "cifar-10-batches-py" / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": _Payload(marker)}))
+    with pytest.raises(ConfigError, match="batches.meta"):
+        Cifar10(str(root), train=False)
+    assert not marker.exists()

@@ -34,6 +34,7 @@ def test_image_folder_trains_well_above_chance(image_folder: Path, tmp_path: Pat
 
 def test_cifar10_pickles_train_well_above_chance(cifar_root: Path, tmp_path: Path) -> None:
     proc = run_cli(*TINY, "dataset=cifar10", f"dataset.root={cifar_root}", "train.epochs=3",
+                   "train.save_checkpoints=false",
                    "train.batch_size=20", "optim.lr=0.05", "sched.warmup_epochs=0",
                    f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
@@ -46,6 +47,7 @@ def test_quickstart_writes_results_and_tensorboard_tags(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     proc = run_cli("experiment=quickstart", "dataset.train_size=640", "train.epochs=2",
+                   "train.save_checkpoints=false",
                    f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     results = read_results(tmp_path)

@@ -15,12 +15,13 @@ from imgtrain.config import lr_rule, unknown_keys
 from imgtrain.data import check_dataset
 from imgtrain.distributed import WorkerFailed, check_world, launch
 from imgtrain.errors import ConfigError, Preempted, one_line
-from imgtrain.models import check_arch
+from imgtrain.models import check_arch, check_freeze
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import RESULTS, read as read_results, record_failure
 
 log = logging.getLogger("imgtrain")
-MODES = ("train", "eval", "bench_data")
+MODES = ("train", "eval", "bench_data", "predict", "export")
+NO_DATASET = ("predict", "export")  # they read images or nothing, not dataset.root
 
 
 class JobFailed(CompactHydraException):
@@ -46,6 +47,7 @@ def check(config: dict[str, Any]) -> None:
     if config["mode"] not in MODES:
         raise ConfigError(f"unknown mode {config['mode']!r}; choose one of {', '.join(MODES)}")
     check_arch(config["model"]["arch"])
+    check_freeze(config["model"]["freeze"])
     device = devices.DeviceInfo(config["device"]["resolved"])
     dtype = resolve_dtype(config["amp"]["level"], str(config["amp"]["dtype"]), device)
     resolve_loss_scale(config["amp"]["level"], dtype, config["amp"]["loss_scale"])
@@ -55,6 +57,11 @@ def check(config: dict[str, Any]) -> None:
             raise ConfigError(f"train.{key}={config['train'][key]} must be at least 1")
     if config["train"]["on_checkpoint_error"] not in ("fail", "warn"):
         raise ConfigError("train.on_checkpoint_error must be fail or warn")
+    if config["mode"] in NO_DATASET:
+        processes = int(config["world"]["nproc_per_node"]) * int(config["world"]["nnodes"])
+        if processes > 1:
+            raise ConfigError(f"mode={config['mode']} runs in one process; drop world=8p")
+        return
     config["dataset"]["num_classes"] = check_dataset(config["dataset"])
 
 

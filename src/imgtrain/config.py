@@ -35,6 +35,11 @@ class TrainConfig:
     on_checkpoint_error: str = "fail"
     preempt_exit_code: int = 143
     memory_check: bool = True  # estimate peak memory before training (memory.py)
+    profile: bool = False
+    profile_wait: int = 1
+    profile_warmup: int = 1
+    profile_active: int = 3
+    profile_rank: int = 0
     # Test hooks (tests/test_distributed.py): rank fault_rank raises at global step fault_at_step,
     # only the first time when fault_once_file is set.
     fault_at_step: Optional[int] = None
@@ -51,7 +56,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
-    fused: bool = False
+    fused: Any = "auto"  # auto | true | false
 
 
 @dataclass
@@ -72,6 +77,7 @@ class AmpConfig:
 @dataclass
 class DeviceConfig:
     name: str = "auto"
+    cudnn_benchmark: bool = True
 
 
 @dataclass
@@ -88,6 +94,8 @@ class WorldConfig:
 class ModelConfig:
     arch: str = "resnet152"
     weights: Optional[str] = None
+    weights_key: Optional[str] = None
+    freeze: str = "none"
     channels_last: Any = "auto"  # auto | true | false
     compile: bool = False
 
@@ -113,6 +121,20 @@ class DatasetConfig:
 
 
 @dataclass
+class PredictConfig:
+    inputs: list[str] = field(default_factory=list)
+    topk: int = 5
+
+
+@dataclass
+class ExportConfig:
+    format: str = "onnx"
+    opset: int = 18
+    exporter: str = "auto"
+    batch: Any = "dynamic"  # dynamic | a batch size
+
+
+@dataclass
 class Config:
     mode: str = "train"
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -123,6 +145,8 @@ class Config:
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def linear_lr(base: float, global_batch: int, base_size: int) -> float:

@@ -21,8 +21,10 @@ from imgtrain.errors import ConfigError
 _KINDS = {"npu": ("npu", "hccl"), "gpu": ("cuda", "nccl"), "cpu": ("cpu", "gloo")}
 
 # Ascend runtime defaults, applied only where the user set nothing: the task queue overlaps host
-# dispatch with device work, and HCCL's default 120 s connect timeout is short for 8-device start-up.
-NPU_ENV_DEFAULTS = {"TASK_QUEUE_ENABLE": "1", "HCCL_CONNECT_TIMEOUT": "1200"}
+# dispatch with device work (1 is torch_npu's own default; Ascend recommends 2, which also moves
+# part of the operator launch to a second thread), and HCCL's default 120 s connect timeout is
+# short for 8-device start-up.
+NPU_ENV_DEFAULTS = {"TASK_QUEUE_ENABLE": "2", "HCCL_CONNECT_TIMEOUT": "1200"}
 NPU_DOCS = "docs/precision-and-npu.md"
 _NO_GROWTH = 1 << 30  # a GradScaler growth_interval no run reaches: the scale never grows
 # glibc's mallopt parameters (malloc.h), and the largest mmap threshold it accepts on 64-bit.
@@ -85,16 +87,37 @@ class DeviceInfo:
     def grad_scaler(self, init_scale: float, dynamic: bool = True) -> Any:
         """A loss scaler starting at `init_scale`; `dynamic=False` keeps it there.
 
-        torch_npu's scaler takes `dynamic=False` natively (Ascend's AMP docs), and torch.amp's does
-        not know the npu device on every release. torch.amp's has no static mode: growth is pushed
-        out of reach here and `Precision` re-pins the scale after each update.
+        Neither torch.amp's scaler nor torch_npu's is used in a static mode of its own: torch.amp's
+        has none, and torch_npu's `dynamic=False` applies steps whose gradients overflowed. Both
+        run in their dynamic mode with growth pushed out of reach, and `Precision` re-pins the
+        scale after each update. torch.amp's does not know the npu device on every release.
         """
         if self.name == "npu":
-            return torch.npu.amp.GradScaler(init_scale=init_scale, dynamic=dynamic)
-        scaler = torch.amp.GradScaler(self.type, init_scale=init_scale)
+            scaler = torch.npu.amp.GradScaler(init_scale=init_scale, dynamic=True)
+        else:
+            scaler = torch.amp.GradScaler(self.type, init_scale=init_scale)
         if not dynamic:
             scaler.set_growth_interval(_NO_GROWTH)
         return scaler
+
+    def apply_settings(self, device_cfg: Any) -> None:
+        """The device group's settings: cuDNN autotuning (training shapes are fixed: drop_last)."""
+        if self.name == "gpu":
+            torch.backends.cudnn.benchmark = bool(device_cfg.get("cudnn_benchmark", True))
+
+    def copy_in(self, batch: torch.Tensor) -> torch.Tensor:
+        """A host batch on this device, copied from contiguous memory.
+
+        JPEG batches are NHWC in memory (a channels_last NCHW tensor). torch_npu copies a
+        non-contiguous source through a contiguous host copy in malloc'd memory and then syncs the
+        stream on every step; so the NHWC block travels as a contiguous tensor and is permuted
+        back into an NCHW view on the device, which costs nothing.
+        """
+        if batch.dim() == 4 and not batch.is_contiguous():
+            nhwc = batch.permute(0, 2, 3, 1)
+            if nhwc.is_contiguous():
+                return nhwc.to(self.torch_device, non_blocking=True).permute(0, 3, 1, 2)
+        return batch.to(self.torch_device, non_blocking=True)
 
     def fused_sgd_class(self) -> Callable | None:
         if self.name == "npu":

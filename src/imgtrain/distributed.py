@@ -117,6 +117,11 @@ def check_world(world_cfg: Any, device_name: str, global_batch: int) -> None:
         raise ConfigError(f"train.batch_size={global_batch} does not divide across {world_size} "
                           f"processes; use a multiple of {world_size}")
     port = world_cfg["master_port"]
+    if nnodes > 1 and port is None and not started_by_torchrun():
+        # A free port picked on node 0 is unknowable to the others, and a node above 0 would try
+        # to bind the remote master_addr itself.
+        raise ConfigError(f"world.nnodes={nnodes} needs world.master_port: set the same port on "
+                          "every node, e.g. world.master_port=29500")
     if (world_size > 1 and not started_by_torchrun() and port is not None and node_rank == 0
             and not _port_free(world_cfg["master_addr"], int(port))):
         raise ConfigError(f"world.master_port={port} is already in use on "

@@ -49,6 +49,15 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> None:
         log.addHandler(file)
 
 
+def close_logging() -> None:
+    """Detach the run's console and train.log handlers: a process that runs several jobs (a
+    sweep's launcher, an in-process caller) must not write one run's lines into another's log."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    log.propagate = True
+
+
 class RunLogger:
     """What global rank 0 records about a run."""
 

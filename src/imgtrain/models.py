@@ -1,10 +1,6 @@
-"""model=resnet18|34|50|101|152: torchvision's ResNets, optionally started from local weights."""
+"""model=resnet18|34|50|101|152: torchvision's ResNets, optionally with a frozen backbone."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-import torch
 import torchvision
 from torch import nn
 
@@ -23,31 +19,36 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """Model weights from an imgtrain checkpoint or a plain (torchvision) state-dict file."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"model.weights file not found: {file}")
-    try:
-        payload: Any = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"model.weights {file} is not a PyTorch checkpoint or state dict "
-                          f"({type(exc).__name__})") from None
-    state = payload.get("model", payload) if isinstance(payload, dict) else None
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise ConfigError(f"model.weights {file} holds no model state dict")
-    return {key.removeprefix("module."): value for key, value in state.items()}
+FREEZE = ("none", "backbone")
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    state = load_state_dict_file(path)
-    expected = model.state_dict()
-    fc = "fc.weight"
-    if fc in state and fc in expected and state[fc].shape != expected[fc].shape:
-        raise ConfigError(f"model.weights {path} was trained for {state[fc].shape[0]} classes, "
-                          f"but this dataset has {expected[fc].shape[0]}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"model.weights {path} does not match {type(model).__name__}: "
-                          f"{len(missing)} missing and {len(unexpected)} unexpected keys "
-                          f"(e.g. {(missing or unexpected)[0]})")
+def check_freeze(what: str | None) -> str:
+    if what not in (None, *FREEZE):
+        raise ConfigError(f"unknown model.freeze {what!r}; choose one of {', '.join(FREEZE)}")
+    return what or "none"
+
+
+def freeze(model: nn.Module, what: str | None) -> None:
+    """model.freeze=backbone: train only `fc`, as the seed's --pretrained does.
+
+    The frozen part's BatchNorm layers stay in eval mode whenever the model is put in training
+    mode, so their running statistics keep the loaded values.
+    """
+    if check_freeze(what) == "none":
+        return
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in model.fc.parameters():
+        param.requires_grad_(True)
+    frozen_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    train_all = model.train
+
+    # An instance attribute: nn.Module.train (also DDP's and torch.compile's) calls each child's
+    # `train`, so this one runs however the model is wrapped.
+    def train(mode: bool = True) -> nn.Module:
+        train_all(mode)
+        for norm in frozen_norms:
+            norm.train(False)
+        return model
+
+    model.train = train

@@ -90,6 +90,7 @@ class Precision:
             self.scaler = device.grad_scaler(init_scale=self.static_scale or 2.0 ** 16,
                                              dynamic=self.static_scale is None)
         self._pairs: list[tuple[nn.Parameter, nn.Parameter]] = []  # O2: (half param, fp32 master)
+        self._frozen_fp32: dict[int, torch.Tensor] = {}  # O2: frozen params' fp32 values by id
 
     @classmethod
     def from_config(cls, amp_cfg: Any, device: DeviceInfo) -> "Precision":
@@ -100,13 +101,17 @@ class Precision:
     def prepare(self, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
         """Make the model this level's shape; return it and the parameters the optimizer steps."""
         if self.level != "O2":
-            return model, list(model.parameters())
+            return model, [p for p in model.parameters() if p.requires_grad]
         _sync_from_rank0(model)
-        masters = [nn.Parameter(p.detach().clone().float()) for p in model.parameters()]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        masters = [nn.Parameter(p.detach().clone().float()) for p in trainable]
+        # Frozen parameters get no master; checkpoints save their exact fp32 values from a CPU copy.
+        self._frozen_fp32 = {id(p): p.detach().float().cpu().clone()
+                             for p in model.parameters() if not p.requires_grad}
         _keep_batchnorm_fp32(model, self.dtype)
         # BatchNorm's fp32 parameters are their own masters: the optimizer steps them in place.
         self._pairs = [(p, p if p.dtype == torch.float32 else m)
-                       for p, m in zip(model.parameters(), masters)]
+                       for p, m in zip(trainable, masters)]
         dtype = self.dtype
         # As apex O2's patched forward: half inputs in, fp32 outputs out, so callers never cast.
         model.register_forward_pre_hook(lambda _module, args: tuple(
@@ -122,17 +127,46 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    def zero_grad(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Clear the gradients before a backward pass.
+
+        Normally they are dropped (set to None). An optimizer that keeps its own views of the
+        gradients (torch_npu's fused optimizers copy every `.grad` into one flat buffer on their
+        first step and read only that buffer afterwards) gets them zeroed in place instead:
+        replacing a `.grad` would leave it stepping a stale buffer from then on.
+        """
+        if not keeps_gradient_views(optimizer):
+            model.zero_grad(set_to_none=True)
+            return
+        optimizer.zero_grad(set_to_none=False)  # the stepped gradients, in place
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for param in model.parameters():
+            if id(param) not in stepped:  # O2's half weights: copied into the masters' .grad
+                param.grad = None
+
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step (unless gradients overflowed), update the scale, and refresh O2's half weights.
 
-        The scaler unscales and checks the fp32 masters' gradients, so an fp16 gradient that
-        overflowed reaches it as inf and the step is skipped before any weight changes.
+        With a loss scale, imgtrain checks the unscaled gradients itself and skips a step whose
+        gradients are not finite, whatever the scaler would do (torch_npu's static scaler applies
+        such a step). torch's fused SGD reads that verdict on the device, so the step costs no host
+        sync; other optimizers need one read of it on the host.
         """
         self._grads_to_masters()
         if self.scaler is None:
             optimizer.step()
         else:
-            self.scaler.step(optimizer)
+            self.scaler.unscale_(optimizer)
+            found_inf = _non_finite(optimizer)
+            if getattr(optimizer, "_step_supports_amp_scaling", False):
+                # The GradScaler contract for fused optimizers: they skip the step on the device.
+                optimizer.grad_scale, optimizer.found_inf = None, found_inf
+                try:
+                    optimizer.step()
+                finally:
+                    del optimizer.grad_scale, optimizer.found_inf
+            elif not found_inf.item():
+                optimizer.step()
             self.scaler.update(self.static_scale)  # a static scale is re-pinned; dynamic adapts
         self._masters_to_model()
 
@@ -143,9 +177,18 @@ class Precision:
 
     @torch.no_grad()
     def _grads_to_masters(self) -> None:
+        """Copy O2's half gradients into the masters' existing `.grad` (an optimizer may hold views
+        of it), or give a master its first one."""
         for half, master in self._pairs:
-            if half is not master:
-                master.grad = None if half.grad is None else half.grad.float()
+            if half is master:
+                continue
+            if half.grad is None:
+                if master.grad is not None:
+                    master.grad.zero_()
+            elif master.grad is None:
+                master.grad = half.grad.float()
+            else:
+                master.grad.copy_(half.grad)
 
     @torch.no_grad()
     def _masters_to_model(self) -> None:
@@ -158,15 +201,17 @@ class Precision:
         bare = bare_model(model)
         state = {key: value.detach().float() if value.is_floating_point() else value.detach()
                  for key, value in bare.state_dict().items()}
-        master_of = {id(half): master for half, master in self._pairs}
+        master_of = {**self._frozen_fp32, **{id(half): master for half, master in self._pairs}}
         for name, param in bare.named_parameters():
             if id(param) in master_of:
                 state[name] = master_of[id(param)].detach()
         return {key: value.cpu() for key, value in state.items()}
 
     def master_params(self, model: nn.Module) -> list[torch.Tensor]:
-        """The weights that hold the model's true values: O2's fp32 masters, else its parameters."""
-        return [master for _, master in self._pairs] or list(bare_model(model).parameters())
+        """Each parameter's true value, in the model's order: O2's fp32 master where it has one,
+        else the parameter itself."""
+        master_of = {id(half): master for half, master in self._pairs}
+        return [master_of.get(id(p), p) for p in bare_model(model).parameters()]
 
     @torch.no_grad()
     def load_full_precision_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -174,7 +219,8 @@ class Precision:
         masters at full precision (the model's half weights are their rounded copies)."""
         bare = bare_model(model)
         bare.load_state_dict(state)
-        master_of = {id(half): master for half, master in self._pairs if half is not master}
+        master_of = {**self._frozen_fp32,
+                     **{id(half): master for half, master in self._pairs if half is not master}}
         for name, param in bare.named_parameters():
             if id(param) in master_of:
                 master_of[id(param)].copy_(state[name])
@@ -189,6 +235,33 @@ class Precision:
             return
         # torch_npu's scaler also wants its `dynamic` flag, which a GPU checkpoint lacks.
         self.scaler.load_state_dict({**saved, "dynamic": True})
+
+
+def keeps_gradient_views(optimizer: torch.optim.Optimizer) -> bool:
+    """torch_npu's fused optimizers (NpuFusedOptimizerBase sets is_fused_optimizer)."""
+    return bool(getattr(optimizer, "is_fused_optimizer", False))
+
+
+@torch.no_grad()
+def _non_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """1.0 on the device if any gradient the optimizer steps holds an inf or a nan, else 0.0.
+
+    One fused pass per dtype (the kernel GradScaler unscales with, here with a scale of 1), no
+    host sync. A process drives one device, so every gradient is on the same one.
+    """
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+    if not by_dtype:
+        return torch.zeros(())
+    device = next(iter(by_dtype.values()))[0].device
+    found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    one = torch.ones((), dtype=torch.float32, device=device)
+    for grads in by_dtype.values():
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
+    return found_inf
 
 
 def _sync_from_rank0(model: nn.Module) -> None:

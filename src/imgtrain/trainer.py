@@ -20,8 +20,9 @@ from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
 from imgtrain.errors import ConfigError, Preempted
 from imgtrain.logger import RunLogger
-from imgtrain.optim import build_scheduler
+from imgtrain.optim import build_scheduler, load_optimizer_state
 from imgtrain.precision import Precision, bare_model
+from imgtrain.profiling import build_profiler
 from imgtrain.progress import Progress
 from imgtrain.results import run_results
 
@@ -100,13 +101,14 @@ class Trainer:
         self.steps_per_epoch = epoch_steps(len(loaders.train), self.train_cfg["steps_per_epoch"])
         self._stop_requested = False
         self.progress = Progress.for_trainer(self)  # rank 0's console; does nothing elsewhere
+        self.profiler = build_profiler(self.train_cfg, output_dir, device, world)
 
     # ---- training -------------------------------------------------------------------------
     def _train_step(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with self.precision.autocast():
             output = self.model(self.normalize(images))
             loss = self.criterion(output.float(), target)
-        self.model.zero_grad(set_to_none=True)
+        self.precision.zero_grad(self.model, self.optimizer)
         self.precision.backward(loss)
         self.precision.step(self.optimizer)
         self.scheduler.step()
@@ -114,8 +116,7 @@ class Trainer:
         return loss.detach(), correct
 
     def _to_device(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        dev = self.device.torch_device
-        return images.to(dev, non_blocking=True), target.to(dev, non_blocking=True)
+        return self.device.copy_in(images), self.device.copy_in(target)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch, from the step a resumed checkpoint stopped at; return its metrics."""
@@ -149,6 +150,7 @@ class Trainer:
             window += batch
             window_steps += 1
             throughput.step()
+            self.profiler.step()
             self.state.step_in_epoch, self.state.global_step = step + 1, self.state.global_step + 1
             if (step + 1) % self.train_cfg["print_freq"] == 0:
                 self._log_progress(epoch, step + 1, window, window_steps,
@@ -222,7 +224,7 @@ class Trainer:
         metrics. A stop signal is acted on at an agreed step, or else at the epoch's end."""
         epochs = self.train_cfg["epochs"]
         val: dict[str, float] = self.state.history[-1] if self.state.history else {}
-        with self._preemption_signals(), self.progress:
+        with self._preemption_signals(), self.profiler, self.progress:
             for epoch in range(self.state.epoch, epochs):
                 train = self.train_epoch(epoch)
                 val = self.evaluate()
@@ -267,7 +269,9 @@ class Trainer:
                       "timed_seconds": s.timed_seconds, "train_seconds": s.train_seconds},
             "identity": {"arch": self.cfg["model"]["arch"],
                          "num_classes": self.loaders.num_classes,
-                         "global_batch_size": self.global_batch},
+                         "global_batch_size": self.global_batch,
+                         "freeze": self.cfg["model"].get("freeze", "none")},
+            "class_names": self.loaders.class_names,  # for mode=predict|export
             "rng": rng_states,
             "config": self.cfg,
         }
@@ -279,7 +283,7 @@ class Trainer:
         and the schedule continues at the saved step with them.
         """
         self.precision.load_full_precision_state(self.model, saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(self.optimizer, saved["optimizer"])
         self.precision.load_state_dict(saved["precision"])
         self.state = TrainState(**saved["state"])
         self._restore_rng(saved["rng"])
@@ -327,14 +331,17 @@ class Trainer:
         that reached the weights is divergence. DDP keeps the weights equal on every rank, so
         every rank reaches the same verdict without exchanging it.
         """
-        tensors = [t for t in itertools.chain(self.precision.master_params(self.model),
-                                              bare_model(self.model).buffers())
-                   if t.is_floating_point()]
-        if torch.stack([t.isfinite().all() for t in tensors]).all():
+        bare = bare_model(self.model)
+        named = [*zip((name for name, _ in bare.named_parameters()),
+                      self.precision.master_params(self.model)),
+                 *((name, b) for name, b in bare.named_buffers() if b.is_floating_point())]
+        if torch.stack([t.isfinite().all() for _, t in named]).all():  # one host sync
             return
-        raise ConfigError(f"training diverged: the weights are not finite at {where} "
+        name, bad = next((name, t) for name, t in named if not t.isfinite().all())
+        kind = "nan" if bad.isnan().any() else "inf"
+        raise ConfigError(f"training diverged: {kind} in {name} at {where} "
                           f"(optim.lr={self.cfg['optim']['lr']}); lower the lr or check the data; "
-                          "the last checkpoint is the last good one")
+                          "no checkpoint was written from these weights")
 
     def _maybe_checkpoint_mid_epoch(self, step: int) -> float:
         """Write a mid-epoch checkpoint when one is due, or stop on a signal; the seconds spent."""

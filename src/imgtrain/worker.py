@@ -10,14 +10,13 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from imgtrain import checkpoint, device as devices
+from imgtrain import checkpoint, device as devices, weights as model_weights
 from imgtrain.data import build_loaders, cpu_cores
 from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, process_group,
                                   world_from_env)
-from imgtrain.errors import ConfigError
-from imgtrain.logger import NullLogger, RunLogger, setup_logging
+from imgtrain.logger import NullLogger, RunLogger, close_logging, setup_logging
+from imgtrain.models import build_model, freeze
 from imgtrain.memory import check_memory
-from imgtrain.models import build_model, load_weights
 from imgtrain.optim import build_optimizer, build_scheduler
 from imgtrain.precision import Precision
 from imgtrain.results import run_results
@@ -35,6 +34,7 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
     out = Path(output_dir)
     setup_logging(out, world.is_main)
     device = devices.for_local_rank(cfg["device"]["resolved"], world.local_rank)
+    device.apply_settings(cfg["device"])
     logger = RunLogger(out) if world.is_main else NullLogger()
     with process_group(world, device):
         try:
@@ -45,6 +45,7 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
             raise
         finally:
             logger.close()
+            close_logging()
 
 
 def _share_cpu_threads(world: World) -> None:
@@ -58,6 +59,13 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
          logger: RunLogger) -> dict[str, Any] | None:
     _share_cpu_threads(world)
     torch.manual_seed(cfg["train"]["seed"] + world.rank)
+    source = model_weights.for_mode(cfg)  # eval|predict|export: the checkpoint names its model
+    if cfg["mode"] == "predict":
+        from imgtrain.predict import predict
+        return predict(cfg, out, device, source)
+    if cfg["mode"] == "export":
+        from imgtrain.export import export
+        return export(cfg, out, source)
     loaders = build_loaders(cfg["dataset"], cfg["train"]["batch_size"], world.rank,
                             world.world_size, world.local_world_size, cfg["train"]["seed"],
                             accelerator=device.is_accelerator)
@@ -71,9 +79,12 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
         else None
     saved = _load_resume(resume_from, cfg, loaders, world) if resume_from else None
     if not saved and cfg["model"]["weights"]:
-        load_weights(model, cfg["model"]["weights"])
-    elif not saved and cfg["mode"] == "eval":
-        raise ConfigError("mode=eval needs model.weights=<checkpoint or state-dict file>")
+        source = source or model_weights.read(cfg["model"]["weights"], cfg["model"]["weights_key"])
+        if cfg["mode"] == "eval":
+            model_weights.check_class_names(source, loaders.class_names)
+        model_weights.load_into(model, source, cfg["model"]["arch"],
+                                allow_new_fc=cfg["mode"] == "train")
+    freeze(model, cfg["model"]["freeze"])
     trainer = _build_trainer(cfg, out, world, device, logger, loaders, precision, model)
     if saved:
         trainer.load_state_dict(saved)
@@ -84,7 +95,8 @@ def _load_resume(path: Path, cfg: dict[str, Any], loaders: Any, world: World) ->
     saved = checkpoint.load(path)
     checkpoint.check_compatible(saved, {"arch": cfg["model"]["arch"],
                                         "num_classes": loaders.num_classes,
-                                        "global_batch_size": cfg["train"]["batch_size"]}, path)
+                                        "global_batch_size": cfg["train"]["batch_size"],
+                                        "freeze": cfg["model"]["freeze"]}, path)
     return saved  # the start summary says where it resumes from
 
 

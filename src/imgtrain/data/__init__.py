@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imgtrain.data.batch_pool import BatchPool, PooledLoader
+from imgtrain.data.batch_pool import BatchPool, PooledLoader, pool_fits
 from imgtrain.data.cifar import Cifar10, find_root
 from imgtrain.data.imagefolder import JpegFolder, check_layout
 from imgtrain.data.samplers import ExactValSampler, TrainSampler
@@ -30,6 +30,7 @@ class Loaders:
     train_sampler: TrainSampler
     num_classes: int
     per_rank_batch: int
+    class_names: list[str] | None = None  # saved in checkpoints for predict and export
 
 
 def check_dataset(data_cfg: Any) -> int:
@@ -113,12 +114,29 @@ def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
         common.update(persistent_workers=bool(data_cfg.get("persistent_workers", True)),
                       prefetch_factor=int(data_cfg.get("prefetch_factor", 2)))
     train_sampler = TrainSampler(len(train_set), rank, world_size, seed)
+    data_cfg = _with_pool_checked(data_cfg, common, per_rank_batch, train_set, local_world_size)
     # drop_last keeps every step's shape static (graph-compiling NPUs and torch.compile like that).
     train = _loader(train_set, data_cfg, common, batch_size=per_rank_batch, sampler=train_sampler,
                     drop_last=True)
     val = _loader(val_set, data_cfg, common, batch_size=per_rank_batch,
                   sampler=ExactValSampler(len(val_set), rank, world_size), drop_last=False)
-    return Loaders(train, val, train_sampler, num_classes, per_rank_batch)
+    return Loaders(train, val, train_sampler, num_classes, per_rank_batch,
+                   class_names=getattr(val_set, "classes", None))
+
+
+def _with_pool_checked(data_cfg: Any, common: dict[str, Any], per_rank_batch: int,
+                       dataset: Dataset, processes_on_node: int) -> Any:
+    """data_cfg, with reuse_batch_memory turned off where /dev/shm cannot hold the pools."""
+    pooled = (getattr(dataset, "collate", None) and common.get("persistent_workers")
+              and data_cfg.get("reuse_batch_memory", True))
+    if not pooled:
+        return data_cfg
+    size = int(data_cfg["image_size"])
+    batch_bytes = per_rank_batch * (3 * size * size + 8)  # uint8 images and int64 labels
+    if pool_fits(batch_bytes, common["num_workers"], common["prefetch_factor"], loaders=2,
+                 processes_on_node=processes_on_node):
+        return data_cfg
+    return {**data_cfg, "reuse_batch_memory": False}
 
 
 def _loader(dataset: Dataset, data_cfg: Any, common: dict[str, Any], **kwargs: Any) -> DataLoader:

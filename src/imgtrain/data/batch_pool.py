@@ -18,6 +18,8 @@ cut short, which no finalizer hears of, and only those.
 """
 from __future__ import annotations
 
+import logging
+import shutil
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -26,6 +28,39 @@ from torch.utils.data import DataLoader, get_worker_info
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 HELD = 2**62  # a stamp above every generation: in the training process's hands
+SHM = "/dev/shm"
+log = logging.getLogger("imgtrain")
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm, where DataLoader workers put their batches (None: no such mount)."""
+    try:
+        return shutil.disk_usage(SHM).free
+    except OSError:
+        return None
+
+
+def pool_fits(batch_bytes: int, workers: int, prefetch_factor: int, loaders: int,
+              processes_on_node: int) -> bool:
+    """Whether every process's pooled batches fit in /dev/shm beside the DataLoader's own.
+
+    Each pooled loader keeps (prefetch_factor + 1) x workers batches mapped for the whole run;
+    a plain one has prefetch_factor x workers in flight. At the recipe's size that is ~3 GB per
+    process (train and val), 25 GB for 8 processes: Docker's default /dev/shm is 64 MB and many
+    clusters give 8 GB, where workers die with SIGBUS. Logs one warning line when it does not fit.
+    """
+    free = shm_free_bytes()
+    if free is None:
+        return True
+    per_process = (2 * prefetch_factor + 1) * workers * batch_bytes * loaders
+    needed = per_process * processes_on_node
+    if needed <= free:
+        return True
+    log.warning("warning: dataset.reuse_batch_memory needs ~%.1f GB of %s for %d process(es) and "
+                "%.1f GB is free; using plain batches instead (give the container more %s, e.g. "
+                "docker --shm-size, or lower dataset.workers or prefetch_factor)", needed / 1e9, SHM,
+                processes_on_node, free / 1e9, SHM)
+    return False
 
 
 class BatchPool:

@@ -15,6 +15,8 @@ from imgtrain.errors import ConfigError
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
+LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck"]
 
 
 # What the CIFAR-10 pickles need, and nothing that can run code: numpy's array reconstruction
@@ -93,6 +95,19 @@ def _load_batches(folder: Path, names: list[str]) -> tuple[np.ndarray, list[int]
     return np.concatenate(images), labels
 
 
+def label_names(folder: Path) -> list[str]:
+    """batches.meta's label names (CIFAR-10's own ten when a subset copy lacks the file)."""
+    path = folder / "batches.meta"
+    if not path.is_file():
+        return list(LABEL_NAMES)
+    try:
+        return [str(name) for name in _unpickle(path)["label_names"]]
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(f"refusing CIFAR-10 file {path}: {exc}") from None
+    except (OSError, KeyError, EOFError, TypeError, ValueError):
+        return list(LABEL_NAMES)
+
+
 class Cifar10(torch.utils.data.Dataset):
     """CIFAR-10 as uint8 CHW tensors; training adds a 4-pixel padded random crop and a flip."""
 
@@ -103,6 +118,7 @@ class Cifar10(torch.utils.data.Dataset):
         data, labels = _load_batches(folder, TRAIN_FILES if train else TEST_FILES)
         self.images, self.labels = torch.from_numpy(data), labels
         self.train = train
+        self.classes = label_names(folder)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -109,9 +109,7 @@ class JpegFolder(torch.utils.data.Dataset):
         data = read_bytes(path)
         size = jpeg_size(data)  # from the header: none of PIL's Image.open (~20 us an image)
         if not self.train:
-            pixels = decode(data, size)
-            return centre_crop(resize_uint8(pixels, *T.resize_size(
-                pixels.shape[2], pixels.shape[1], T.val_resize(self.image_size))), self.image_size)
+            return val_image(data, size, self.image_size)
         if size is None:  # PNG, BMP, ...: decoded whole to learn their size, never drafted
             pixels = decode(data, size)
             box, flip = T.train_crop_params(pixels.shape[2], pixels.shape[1], seed)
@@ -184,6 +182,14 @@ def decode(data: bytearray, jpeg_header_size: tuple[int, int] | None) -> torch.T
         raise ValueError(f"the JPEG header says {jpeg_header_size[0]}x{jpeg_header_size[1]} "
                          f"but the image decodes to {decoded_size[0]}x{decoded_size[1]}")
     return pixels
+
+
+def val_image(data: bytearray, jpeg_header_size: tuple[int, int] | None,
+              image_size: int) -> torch.Tensor:
+    """Validation's preprocessing (also predict's): resize to image_size/0.875, centre-crop."""
+    pixels = decode(data, jpeg_header_size)
+    return centre_crop(resize_uint8(pixels, *T.resize_size(
+        pixels.shape[2], pixels.shape[1], T.val_resize(image_size))), image_size)
 
 
 def resized_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], flip: bool,

@@ -1,0 +1,103 @@
+"""train.profile=true: torch.profiler over a few training steps, then training goes on.
+
+One rank (train.profile_rank, 0 by default) records CPU and device activity, shapes and memory
+for `profile_wait` skipped, `profile_warmup` warm-up and `profile_active` recorded steps. It writes
+a chrome trace (Perfetto, chrome://tracing) to profile/ in the run directory and prints the top
+operators by self device time (self CPU time on the CPU).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+
+from imgtrain.device import DeviceInfo
+from imgtrain.distributed import World
+from imgtrain.errors import ConfigError
+
+log = logging.getLogger("imgtrain")
+TOP_OPERATORS = 15
+
+
+class NoProfiler:
+    """What every run without train.profile (and every other rank) gets: nothing happens."""
+
+    def __enter__(self) -> "NoProfiler":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+
+class StepProfiler(NoProfiler):
+    """torch.profiler stepped once per training step; stops itself once the trace is written."""
+
+    def __init__(self, folder: Path, device: DeviceInfo, rank: int, wait: int, warmup: int,
+                 active: int) -> None:
+        self.folder, self.rank, self.device = folder, rank, device
+        self.steps_left = wait + warmup + active
+        activities = [ProfilerActivity.CPU]
+        if device.name == "gpu":
+            activities.append(ProfilerActivity.CUDA)
+        elif device.name == "npu":  # torch_npu registers the NPU as the PrivateUse1 backend
+            activities.append(ProfilerActivity.PrivateUse1)
+        self.sort_by = "self_cpu_time_total" if device.name == "cpu" else "self_device_time_total"
+        self.profiler: profile | None = profile(
+            activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=active,
+                                                     repeat=1),
+            on_trace_ready=self._write, record_shapes=True, profile_memory=True)
+
+    def __enter__(self) -> "StepProfiler":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.profiler.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop()  # a run shorter than the schedule still writes what it recorded
+
+    def step(self) -> None:
+        if self.profiler is None:
+            return
+        self.profiler.step()
+        self.steps_left -= 1
+        if self.steps_left <= 0:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self.profiler is not None:
+            profiler, self.profiler = self.profiler, None
+            profiler.stop()
+
+    def _write(self, prof: profile) -> None:
+        path = self.folder / f"rank{self.rank}.step{prof.step_num}.pt.trace.json"
+        prof.export_chrome_trace(str(path))
+        table = prof.key_averages().table(sort_by=self.sort_by, row_limit=TOP_OPERATORS)
+        (self.folder / f"rank{self.rank}.operators.txt").write_text(table + "\n")
+        # Rank 0's log reaches the console and train.log; other ranks keep the text file.
+        log.info("profile: chrome trace %s; top operators by %s:\n%s", path,
+                 self.sort_by.replace("_", " "), table)
+
+
+def build_profiler(train_cfg: dict[str, Any], output_dir: Path, device: DeviceInfo,
+                   world: World) -> NoProfiler:
+    """A StepProfiler on the profiled rank when train.profile is set, else a NoProfiler."""
+    if not train_cfg.get("profile"):
+        return NoProfiler()
+    steps = {key: train_cfg.get(f"profile_{key}", default)
+             for key, default in (("wait", 1), ("warmup", 1), ("active", 3))}
+    if min(steps.values()) < 0 or steps["active"] < 1:
+        raise ConfigError(f"train.profile_wait/warmup must be >= 0 and profile_active >= 1 "
+                          f"(got {steps})")
+    rank = train_cfg.get("profile_rank", 0)
+    if not 0 <= rank < world.world_size:
+        raise ConfigError(f"train.profile_rank={rank} is not a rank of this run (world size "
+                          f"{world.world_size})")
+    if world.rank != rank:
+        return NoProfiler()
+    return StepProfiler(output_dir / "profile", device, rank, **steps)

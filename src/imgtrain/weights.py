@@ -1,0 +1,243 @@
+"""model.weights: read weights from imgtrain and other trainers' files, always with weights_only=True.
+
+Layouts understood (the dict each trainer writes):
+- imgtrain: `model`, plus `identity` (arch, classes), `class_names` and `config`
+- a bare state dict (torchvision's own files)
+- the seed / pytorch/examples `checkpoint.pth.tar`: `state_dict` with DDP's `module.` prefix, next to
+  `epoch`, `arch`, `best_acc1` (a device tensor) and `optimizer`, and the seed's apex `amp` state
+- timm: `state_dict` and `state_dict_ema`, with the run's `args` as an argparse.Namespace
+- torchvision's references: `model` and `model_ema` (an AveragedModel: `module.` keys, `n_averaged`)
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from imgtrain.errors import ConfigError
+
+log = logging.getLogger("imgtrain")
+# weights_only=True refuses every class it does not know. argparse.Namespace (timm's and
+# torchvision's `args`) only carries plain attribute values, so exactly that class is allowed.
+SAFE_CLASSES = [argparse.Namespace]
+MODEL_KEYS = {"auto": ("model", "state_dict"), "ema": ("state_dict_ema", "model_ema")}
+_PREFIXES = ("module.", "_orig_mod.")  # DDP / AveragedModel, torch.compile
+_NOT_WEIGHTS = ("n_averaged",)          # AveragedModel's counter, not a model tensor
+# (bottleneck blocks?, blocks per stage) -> torchvision arch
+_ARCH_SHAPES = {(False, (2, 2, 2, 2)): "resnet18", (False, (3, 4, 6, 3)): "resnet34",
+                (True, (3, 4, 6, 3)): "resnet50", (True, (3, 4, 23, 3)): "resnet101",
+                (True, (3, 8, 36, 3)): "resnet152"}
+
+
+@dataclass
+class WeightsFile:
+    """A model state dict and what its file says about it."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    key: str | None                    # where in the file the weights were (None: the file itself)
+    arch: str | None
+    class_names: list[str] | None
+    image_size: int | None             # imgtrain checkpoints: the size they were trained at
+
+    @property
+    def num_classes(self) -> int | None:
+        fc = self.state.get("fc.weight")
+        return None if fc is None else int(fc.shape[0])
+
+
+def read(path: str, weights_key: str | None = None) -> WeightsFile:
+    """Load `path` with weights_only=True and pick the model's state dict out of it."""
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"model.weights file not found: {file}")
+    payload = _load(file)
+    if not isinstance(payload, dict) or not payload:
+        raise ConfigError(f"model.weights {file} holds no model state dict "
+                          f"(it holds a {type(payload).__name__})")
+    key = _model_key(payload, weights_key or "auto", file)
+    state = _clean(payload if key is None else payload[key], file, key)
+    imgtrain = "format_version" in payload and isinstance(payload.get("identity"), dict)
+    config = payload.get("config") if imgtrain and isinstance(payload.get("config"), dict) else {}
+    names = payload.get("class_names")
+    return WeightsFile(
+        path=file, state=state, key=key, arch=infer_arch(state) or _stated_arch(payload),
+        class_names=list(names) if isinstance(names, (list, tuple)) else None,
+        image_size=config.get("dataset", {}).get("image_size"))
+
+
+def _load(file: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(SAFE_CLASSES):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):  # not a torch.save file at all
+            raise ConfigError(f"model.weights {file} is not a PyTorch checkpoint or state dict "
+                              f"({type(exc).__name__})") from None
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"a {refused.group(1)} object" if refused else "objects"
+        keys = ", ".join(peek_keys(file)) or "unknown"
+        raise ConfigError(
+            f"model.weights {file} cannot be loaded with weights_only=True: it holds {what} that "
+            f"only running code could rebuild (keys found: {keys}); re-save just the state "
+            "dict, e.g. torch.save(checkpoint['state_dict'], 'weights.pth')") from None
+    except Exception as exc:
+        raise ConfigError(f"model.weights {file} is not a PyTorch checkpoint or state dict "
+                          f"({type(exc).__name__})") from None
+
+
+class _Stub(dict):
+    """Stands in for every class a peeked pickle names: nothing from the file is imported or run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_Stub":  # a stubbed function's result
+        return _Stub()
+
+
+class _Peeker(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> type:
+        return type(f"{module}.{name}", (_Stub,), {})
+
+    def persistent_load(self, pid: Any) -> None:  # tensor storages: not needed for the keys
+        return None
+
+
+def peek_keys(file: Path) -> list[str]:
+    """The top-level keys of a torch.save file, read without importing or calling anything."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            payload = _Peeker(io.BytesIO(archive.read(name))).load()
+    except Exception:  # not a zip checkpoint or an odd pickle: the keys stay unknown
+        return []
+    if not isinstance(payload, dict):
+        return []
+    return [_describe(key, value) for key, value in payload.items()]
+
+
+def _describe(key: Any, value: Any) -> str:
+    """A key, with the class of its value where that class is what weights_only refuses."""
+    kind = type(value).__name__
+    allowed = {f"{cls.__module__}.{cls.__qualname__}" for cls in SAFE_CLASSES}
+    plain = not isinstance(value, _Stub) or type(value) is _Stub or kind in allowed or \
+        kind.startswith(("torch.", "collections."))
+    return str(key) if plain else f"{key} ({kind})"
+
+
+def _model_key(payload: dict[str, Any], setting: str, file: Path) -> str | None:
+    """Which entry of the file holds the model (None: the file is a bare state dict)."""
+    if setting == "auto" and all(torch.is_tensor(v) for v in payload.values()):
+        return None
+    for key in MODEL_KEYS.get(setting, (setting,)):
+        if isinstance(payload.get(key), dict):
+            return key
+    wanted = " or ".join(repr(k) for k in MODEL_KEYS.get(setting, (setting,)))
+    raise ConfigError(f"model.weights {file} has no {wanted} entry with model weights (keys "
+                      f"found: {', '.join(map(str, payload))}); set model.weights_key to the key "
+                      "that holds them")
+
+
+def _clean(state: dict[str, Any], file: Path, key: str | None) -> dict[str, torch.Tensor]:
+    """Strip wrapper prefixes and non-weight entries; every value left must be a tensor."""
+    cleaned = {}
+    for name, value in state.items():
+        name = str(name)
+        while name.startswith(_PREFIXES):
+            name = next(name[len(p):] for p in _PREFIXES if name.startswith(p))
+        if name not in _NOT_WEIGHTS:
+            cleaned[name] = value
+    where = f"{file}" + (f" ['{key}']" if key else "")
+    if not cleaned or not all(torch.is_tensor(v) for v in cleaned.values()):
+        raise ConfigError(f"model.weights {where} holds no model state dict")
+    return cleaned
+
+
+def infer_arch(state: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision ResNet whose layout these keys have (None if none does)."""
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{stage}.")})
+                   for stage in range(1, 5))
+    return _ARCH_SHAPES.get(("layer1.0.conv3.weight" in state, blocks))
+
+
+def _stated_arch(payload: dict[str, Any]) -> str | None:
+    """The arch a foreign checkpoint names (pytorch/examples' `arch`, timm's `args.model`)."""
+    arch = payload.get("arch") or getattr(payload.get("args"), "model", None)
+    return arch if isinstance(arch, str) else None
+
+
+def check_class_names(weights: WeightsFile, dataset_names: list[str] | None) -> None:
+    """Evaluating on other classes than the checkpoint's gives a meaningless accuracy: refuse it."""
+    theirs = weights.class_names
+    if theirs and dataset_names and len(theirs) == len(dataset_names) and \
+            list(theirs) != list(dataset_names):
+        differ = [f"{a!r} vs {b!r}" for a, b in zip(theirs, dataset_names) if a != b]
+        raise ConfigError(f"model.weights {weights.path} was trained on other classes than this "
+                          f"dataset's ({len(differ)} of {len(theirs)} differ, e.g. "
+                          f"{differ[0]})")
+
+
+def load_into(model: nn.Module, weights: WeightsFile, arch: str, allow_new_fc: bool) -> None:
+    """Copy the weights into `model`; a different class count gets a new fc if `allow_new_fc`."""
+    state, expected = dict(weights.state), model.state_dict()
+    if weights.arch and weights.arch != arch:
+        raise ConfigError(f"model.weights {weights.path} holds {weights.arch} weights, but "
+                          f"model.arch is {arch}; use model={weights.arch}")
+    fc, theirs, ours = "fc.weight", weights.state.get("fc.weight"), expected["fc.weight"]
+    if theirs is not None and theirs.shape != ours.shape:
+        if theirs.shape[1] != ours.shape[1]:
+            raise ConfigError(f"model.weights {weights.path}: its fc takes {theirs.shape[1]} "
+                              f"features, {arch}'s takes {ours.shape[1]}; the arch differs")
+        if not allow_new_fc:
+            raise ConfigError(f"model.weights {weights.path} was trained for {theirs.shape[0]} "
+                              f"classes, but this dataset has {ours.shape[0]}")
+        state.pop(fc), state.pop("fc.bias", None)
+        log.info("loaded %d-class weights, new %d-class fc", theirs.shape[0], ours.shape[0])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.startswith("fc.") and fc not in state)]
+    if missing or unexpected:
+        raise ConfigError(f"model.weights {weights.path} does not match {arch}: {len(missing)} "
+                          f"missing and {len(unexpected)} unexpected keys (e.g. "
+                          f"{(missing or unexpected)[0]})")
+
+
+def explicit_keys(overrides: list[str]) -> set[str]:
+    """The config keys (and groups) set on the command line."""
+    return {item.split("=", 1)[0].lstrip("+~") for item in overrides}
+
+
+def for_mode(cfg: dict[str, Any]) -> WeightsFile | None:
+    """mode=eval|predict|export: read model.weights and take its arch and image size (unless given
+    on the command line), so the checkpoint alone says what model it holds."""
+    mode, model_cfg = cfg["mode"], cfg["model"]
+    if mode not in ("eval", "predict", "export"):
+        return None
+    if not model_cfg["weights"]:
+        raise ConfigError(f"mode={mode} needs model.weights=<checkpoint or state-dict file>")
+    weights = read(model_cfg["weights"], model_cfg.get("weights_key"))
+    given = explicit_keys(cfg.get("overrides", []))
+    if weights.arch and weights.arch != model_cfg["arch"]:
+        if given & {"model", "model.arch"}:
+            raise ConfigError(f"model.weights {weights.path} holds {weights.arch} weights, but "
+                              f"model.arch={model_cfg['arch']} was asked for; drop that override "
+                              "to use the checkpoint's arch")
+        log.info("using model.arch=%s from %s", weights.arch, weights.path.name)
+        model_cfg["arch"] = weights.arch
+    size = weights.image_size
+    if size and size != cfg["dataset"]["image_size"] and "dataset.image_size" not in given:
+        log.info("using dataset.image_size=%d from %s (as it was trained)", size, weights.path.name)
+        cfg["dataset"]["image_size"] = size
+    return weights

@@ -1,0 +1,117 @@
+"""Accelerator set-up traps, checked without the accelerator: cuDNN autotuning, contiguous host
+batches, /dev/shm space for the batch pool, and the rendezvous port of a multi-node run."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from imgtrain import distributed
+from imgtrain.data import batch_pool, build_loaders
+from imgtrain.data.batch_pool import PooledLoader
+from imgtrain.device import DeviceInfo
+from imgtrain.errors import ConfigError
+from imgtrain.trainer import Trainer
+
+
+def test_cudnn_benchmark_is_a_device_setting_on_by_default(compose, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    for option in ("auto", "cpu", "gpu", "npu"):
+        assert compose(f"device={option}").device.cudnn_benchmark is True
+    DeviceInfo("gpu", 0).apply_settings(compose("device=gpu").device)
+    assert torch.backends.cudnn.benchmark is True
+    DeviceInfo("gpu", 0).apply_settings(compose("device=gpu", "device.cudnn_benchmark=false").device)
+    assert torch.backends.cudnn.benchmark is False
+    DeviceInfo("cpu").apply_settings(compose("device=cpu").device)  # not the CPU's business
+    assert torch.backends.cudnn.benchmark is False
+
+
+class _Transfers(TorchFunctionMode):
+    """Records the source of every Tensor.to: what a device copy reads from host memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            self.sources.append(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_nhwc_host_batches_travel_contiguous_and_arrive_as_nchw():
+    """JPEG batches are NHWC in memory; the device gets them from contiguous memory (torch_npu
+    would stage a non-contiguous source through a malloc'd copy and a stream sync) and sees the
+    same NCHW tensor."""
+    nhwc = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
+    images = nhwc.permute(0, 3, 1, 2)  # what JpegFolder collates
+    target = torch.tensor([1, 0])
+    trainer = types.SimpleNamespace(device=DeviceInfo("cpu"))
+    with _Transfers() as transfers:
+        on_device, target_on_device = Trainer._to_device(trainer, images, target)
+    assert transfers.sources and all(t.is_contiguous() for t in transfers.sources)
+    assert on_device.shape == (2, 3, 5, 6) and torch.equal(on_device, images)
+    assert on_device.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(target_on_device, target)
+
+
+def _jpeg_loaders(compose, root: Path):
+    cfg = compose("dataset=imagenet", f"dataset.root={root}", "dataset.image_size=32",
+                  "dataset.workers=2", "dataset.prefetch_factor=2", "dataset.reuse_batch_memory=true")
+    return build_loaders(cfg.dataset, 8, rank=0, world_size=1, local_world_size=2, seed=49,
+                         accelerator=False)
+
+
+def test_batch_pool_falls_back_with_one_warning_where_dev_shm_is_small(
+        compose, image_folder: Path, monkeypatch, caplog):
+    """(2 x prefetch 2 + 1) x 2 workers x 8 images x 32 x 32 x 3 bytes x 2 loaders x 2 processes
+    = 1 MB: a 64 KB /dev/shm (Docker's default is 64 MB) cannot hold it, 100 MB can."""
+    monkeypatch.setattr(batch_pool, "shm_free_bytes", lambda: 64 << 10)
+    with caplog.at_level(logging.WARNING, logger="imgtrain"):
+        loaders = _jpeg_loaders(compose, image_folder)
+    assert not isinstance(loaders.train, PooledLoader) and not isinstance(loaders.val, PooledLoader)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "dataset.reuse_batch_memory" in warnings[0] and "/dev/shm" in warnings[0]
+    images, labels = next(iter(loaders.train))  # the run goes on with plain batches
+    assert images.shape == (8, 3, 32, 32)
+    monkeypatch.setattr(batch_pool, "shm_free_bytes", lambda: 100 << 20)
+    assert isinstance(_jpeg_loaders(compose, image_folder).train, PooledLoader)
+
+
+def test_several_nodes_need_a_master_port():
+    world = {"nproc_per_node": 1, "nnodes": 2, "node_rank": 1, "master_addr": "node0",
+             "master_port": None}
+    with pytest.raises(ConfigError, match=r"world.nnodes=2 needs world.master_port") as info:
+        distributed.check_world(world, "cpu", 2)
+    assert "\n" not in str(info.value)
+    distributed.check_world({**world, "master_port": 29500}, "cpu", 2)
+    distributed.check_world({**world, "nnodes": 1, "node_rank": 0}, "cpu", 2)  # one node: free port
+
+
+@pytest.mark.slow
+def test_accelerator_check_runs_end_to_end_on_the_cpu(tmp_path: Path):
+    """`benchmarks/accelerator_check.py --device cpu --quick`: every section of the report, each
+    check passing; without --device cpu on a host with no accelerator it stops with one line."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    script = str(REPO / "benchmarks" / "accelerator_check.py")
+    if not (torch.cuda.is_available() or importlib.util.find_spec("torch_npu")):
+        proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "no accelerator here" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--quick", "--work-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = proc.stdout
+    for section in ("## Environment", "## Training throughput", "## Host syncs", "## Overflow",
+                    "## Resume and eval", "## Batch pool"):
+        assert section in report
+    assert "| O0 | auto | 0 |" in report and "| O2 | bfloat16 | 0 |" in report
+    assert report.count("**pass**") == 2 and "**identical**" in report

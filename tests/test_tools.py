@@ -1,0 +1,199 @@
+"""Fine-tuning, mode=eval|export|predict from a checkpoint alone, and train.profile, on real JPEG
+folders: through run.py's own `app.run` in this process (no interpreter start-up per run), and
+`python run.py ...` where the test is about what the user sees."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from conftest import CONF, TINY, read_results, run_cli
+from imgtrain import app, weights
+from imgtrain.data.imagefolder import JpegFolder
+from imgtrain.data.transforms import Normalizer
+from imgtrain.device import DeviceInfo
+from imgtrain.errors import ConfigError
+from imgtrain.models import build_model
+from imgtrain.predict import predict
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision's decoders
+NO_AMP = [item for item in TINY if not item.startswith("amp=")]
+FOLDER = ["dataset=imagenet", "dataset.image_size=32", "train.batch_size=16", "optim.lr=0.05",
+          "sched.warmup_epochs=0"]
+
+
+def run_app(run_dir: Path, *overrides: str) -> None:
+    """What run.py does with these command-line overrides, in this process."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    app.run(cfg, str(run_dir), list(overrides), multirun=False)
+
+
+def _pretrained_pth_tar(image_folder: Path, path: Path) -> dict[str, torch.Tensor]:
+    """A 10-class resnet18 in the seed's / pytorch/examples' checkpoint.pth.tar layout, with
+    BatchNorm statistics of this kind of image (as pretraining leaves them)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    train = JpegFolder(str(image_folder), "train", 32, train=False)
+    images = torch.stack([train[i][0] for i in range(0, len(train), 3)])
+    with torch.no_grad():
+        for _ in range(3):
+            model(Normalizer(torch.device("cpu"), False)(images))
+    state = model.state_dict()
+    torch.save({"epoch": 90, "arch": "resnet18", "best_acc1": torch.tensor(70.0),
+                "state_dict": {f"module.{k}": v for k, v in state.items()},
+                "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict()}, path)
+    return state
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One epoch fine-tuning a frozen backbone, then a resume for a second epoch."""
+    base = tmp_path_factory.mktemp("finetune")
+    source = _pretrained_pth_tar(image_folder, base / "checkpoint.pth.tar")
+    run_dir = base / "run"
+    args = [*TINY, *FOLDER, f"dataset.root={image_folder}",
+            f"model.weights={base / 'checkpoint.pth.tar'}", "model.freeze=backbone"]
+    run_app(run_dir, *args, "train.epochs=1")
+    after_first = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["model"]
+    run_app(run_dir, *args, "train.epochs=2")
+    return {"source": source, "run_dir": run_dir, "log": (run_dir / "train.log").read_text(),
+            "after_first": after_first, "root": image_folder}
+
+
+def test_fine_tune_trains_only_a_new_fc(fine_tuned: dict) -> None:
+    assert fine_tuned["log"].count("loaded 10-class weights, new 4-class fc") == 1
+    assert "resuming from" in fine_tuned["log"]
+    saved = torch.load(fine_tuned["run_dir"] / "checkpoints/last.pt", weights_only=True)
+    source, model = fine_tuned["source"], saved["model"]
+    backbone = [k for k in source if not k.startswith("fc.")]
+    assert backbone and all(torch.equal(model[k], source[k]) for k in backbone)  # incl. BN buffers
+    assert model["fc.weight"].shape == (4, 512)
+    assert not torch.equal(model["fc.weight"], fine_tuned["after_first"]["fc.weight"])
+    assert len(saved["optimizer"]["param_groups"][0]["params"]) == 2  # fc.weight and fc.bias
+    assert saved["class_names"] == [f"class_{i}" for i in range(4)]
+    assert read_results(fine_tuned["run_dir"])["best_acc1"] >= 60  # chance is 25
+
+
+def test_eval_takes_arch_and_size_from_the_checkpoint(fine_tuned: dict, tmp_path: Path) -> None:
+    # The README's command: no model= and no dataset.image_size (the defaults: resnet152, 224 px).
+    run_app(tmp_path, "device=cpu", "amp=O0", "dataset=imagenet", "dataset.workers=0",
+            f"dataset.root={fine_tuned['root']}", "mode=eval", "train.batch_size=16",
+            f"model.weights={fine_tuned['run_dir'] / 'checkpoints/last.pt'}")
+    evaluated, trained = read_results(tmp_path), read_results(fine_tuned["run_dir"])
+    assert evaluated["arch"] == "resnet18"
+    assert evaluated["final_acc1"] == pytest.approx(trained["final_acc1"])
+
+
+def _val_images(root: Path) -> tuple[torch.Tensor, list[Path]]:
+    val = JpegFolder(str(root), "val", 32, train=False)
+    return torch.stack([val[i][0] for i in range(len(val))]), [Path(p) for p, _ in val.samples]
+
+
+def _pytorch_model(checkpoint: Path) -> torch.nn.Module:
+    loaded = weights.read(str(checkpoint))
+    model = build_model("resnet18", 4)
+    weights.load_into(model, loaded, "resnet18", allow_new_fc=False)
+    return model.eval()
+
+
+def test_onnx_export_matches_pytorch_on_validation_images(fine_tuned: dict, tmp_path: Path) -> None:
+    import onnxruntime
+    checkpoint = fine_tuned["run_dir"] / "checkpoints/last.pt"
+    run_app(tmp_path, "device=cpu", "mode=export", f"model.weights={checkpoint}")
+    assert json.loads((tmp_path / "classes.json").read_text()) == [f"class_{i}" for i in range(4)]
+    images, _ = _val_images(fine_tuned["root"])
+    with torch.no_grad():
+        expected = _pytorch_model(checkpoint)(Normalizer(torch.device("cpu"), False)(images))
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    # The contract: float32 NCHW RGB in [0, 1], normalisation inside the graph.
+    pixels = (images.float() / 255).numpy()
+    for batch in (slice(0, 1), slice(3, 10)):  # batch 1 and batch 7 through one dynamic axis
+        (logits,) = session.run(None, {"images": pixels[batch]})
+        assert logits.shape == (batch.stop - batch.start, 4)
+        assert np.abs(logits - expected[batch].numpy()).max() <= 1e-3
+        assert (logits.argmax(1) == expected[batch].argmax(1).numpy()).all()
+
+
+def test_predict_prints_top_k_names_and_writes_csv(fine_tuned: dict, tmp_path: Path) -> None:
+    root = fine_tuned["root"]
+    one = root / "val/class_1/img_0.JPEG"
+    proc = run_cli("device=cpu", "mode=predict", "predict.topk=2",
+                   f"model.weights={fine_tuned['run_dir'] / 'checkpoints/last.pt'}",
+                   f"predict.inputs=[{one},{root / 'val/class_3'},{tmp_path / 'absent.jpg'}]",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{one}: class_" in proc.stdout
+    assert "warning: skipped" in proc.stdout and "absent.jpg does not exist" in proc.stdout
+    with open(tmp_path / "run/predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 * 2  # 1 file + 8 in the folder, top 2 each
+    top1 = {Path(r["path"]).parent.name: r for r in rows if r["rank"] == "1"}
+    assert top1["class_3"]["class_name"] == "class_3"
+    probabilities = [float(r["probability"]) for r in rows if r["path"] == str(one)]
+    assert probabilities[0] >= probabilities[1] and sum(probabilities) <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d: d / "absent.jpg", "absent.jpg does not exist"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "has no image files"),
+    (lambda d: (d / "notes.jpg").write_text("not an image") and d / "notes.jpg",
+     "is not a readable image")])
+def test_predict_bad_inputs(make, fragment: str, fine_tuned: dict, tmp_path: Path) -> None:
+    checkpoint = weights.read(str(fine_tuned["run_dir"] / "checkpoints/last.pt"))
+    cfg = {"predict": {"inputs": [str(make(tmp_path))], "topk": 5},
+           "model": {"arch": "resnet18"}, "dataset": {"image_size": 32}}
+    with pytest.raises(ConfigError, match=fragment):  # run.py shows it as one `error:` line
+        predict(cfg, tmp_path / "run", DeviceInfo("cpu"), checkpoint)
+    assert not (tmp_path / "run/predictions.csv").exists()
+
+
+def test_profile_writes_a_chrome_trace_and_training_goes_on(tmp_path: Path, capsys) -> None:
+    run_app(tmp_path, "experiment=quickstart", "device=cpu", "dataset.train_size=96",
+            "dataset.val_size=32", "train.batch_size=32", "train.epochs=1", "train.profile=true",
+            "train.profile_wait=0", "train.profile_warmup=1", "train.profile_active=1")
+    (trace,) = (tmp_path / "profile").glob("*.pt.trace.json")
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any("convolution" in event.get("name", "") for event in events)
+    assert "top operators by self cpu time" in (tmp_path / "train.log").read_text()
+    assert "aten::" in capsys.readouterr().out
+    results = read_results(tmp_path)
+    assert results["status"] == "completed" and results["epochs_completed"] == 1
+
+
+@pytest.mark.slow
+def test_frozen_backbone_with_ddp_and_o2(fine_tuned: dict, tmp_path: Path) -> None:
+    """Two gloo processes (no unused-parameter error from DDP) and O2 (no fp32 masters for the
+    frozen weights: the checkpoint's exact fp32 values come from their CPU copy)."""
+    source = tmp_path / "checkpoint.pth.tar"
+    state = _pretrained_pth_tar(fine_tuned["root"], source)
+    proc = run_cli(*NO_AMP, "amp=O2", *FOLDER, f"dataset.root={fine_tuned['root']}",
+                   "world=8p", "world.nproc_per_node=2", "train.epochs=1", "train.steps_per_epoch=2",
+                   f"model.weights={source}", "model.freeze=backbone", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    model = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(model[k], v) for k, v in state.items() if not k.startswith("fc."))
+
+
+def test_unknown_freeze_setting_is_refused() -> None:
+    from imgtrain.models import check_freeze
+    with pytest.raises(ConfigError, match="unknown model.freeze 'head'; choose one of none, backbone"):
+        check_freeze("head")
+
+
+def test_resume_with_another_freeze_is_refused(fine_tuned: dict, tmp_path: Path, capsys) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    saved = tmp_path / "checkpoints/last.pt"
+    saved.write_bytes((fine_tuned["run_dir"] / "checkpoints/last.pt").read_bytes())
+    with pytest.raises(SystemExit):
+        run_app(tmp_path, *TINY, *FOLDER, f"dataset.root={fine_tuned['root']}",
+                "model.freeze=none", "train.epochs=3")
+    assert "trained with freeze=backbone, this run has freeze=none" in capsys.readouterr().err
+    assert saved.read_bytes() == (fine_tuned["run_dir"] / "checkpoints/last.pt").read_bytes()
