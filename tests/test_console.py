@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, SHORT, run_cli
+from conftest import REPO, SHORT
 from imgtrain import memory
 
 PLAIN_LINE = re.compile(r"^epoch 1 \[(\d)/4\] loss [\d.]+ acc1 [\d.]+ img/s [\d.]+ lr [\d.]+ "

@@ -1,7 +1,6 @@
 """Long runs: SIGTERM checkpoints, mid-epoch resume, retention, disk trouble, mismatched resumes."""
 from __future__ import annotations
 
-import json
 import re
 import resource
 import shutil

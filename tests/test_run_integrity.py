@@ -268,11 +268,11 @@ def test_the_pool_resumes_when_the_dataloader_cannot_start(monkeypatch: pytest.M
 
 
 def test_checkpoint_writes_are_left_out_of_images_per_sec(monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgtrain import trainer as trainer_module
+    from imgtrain import throughput as throughput_module
 
     clock = iter([0.0, 10.0])  # the timed window opens at 0 and closes at 10 s
-    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(clock))
-    throughput = trainer_module._Throughput(DeviceInfo("cpu"), warmup=1, global_batch=8)
+    monkeypatch.setattr(throughput_module.time, "perf_counter", lambda: next(clock))
+    throughput = throughput_module.Throughput(DeviceInfo("cpu"), warmup=1, global_batch=8)
     for _ in range(11):
         throughput.step()
     throughput.exclude(4.0)  # a mid-epoch checkpoint took 4 of those seconds

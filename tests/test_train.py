@@ -1,7 +1,6 @@
 """End-to-end runs of `python run.py` on generated data: accuracy, resume, eval, TensorBoard."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 from conftest import REPO, TINY, read_results, run_cli
 

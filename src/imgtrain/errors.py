@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(Exception):
@@ -60,6 +64,8 @@ def config_error_line(exc: BaseException) -> str:
     if options:
         parts[-1] += ": " + ", ".join(options)
     return "; ".join(parts) or type(exc).__name__
+
+
 class _OneLineJobErrors:
     """stderr for a sweep: a failed job's `error: ...` line without Hydra's frame around it.
 
@@ -113,3 +119,23 @@ def one_line_job_errors() -> Iterator[None]:
     finally:
         sys.stderr.flush()
         sys.stderr = original
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """run.py's `main` with Hydra's errors as one `error:` line, and a failed sweep job's too.
+
+    Hydra prints a bad override or config error over several lines: told HYDRA_FULL_ERROR=1, it
+    re-raises instead, and the line is made here. A user who set it gets Hydra's full report.
+    """
+    with one_line_job_errors():
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            main()
+            return
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            main()
+        except (HydraException, OmegaConfBaseException) as exc:
+            message = config_error_line(exc)
+            sys.stderr.write(message if message.startswith("error: ") else f"error: {message}")
+            sys.stderr.write("\n")
+            sys.exit(1)

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from imgtrain.device import DeviceInfo

@@ -1,14 +1,12 @@
 """One Trainer: train_epoch, evaluate and fit. Device, world, precision and logger are handed in."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,9 +20,11 @@ from imgtrain.errors import ConfigError, Preempted
 from imgtrain.logger import RunLogger
 from imgtrain.optim import build_scheduler, load_optimizer_state
 from imgtrain.precision import Precision, bare_model
+from imgtrain.preemption import StopSignals
 from imgtrain.profiling import build_profiler
 from imgtrain.progress import Progress
 from imgtrain.results import run_results
+from imgtrain.throughput import Throughput
 
 log = logging.getLogger("imgtrain")
 
@@ -48,40 +48,6 @@ def epoch_steps(loader_batches: int, cap: int | None) -> int:
     return min(loader_batches, cap) if cap else loader_batches
 
 
-class _Throughput:
-    """Global images/sec over an epoch's steps after the first `warmup` ones.
-
-    The device is synchronised only at the two measurement points, so the timer measures the
-    device's work, not the launch queue, without a per-step host sync. Time spent writing
-    checkpoints is left out: it is not training speed.
-    """
-
-    def __init__(self, device: DeviceInfo, warmup: int, global_batch: int) -> None:
-        self.device, self.warmup, self.global_batch = device, warmup, global_batch
-        self.steps = 0
-        self.start_time = self.start_step = None
-        self.excluded_seconds = 0.0
-
-    def step(self) -> None:
-        self.steps += 1
-        if self.steps == self.warmup or (self.warmup <= 0 and self.steps == 1):
-            self.device.synchronize()
-            self.start_time, self.start_step = time.perf_counter(), self.steps
-            self.excluded_seconds = 0.0
-
-    def exclude(self, seconds: float) -> None:
-        self.excluded_seconds += seconds
-
-    def finish(self, epoch_start: float) -> tuple[float, float]:
-        """(images, seconds) of the timed window; the whole epoch when it is shorter than warm-up."""
-        self.device.synchronize()
-        now = time.perf_counter()
-        if self.start_time is None or self.steps <= self.start_step:
-            return self.steps * self.global_batch, now - epoch_start - self.excluded_seconds
-        return ((self.steps - self.start_step) * self.global_batch,
-                now - self.start_time - self.excluded_seconds)
-
-
 class Trainer:
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  precision: Precision, loaders: Loaders, device: DeviceInfo, world: World,
@@ -99,7 +65,7 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss()
         self.global_batch = loaders.per_rank_batch * world.world_size
         self.steps_per_epoch = epoch_steps(len(loaders.train), self.train_cfg["steps_per_epoch"])
-        self._stop_requested = False
+        self.stop_signals = StopSignals()
         self.progress = Progress.for_trainer(self)  # rank 0's console; does nothing elsewhere
         self.profiler = build_profiler(self.train_cfg, output_dir, device, world)
 
@@ -129,7 +95,7 @@ class Trainer:
         # a step the loss scaler skipped for an fp16 overflow does not poison the epoch's loss.
         sums = torch.zeros(3, device=self.device.torch_device)
         window = torch.zeros(3, device=self.device.torch_device)
-        throughput = _Throughput(self.device, self.train_cfg["fps_warmup_steps"], self.global_batch)
+        throughput = Throughput(self.device, self.train_cfg["fps_warmup_steps"], self.global_batch)
         data_time, epoch_start = 0.0, time.perf_counter()
         window_start, end, window_steps = epoch_start, epoch_start, 0
         step = first_step
@@ -224,12 +190,12 @@ class Trainer:
         metrics. A stop signal is acted on at an agreed step, or else at the epoch's end."""
         epochs = self.train_cfg["epochs"]
         val: dict[str, float] = self.state.history[-1] if self.state.history else {}
-        with self._preemption_signals(), self.profiler, self.progress:
+        with self.stop_signals, self.profiler, self.progress:
             for epoch in range(self.state.epoch, epochs):
                 train = self.train_epoch(epoch)
                 val = self.evaluate()
                 self._end_epoch(epoch, train, val)
-                if epoch + 1 < epochs and self.world.any(self._stop_requested,
+                if epoch + 1 < epochs and self.world.any(self.stop_signals.requested,
                                                          self.device.torch_device):
                     raise Preempted(f"stopped by a signal at the end of epoch {epoch + 1}")
         return val
@@ -356,7 +322,7 @@ class Trainer:
             due = due or self.world.any(
                 self.world.is_main and time.monotonic() - self.checkpoints.last_attempt
                 >= every_minutes * 60, self.device.torch_device)
-        stop = agreed and self.world.any(self._stop_requested, self.device.torch_device)
+        stop = agreed and self.world.any(self.stop_signals.requested, self.device.torch_device)
         seconds = self.save_checkpoint(f"step-{self.state.global_step}.pt") if due or stop else 0.0
         if stop:
             self.world.barrier()
@@ -366,25 +332,6 @@ class Trainer:
     def _agreed_at_boundary(self, step: int) -> bool:
         """Steps at which all ranks exchange flags: every step on one process, else at print points."""
         return self.world.world_size == 1 or step % self.train_cfg["print_freq"] == 0
-
-    @contextlib.contextmanager
-    def _preemption_signals(self) -> Iterator[None]:
-        """SIGTERM/SIGUSR1 only raise a flag, acted on at the next agreed step boundary; a second
-        signal during the save just raises it again."""
-        def request_stop(signum: int, frame: Any) -> None:
-            self._stop_requested = True
-
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                previous[sig] = signal.signal(sig, request_stop)
-            except ValueError:  # not the main thread (e.g. a launcher's job thread): leave them
-                pass
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _fault_injection(self, step: int) -> None:
         """Test-only: `train.fault_at_step=N` makes rank `train.fault_rank` (0) raise at global
