@@ -257,7 +257,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
                     reason="glibc's malloc only")
 def test_cpu_training_steps_reuse_memory_instead_of_faulting_it_in() -> None:
     """The same steps with glibc's defaults and with the CPU device's setting, side by side: with
-    kept memory a step faults in a small fraction of the pages (4,000-7,000 against almost none
+    kept memory a step faults in a small fraction of the pages (about 22,000 against almost none
     on the development machine; the ratio, not the count, is what any machine shares)."""
     faults = {}
     for mode in ("default", "keep"):
