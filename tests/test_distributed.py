@@ -94,7 +94,7 @@ def _processes_tagged(tag: str) -> list[int]:
 def test_a_crashing_worker_brings_the_run_down_without_hanging(tmp_path: Path) -> None:
     tag = f"IMGTRAIN_TEST_TAG={uuid.uuid4().hex}"
     start = time.time()
-    proc = run_cli(*TWO_PROCS, "train.epochs=1", "+train.fault_at_step=2", "+train.fault_rank=1",
+    proc = run_cli(*TWO_PROCS, "train.epochs=1", "train.fault_at_step=2", "train.fault_rank=1",
                    f"hydra.run.dir={tmp_path}", timeout=120, env=dict([tag.split("=", 1)]))
     assert time.time() - start < 90
     # A crash is a bug, not a user mistake: its traceback is shown once, then the error line.
@@ -110,8 +110,8 @@ def test_max_restarts_restarts_a_dead_worker_and_resumes(tmp_path: Path) -> None
     marker = tmp_path / "fault-fired"
     run_dir = tmp_path / "run"
     # 16 steps per epoch: the fault hits in epoch 2, after epoch 1's checkpoint.
-    proc = run_cli(*TWO_PROCS, "train.epochs=2", "world.max_restarts=1", "+train.fault_at_step=20",
-                   f"+train.fault_once_file={marker}", f"hydra.run.dir={run_dir}", timeout=300)
+    proc = run_cli(*TWO_PROCS, "train.epochs=2", "world.max_restarts=1", "train.fault_at_step=20",
+                   f"train.fault_once_file={marker}", f"hydra.run.dir={run_dir}", timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert marker.exists()
     assert "resuming from" in (run_dir / "train.log").read_text()

@@ -115,7 +115,7 @@ def test_report_prints_both_jobs_with_their_lr(lr_sweep: Path) -> None:
 
 def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
     # Job order: NaN loss (lr 1e30), crashed worker, the good job, crashed worker.
-    proc = sweep(tmp_path, "optim.lr=1e30,0.1", "+train.fault_at_step=null,1")
+    proc = sweep(tmp_path, "optim.lr=1e30,0.1", "train.fault_at_step=null,1")
     assert proc.returncode != 0, proc.stdout + proc.stderr
     jobs = job_dirs(tmp_path)
     assert len(jobs) == 4, [job.name for job in jobs]

@@ -92,6 +92,14 @@ class Precision:
         self._pairs: list[tuple[nn.Parameter, nn.Parameter]] = []  # O2: (half param, fp32 master)
         self._frozen_fp32: dict[int, torch.Tensor] = {}  # O2: frozen params' fp32 values by id
 
+    @property
+    def emulated_on_this_cpu(self) -> bool:
+        """bfloat16 on a CPU without oneDNN's bfloat16 kernels (they need AVX512-BF16 or AMX):
+        convolutions fall back to torch's reference kernels, whose backward pass took ~30x an
+        fp32 step on the development machine's AVX2 CPU."""
+        return self.device.name == "cpu" and self.dtype == torch.bfloat16 and \
+            not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
     @classmethod
     def from_config(cls, amp_cfg: Any, device: DeviceInfo) -> "Precision":
         dtype = resolve_dtype(amp_cfg["level"], str(amp_cfg["dtype"]), device)

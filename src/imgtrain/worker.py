@@ -73,6 +73,10 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
         from imgtrain.bench import bench_loader
         return bench_loader(cfg, loaders, world, logger)
     precision = Precision.from_config(cfg["amp"], device)
+    if precision.emulated_on_this_cpu and world.is_main and cfg["mode"] == "train":
+        log.warning("warning: amp=%s on this CPU has no native bfloat16 kernels (oneDNN needs "
+                    "AVX512-BF16 or AMX): training runs many times slower than with amp=O0",
+                    precision.level)
     check_memory(cfg, device, world, loaders.num_classes, half=precision.dtype is not None)
     model = build_model(cfg["model"]["arch"], loaders.num_classes)
     resume_from = checkpoint.resume_path(out, cfg["train"]["resume"]) if cfg["mode"] == "train" \
@@ -150,7 +154,7 @@ def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed_f
     try:
         trainer.fit()
     except Preempted as exc:
-        logger.info("%s; checkpoint saved, exiting with code %d", exc,
+        logger.info("%s; exiting with code %d", exc,
                     cfg["train"]["preempt_exit_code"])
         logger.results({**run_results(cfg, trainer), "status": "preempted"})
         raise
