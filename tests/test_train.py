@@ -18,16 +18,23 @@ JPEG_RUN = [*TINY, "dataset=imagenet", "dataset.image_size=32", "train.batch_siz
             "optim.lr=0.05", "sched.warmup_epochs=0"]
 
 
-def test_image_folder_trains_well_above_chance(image_folder: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def jpeg_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 4-epoch run on the JPEG folder, which the accuracy, resume and eval tests share."""
+    run_dir = tmp_path_factory.mktemp("jpeg-run")
     proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=4",
-                   f"hydra.run.dir={tmp_path}")
+                   f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr
-    results = read_results(tmp_path)
+    return run_dir
+
+
+def test_image_folder_trains_well_above_chance(jpeg_run: Path) -> None:
+    results = read_results(jpeg_run)
     assert results["status"] == "completed"
     assert results["val_samples"] == 32  # 4 classes x 8 validation images, each counted once
     assert results["best_acc1"] >= 60, results  # chance is 25
-    assert (tmp_path / "checkpoints" / "last.pt").is_file()
-    assert (tmp_path / "train.log").read_text().count("done in") == 1
+    assert (jpeg_run / "checkpoints" / "last.pt").is_file()
+    assert (jpeg_run / "train.log").read_text().count("done in") == 1
 
 
 def test_cifar10_pickles_train_well_above_chance(cifar_root: Path, tmp_path: Path) -> None:
@@ -71,11 +78,10 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
 
 
-def test_sigkill_after_an_epoch_then_resume_gives_the_same_weights(image_folder: Path,
-                                                                      tmp_path: Path) -> None:
-    args = [*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=5"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_cli(*args, f"hydra.run.dir={straight}").returncode == 0
+def test_sigkill_after_an_epoch_then_resume_gives_the_same_weights(
+        image_folder: Path, jpeg_run: Path, tmp_path: Path) -> None:
+    args = [*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=4"]  # jpeg_run's
+    straight, resumed = jpeg_run, tmp_path / "resumed"
 
     proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args,
                              f"hydra.run.dir={resumed}"], stdout=subprocess.DEVNULL,
@@ -105,11 +111,9 @@ def test_sigkill_after_an_epoch_then_resume_gives_the_same_weights(image_folder:
     assert (resumed / "results.json").read_bytes() == before
 
 
-def test_eval_mode_on_a_checkpoint_and_on_a_torchvision_state_dict(image_folder: Path,
-                                                                   tmp_path: Path) -> None:
-    train_dir = tmp_path / "train"
-    assert run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=2",
-                   f"hydra.run.dir={train_dir}").returncode == 0
+def test_eval_mode_on_a_checkpoint_and_on_a_torchvision_state_dict(
+        image_folder: Path, jpeg_run: Path, tmp_path: Path) -> None:
+    train_dir = jpeg_run
     trained = read_results(train_dir)
     assert trained["final_acc1"] >= 50  # learned something (chance is 25): loading must matter
     proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "mode=eval",
