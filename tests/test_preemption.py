@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -55,6 +56,23 @@ def _max_diff(a: Path, b: Path) -> float:
 def _start(args: list[str], run_dir: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={run_dir}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_running(proc: subprocess.Popen, run_dir: Path) -> None:
+    """Until results.json says `running`: written just before training starts."""
+    _wait_for(proc, lambda: '"running"' in (run_dir / "results.json").read_text())
+
+
+def _wait_for(proc: subprocess.Popen, condition: Any) -> None:
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise AssertionError("the run ended or timed out before the condition held")
 
 
 def _wait_for_log(proc: subprocess.Popen, run_dir: Path, pattern: str) -> None:
@@ -158,8 +176,8 @@ def test_a_stop_on_an_epochs_last_step_finishes_the_epoch_then_resumes_exactly(
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     proc = _start(args, stopped)
-    _wait_for_log(proc, stopped, r"lr 0\.05: ")  # logged as training starts
-    time.sleep(0.5)  # the signal handlers are in place; the epoch takes several seconds
+    _wait_for_running(proc, stopped)
+    time.sleep(1.0)  # the signal handlers are in place; the epoch takes several seconds
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 143, stderr[-3000:]

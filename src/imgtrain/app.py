@@ -9,12 +9,13 @@ from typing import Any
 
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from imgtrain import device as devices, records
 from imgtrain.config import lr_rule, unknown_keys
 from imgtrain.data import check_dataset
 from imgtrain.distributed import WorkerFailed, check_world, launch
-from imgtrain.errors import ConfigError, Preempted, one_line
+from imgtrain.errors import ConfigError, Preempted, config_error_line, one_line
 from imgtrain.models import check_arch, check_freeze
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import RESULTS, read as read_results, record_failure
@@ -34,7 +35,10 @@ def resolve(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     if extra:
         raise ConfigError(f"unknown config key {extra[0]} (added with +); python run.py --help "
                           "lists the groups, and conf/ holds every key")
-    config = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:  # e.g. optim.lr_base_size=0, or a mistyped ${...}
+        raise ConfigError(config_error_line(exc)) from None
     config.pop("hydra", None)
     config["overrides"] = overrides
     config["optim"]["lr_rule"] = lr_rule(cfg)
@@ -122,23 +126,12 @@ def _record(config: dict[str, Any], output_dir: str, error: str, started: float)
         pass  # never mask the original error with a bookkeeping one
 
 
-def _record_if_running(config: dict[str, Any], output_dir: str, error: str,
-                       started: float) -> None:
-    """Mark a run failed only if this command got as far as training it."""
-    path = Path(output_dir) / RESULTS
-    if path.exists() and path.stat().st_mtime >= started:
-        _record(config, output_dir, error, started)
-
-
 def _fail(config: dict[str, Any], output_dir: str, error: str, started: float,
           multirun: bool) -> None:
     """Report a user error. A sweep job keeps an error record; a single run that changed nothing
     leaves nothing behind."""
-    if multirun:
+    if not records.discard_startup(output_dir, started, keep_error_record=multirun):
         _record(config, output_dir, error, started)
-    else:
-        _record_if_running(config, output_dir, error, started)
-    records.discard_startup(output_dir, started, keep_error_record=multirun)
     if multirun:
         job = " ".join(config.get("overrides") or []) or "defaults"
         raise JobFailed(f"error: {error} (sweep job: {job})")  # run.py drops Hydra's framing

@@ -90,7 +90,7 @@ def load(path: Path) -> dict[str, Any]:
 
 def resume_path(output_dir: Path, resume: Any) -> Path | None:
     """train.resume: auto = this run's last.pt if present, null = fresh, else a path."""
-    if resume in (None, False, "null", "none"):
+    if resume is None or str(resume).lower() in ("null", "none", "false"):
         return None
     if resume == "auto":
         candidate = output_dir / "checkpoints" / LAST
@@ -171,11 +171,13 @@ class CheckpointWriter:
         self.warn_on_error = train_cfg.get("on_checkpoint_error") == "warn"
         self.enabled = bool(train_cfg.get("save_checkpoints", True))
         self.last_attempt = time.monotonic()  # successful or not: intervals count from here
+        self.last_written = False  # whether the latest save reached the disk
 
     def write(self, state: dict[str, Any], name: str, best: bool) -> bool:
         """Write `name` (kept only with train.keep_checkpoints) and last.pt, and best.pt if `best`.
         Returns whether it was written; a failure keeps the previous files."""
         self.last_attempt = time.monotonic()
+        self.last_written = False
         if not self.enabled:
             return False
         start = time.perf_counter()
@@ -196,4 +198,5 @@ class CheckpointWriter:
             raise ConfigError(f"{message}; the previous checkpoint is kept "
                               "(train.on_checkpoint_error=warn to train on)") from None
         log.debug("checkpoint %s written in %.2f s", name, time.perf_counter() - start)
+        self.last_written = True
         return True

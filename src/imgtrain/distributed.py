@@ -53,6 +53,12 @@ class World:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
 
+    def broadcast_from_main(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values into `tensors` on every rank (a no-op on one process)."""
+        if self.world_size > 1:
+            for tensor in tensors:
+                dist.broadcast(tensor, src=0)
+
     def gather_objects(self, value: Any) -> list[Any]:
         """Every rank's `value`, in rank order, on every rank (a list of one on one process)."""
         if self.world_size == 1:

@@ -19,15 +19,21 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from imgtrain.distributed import started_by_torchrun
+
 RECORD = ".hydra"
+# What a command writes once training has started (train.log only then: its handler opens lazily).
+TRAINING_OUTPUTS = ("results.json", "checkpoints", "train.log")
 _chosen: dict[str, tuple[str, bool]] = {}  # run directory -> (record subdir, directory was new)
 _launch_time: list[datetime.datetime] = []
 
 
-def record_subdir(output_dir: str) -> str | None:
-    """`.hydra` for a run's first command, `.hydra-N` after it; None (no record) on a rank above 0
-    of an external torchrun launch. Resolved once per directory: Hydra may read it again."""
-    if os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ:
+def record_subdir(output_dir: str, node_rank: int = 0) -> str | None:
+    """`.hydra` for a run's first command, `.hydra-N` after it. None (no record) on machines other
+    than the first and on ranks above 0 of an external torchrun launch: they share the directory
+    with global rank 0, which keeps the record. Resolved once per directory (Hydra reads it twice).
+    """
+    if int(node_rank) != 0 or (started_by_torchrun() and os.environ["RANK"] != "0"):
         return None
     if output_dir not in _chosen:
         folder = Path(output_dir)
@@ -43,31 +49,41 @@ def _name(number: int) -> str:
     return RECORD if number == 1 else f"{RECORD}-{number}"
 
 
-def discard_startup(output_dir: str, started: float, keep_error_record: bool) -> None:
-    """After a failure that changed nothing of the run: remove the directory if this command
-    created it (keeping it, with its error record, for a sweep job), else this command's record."""
+def discard_startup(output_dir: str, started: float, keep_error_record: bool) -> bool:
+    """After a failure: if the command changed nothing of the run, remove what it added (the run
+    directory it created, unless a sweep job keeps it for its error record; else its own record)
+    and return True. Only the process that chose the record decides (global rank 0, node 0)."""
     subdir, is_new = _chosen.get(output_dir, (None, False))
+    if subdir is None:
+        return False
     folder = Path(output_dir)
-    results = folder / "results.json"
-    if results.exists() and results.stat().st_mtime >= started:
-        return  # training started and wrote its state: keep everything
-    if is_new and not keep_error_record:
+    if is_new:
+        # Everything beyond the record is this command's: no clocks to compare.
+        if keep_error_record or any((folder / name).exists() for name in TRAINING_OUTPUTS):
+            return False
         shutil.rmtree(folder, ignore_errors=True)
         with contextlib.suppress(OSError):  # the date folder above a timestamped run, if now empty
             folder.parent.rmdir()
-    elif not is_new and subdir and subdir != RECORD:
+        return True
+    results = folder / "results.json"
+    if results.exists() and results.stat().st_mtime >= started:
+        return False  # training went on and rewrote the run's state
+    if subdir != RECORD:
         shutil.rmtree(folder / subdir, ignore_errors=True)
+    return True
 
 
 def shared_now(pattern: str) -> str:
-    """`${imgtrain.now:pattern}`: Hydra's `${now:}` with one time per launch, rank 0's under an
-    external torchrun.
+    """`${imgtrain.now:pattern}`: Hydra's `${now:}`, but rank 0's time on every rank of an
+    external torchrun launch.
 
     Each rank resolves the run directory on its own, a moment apart; a second's difference
     would give every rank its own directory and its own resume state.
     """
+    if not _under_torchrun():
+        return datetime.datetime.now().strftime(pattern)  # cached per config, as Hydra's `now`
     if not _launch_time:
-        _launch_time.append(_rank0_time() if _under_torchrun() else datetime.datetime.now())
+        _launch_time.append(_rank0_time())
     return _launch_time[0].strftime(pattern)
 
 
@@ -86,11 +102,11 @@ def _rank0_time() -> datetime.datetime:
 
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           is_master=False, timeout=timedelta(minutes=5))
-    key = f"imgtrain/launch_time/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    # One key for every restart of the launch: a restarted rank 0 keeps the first attempt's time,
+    # so restarts land in the run directory they resume from.
+    key = "imgtrain/launch_time"
     if os.environ["RANK"] == "0":
-        now = datetime.datetime.now()
-        store.set(key, now.isoformat())
-        return now
+        store.compare_set(key, "", datetime.datetime.now().isoformat())
     return datetime.datetime.fromisoformat(store.get(key).decode())
 
 

@@ -164,6 +164,7 @@ class Trainer:
         """Loss, Acc@1 and Acc@5 over the whole validation set, each sample counted exactly once."""
         model = self.eval_model
         model.eval()
+        self._sync_buffers()
         sums = torch.zeros(3, device=self.device.torch_device)  # loss sum, top1, top5
         samples = 0
         self.progress.start_val()
@@ -197,7 +198,8 @@ class Trainer:
                 self._end_epoch(epoch, train, val)
                 if epoch + 1 < epochs and self.world.any(self.stop_signals.requested,
                                                          self.device.torch_device):
-                    raise Preempted(f"stopped by a signal at the end of epoch {epoch + 1}")
+                    raise Preempted(f"stopped by a signal at the end of epoch {epoch + 1}; "
+                                    f"{self._saved_or_not()}")
         return val
 
     def _end_epoch(self, epoch: int, train: dict[str, float], val: dict[str, float]) -> None:
@@ -258,6 +260,10 @@ class Trainer:
             if old["optim"].get(key) != optim[key]:
                 log.info("resume: optim.%s changed from %s to %s; using the new value", key,
                          old["optim"].get(key), optim[key])
+        if "lr_rule" not in old["optim"] and old["optim"].get("lr") != optim["lr"]:
+            log.warning("warning: this run was made before optim.lr followed the global batch; "
+                        "its lr was %s, now %s (set optim.lr=%s to keep it)", old["optim"]["lr"],
+                        optim["lr"], old["optim"]["lr"])
         if old["train"]["epochs"] != self.train_cfg["epochs"]:
             log.info("resume: train.epochs changed from %s to %s", old["train"]["epochs"],
                      self.train_cfg["epochs"])
@@ -282,6 +288,7 @@ class Trainer:
         weights are not finite is never written: the run stops as diverged instead.
         Returns the seconds it took."""
         start = time.perf_counter()
+        self._sync_buffers()
         self._check_finite(f"step {self.state.global_step}")
         rng_states = self.world.gather_objects(checkpoint.rng_state(self.device.module()))
         if self.world.is_main:
@@ -289,6 +296,13 @@ class Trainer:
         else:
             self.checkpoints.last_attempt = time.monotonic()
         return time.perf_counter() - start
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's BatchNorm statistics on every rank, as DDP gives them at each training forward:
+        each rank's last step updated its own copy from its own batch. Then all ranks evaluate,
+        and judge finiteness, with the statistics that the checkpoint saves."""
+        self.world.broadcast_from_main([b for b in bare_model(self.model).buffers()
+                                        if b.is_floating_point()])
 
     def _check_finite(self, where: str) -> None:
         """Stop as diverged when a weight or BatchNorm statistic is inf or NaN.
@@ -326,8 +340,14 @@ class Trainer:
         seconds = self.save_checkpoint(f"step-{self.state.global_step}.pt") if due or stop else 0.0
         if stop:
             self.world.barrier()
-            raise Preempted(f"stopped by a signal at epoch {self.state.epoch + 1}, step {step}")
+            raise Preempted(f"stopped by a signal at epoch {self.state.epoch + 1}, step {step}; "
+                            f"{self._saved_or_not()}")
         return seconds
+
+    def _saved_or_not(self) -> str:
+        if self.checkpoints.last_written or not self.world.is_main:
+            return "checkpoint saved"
+        return "no checkpoint written now: resuming starts from the last one that was"
 
     def _agreed_at_boundary(self, step: int) -> bool:
         """Steps at which all ranks exchange flags: every step on one process, else at print points."""
