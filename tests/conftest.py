@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +65,19 @@ def make_cifar10(root: Path, per_class: int = 20, test_per_class: int = 10, seed
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
     return root
+
+
+@pytest.fixture(scope="module")
+def module_dir(request: pytest.FixtureRequest,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder for a module's shared runs, removed once the module's tests have all passed:
+    pytest keeps fixtures' folders to the session's end, and each run holds ~90 MB of
+    checkpoints (tmp_path_retention_policy only covers the tests' own folders)."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
+    failed_before = request.session.testsfailed
+    yield folder
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

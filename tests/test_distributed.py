@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+def two_process_run(module_dir: Path) -> Path:
+    run_dir = module_dir / "ddp"
     proc = run_cli(*TWO_PROCS, "train.epochs=2", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return run_dir
@@ -43,12 +43,11 @@ def test_two_process_run_trains_and_counts_every_val_sample_once(two_process_run
     assert len(list(two_process_run.glob("events.out.tfevents.*"))) == 1
 
 
-def test_one_checkpoint_gives_the_same_acc1_on_one_and_two_processes(tmp_path: Path) -> None:
+def test_one_checkpoint_gives_the_same_acc1_on_one_and_two_processes(two_process_run: Path,
+                                                                      tmp_path: Path) -> None:
     # A confidently trained checkpoint: float differences between batchings cannot flip its argmax,
     # so any difference in Acc@1 would be a sample dropped or counted twice.
-    train_dir = tmp_path / "train"
-    assert run_cli(*SYNTH, "train.epochs=2", f"hydra.run.dir={train_dir}").returncode == 0
-    weights = train_dir / "checkpoints" / "last.pt"
+    weights = two_process_run / "checkpoints" / "last.pt"
     acc1 = {}
     for world in ("1p", "8p"):
         proc = run_cli(f"world={world}", "world.nproc_per_node=" + ("1" if world == "1p" else "2"),

@@ -81,9 +81,9 @@ def test_corrupt_image_is_named_or_skipped_on_request(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def trained_run(module_dir: Path) -> tuple[Path, Path]:
     """A small finished run: its data root and its run directory."""
-    base = tmp_path_factory.mktemp("trained")
+    base = module_dir
     root = make_image_folder(base / "data", num_classes=2, per_class=8, val_per_class=2)
     run_dir = base / "run"
     proc = run_cli(*FOLDER_RUN, f"dataset.root={root}", f"hydra.run.dir={run_dir}")

@@ -228,10 +228,10 @@ FEW_STEPS = ["dataset.train_size=64", "train.epochs=1", "sched.warmup_epochs=0"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def trained(module_dir: Path) -> dict[str, Path]:
     """resnet18 trained at O0 on a small learnable task, then two O2 steps on from its weights:
     run dir by level."""
-    runs = {level: tmp_path_factory.mktemp(f"train-{level}") for level in ("O0", "O2")}
+    runs = {level: module_dir / f"train-{level}" for level in ("O0", "O2")}
     proc = run_cli(*SMALL, "amp=O0", f"hydra.run.dir={runs['O0']}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_cli(*SMALL, *FEW_STEPS, "amp=O2",

@@ -19,23 +19,23 @@ from imgtrain.optim import lr_factor
 
 # A stable configuration (lr 0.05): equal weights then really mean the same computation was replayed.
 RUN = ["experiment=quickstart", "device=cpu", "dataset.train_size=640", "dataset.val_size=64",
-       "train.epochs=3", "train.print_freq=2", "optim.lr=0.05"]
+       "train.epochs=2", "train.print_freq=2", "optim.lr=0.05"]
 TWO_PROCS = ["world=8p", "world.nproc_per_node=2", "train.batch_size=32"]
 
 
 @pytest.fixture(scope="module")
-def one_epoch_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def one_epoch_run(module_dir: Path) -> Path:
     """A finished 1-epoch run of RUN, trained once for the tests that resume from it."""
-    run_dir = tmp_path_factory.mktemp("one_epoch") / "run"
+    run_dir = module_dir / "one_epoch"
     assert run_cli(*RUN, "train.epochs=1", f"hydra.run.dir={run_dir}").returncode == 0
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def straight_run(module_dir: Path) -> Path:
     """RUN trained without interruption: the weights every stopped-and-resumed RUN must end with
     (print points, checkpoints and loader workers change no number of the training)."""
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    run_dir = module_dir / "straight"
     assert run_cli(*RUN, "dataset.workers=0", f"hydra.run.dir={run_dir}").returncode == 0
     return run_dir
 

@@ -41,8 +41,8 @@ def run_report(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def lr_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    sweep_dir = tmp_path_factory.mktemp("lr_sweep")
+def lr_sweep(module_dir: Path) -> Path:
+    sweep_dir = module_dir / "lr_sweep"
     proc = sweep(sweep_dir, "optim.lr=0.1,0.2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return sweep_dir
@@ -170,11 +170,12 @@ def _needs(module: str) -> None:
 
 def test_joblib_launcher_runs_a_sweep_over_groups_in_parallel(tmp_path: Path) -> None:
     _needs("hydra_plugins.hydra_joblib_launcher")
-    proc = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "amp=O0,O1")
+    proc = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                 "model=resnet18,resnet34")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Joblib.Parallel" in proc.stdout + proc.stderr
     jobs = job_dirs(tmp_path)
-    assert [read_results(job)["amp"] for job in jobs] == ["O0", "O1"]
+    assert [read_results(job)["arch"] for job in jobs] == ["resnet18", "resnet34"]
     assert all(read_results(job)["status"] == "completed" for job in jobs)
 
 

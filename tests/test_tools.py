@@ -53,9 +53,9 @@ def _pretrained_pth_tar(image_folder: Path, path: Path) -> dict[str, torch.Tenso
 
 
 @pytest.fixture(scope="module")
-def fine_tuned(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def fine_tuned(image_folder: Path, module_dir: Path) -> dict:
     """One epoch fine-tuning a frozen backbone, then a resume for a second epoch."""
-    base = tmp_path_factory.mktemp("finetune")
+    base = module_dir
     source = _pretrained_pth_tar(image_folder, base / "checkpoint.pth.tar")
     run_dir = base / "run"
     args = [*TINY, *FOLDER, f"dataset.root={image_folder}",

@@ -19,9 +19,9 @@ JPEG_RUN = [*TINY, "dataset=imagenet", "dataset.image_size=32", "train.batch_siz
 
 
 @pytest.fixture(scope="module")
-def jpeg_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def jpeg_run(image_folder: Path, module_dir: Path) -> Path:
     """One 4-epoch run on the JPEG folder, which the accuracy, resume and eval tests share."""
-    run_dir = tmp_path_factory.mktemp("jpeg-run")
+    run_dir = module_dir / "jpeg-run"
     proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=4",
                    f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr
