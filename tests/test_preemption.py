@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,18 @@ def _start(args: list[str], run_dir: Path) -> subprocess.Popen:
 
 def _wait_for_running(proc: subprocess.Popen, run_dir: Path) -> None:
     """Until results.json says `running`: written just before training starts."""
-    _wait_for(proc, lambda: '"running"' in (run_dir / "results.json").read_text())
+    _wait_for(proc, lambda: '"running"' in (run_dir / "results.json").read_text(),
+              "results.json never said running")
 
 
-def _wait_for(proc: subprocess.Popen, condition: Any) -> None:
+def _wait_for_log(proc: subprocess.Popen, run_dir: Path, pattern: str) -> None:
+    """Until train.log has a line matching `pattern` (progress lines come every print_freq steps)."""
+    _wait_for(proc, lambda: re.search(pattern, (run_dir / "train.log").read_text()),
+              f"no {pattern!r} in train.log")
+
+
+def _wait_for(proc: subprocess.Popen, condition: Callable[[], Any], failure: str) -> None:
+    """Poll `condition` (a file it reads may not exist yet) while the run lasts, up to 3 minutes."""
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -72,18 +81,7 @@ def _wait_for(proc: subprocess.Popen, condition: Any) -> None:
         except OSError:
             pass
         time.sleep(0.01)
-    raise AssertionError("the run ended or timed out before the condition held")
-
-
-def _wait_for_log(proc: subprocess.Popen, run_dir: Path, pattern: str) -> None:
-    """Until train.log has a line matching `pattern` (progress lines come every print_freq steps)."""
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        log = run_dir / "train.log"
-        if log.exists() and re.search(pattern, log.read_text()):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"no {pattern!r} in train.log")
+    raise AssertionError(failure)
 
 
 @pytest.mark.parametrize("workers,sig", [(0, signal.SIGTERM), (2, signal.SIGUSR1)])

@@ -113,11 +113,10 @@ def test_sigkill_after_an_epoch_then_resume_gives_the_same_weights(
 
 def test_eval_mode_on_a_checkpoint_and_on_a_torchvision_state_dict(
         image_folder: Path, jpeg_run: Path, tmp_path: Path) -> None:
-    train_dir = jpeg_run
-    trained = read_results(train_dir)
+    trained = read_results(jpeg_run)
     assert trained["final_acc1"] >= 50  # learned something (chance is 25): loading must matter
     proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "mode=eval",
-                   f"model.weights={train_dir / 'checkpoints/last.pt'}",
+                   f"model.weights={jpeg_run / 'checkpoints/last.pt'}",
                    f"hydra.run.dir={tmp_path / 'eval'}")
     assert proc.returncode == 0, proc.stderr
     evaluated = read_results(tmp_path / "eval")
@@ -127,7 +126,7 @@ def test_eval_mode_on_a_checkpoint_and_on_a_torchvision_state_dict(
 
     # What torchvision users have: a bare state dict, here of the same trained weights.
     plain = tmp_path / "resnet18.pth"
-    torch.save(_weights(train_dir / "checkpoints/last.pt"), plain)
+    torch.save(_weights(jpeg_run / "checkpoints/last.pt"), plain)
     proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "mode=eval",
                    f"model.weights={plain}", f"hydra.run.dir={tmp_path / 'plain'}")
     assert proc.returncode == 0, proc.stderr
