@@ -40,6 +40,9 @@ class TrainConfig:
     profile_warmup: int = 1
     profile_active: int = 3
     profile_rank: int = 0
+    label_smoothing: float = 0.0
+    accumulate_steps: int = 1            # micro-steps per optimizer step; batch_size stays global
+    clip_grad_norm: Optional[float] = None
     # Test hooks (tests/test_distributed.py): rank fault_rank raises at global step fault_at_step,
     # only the first time when fault_once_file is set.
     fault_at_step: Optional[int] = None
@@ -55,6 +58,8 @@ class OptimConfig:
     lr_base_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    norm_weight_decay: Optional[float] = None  # null: optim.weight_decay
+    bias_weight_decay: Optional[float] = None  # null: optim.weight_decay
     nesterov: bool = False
     fused: Any = "auto"  # auto | true | false
 
@@ -63,6 +68,7 @@ class OptimConfig:
 class SchedConfig:
     name: str = "cosine"
     warmup_epochs: float = 5
+    warmup_start_factor: Optional[float] = None  # null: the seed's ramp, (step + 1) / warm-up steps
     step_epochs: int = 30
     gamma: float = 0.1
 
@@ -96,6 +102,7 @@ class ModelConfig:
     weights: Optional[str] = None
     weights_key: Optional[str] = None
     freeze: str = "none"
+    zero_init_residual: bool = False
     channels_last: Any = "auto"  # auto | true | false
     compile: bool = False
 
@@ -118,6 +125,19 @@ class DatasetConfig:
     train_size: int = 12800
     val_size: int = 1000
     noise: float = 1.0
+    auto_augment: Optional[str] = None  # ta_wide | ra | augmix
+    random_erase: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    val_resize_size: Optional[int] = None  # null: image_size / 0.875
+    val_crop_size: Optional[int] = None    # null: image_size
+    ra_reps: int = 1
+
+
+@dataclass
+class EmaConfig:
+    decay: Optional[float] = None  # null: no EMA of the weights
+    steps: int = 32
 
 
 @dataclass
@@ -145,6 +165,7 @@ class Config:
     world: WorldConfig = field(default_factory=WorldConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
