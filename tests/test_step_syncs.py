@@ -20,6 +20,7 @@ from torch import nn
 
 from conftest import REPO
 from imgtrain.data import build_loaders
+from imgtrain.data.mixing import build_batch_mix
 from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
 from imgtrain.logger import NullLogger
@@ -43,7 +44,8 @@ def make_trainer(compose, tmp_path: Path, level: str, dtype: torch.dtype | None,
         f"train.steps_per_epoch={STEPS}", f"train.print_freq={PRINT_FREQ}",
         "train.fps_warmup_steps=1", *overrides), resolve=True)
     cfg["device"]["resolved"] = "cpu"
-    loaders = build_loaders(cfg["dataset"], 8, 0, 1, 1, cfg["train"]["seed"], accelerator=False)
+    loaders = build_loaders(cfg["dataset"], 8, 0, 1, 1, cfg["train"]["seed"], accelerator=False,
+                            accumulate_steps=cfg["train"]["accumulate_steps"])
     precision = Precision(level, dtype, loss_scale, CPU)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -72,6 +74,45 @@ def test_training_steps_read_nothing_on_the_host(compose, tmp_path: Path, level,
         metrics = trainer.train_epoch(0)
     assert watch.events == []
     assert trainer.state.step_in_epoch == STEPS and metrics["loss"] > 0
+
+
+# Every ingredient of the V2 recipe that runs in the step (the augmentations run in the loader).
+RECIPE = ["dataset.mixup_alpha=0.2", "dataset.cutmix_alpha=1.0", "train.label_smoothing=0.1",
+          "train.clip_grad_norm=1.0", "train.accumulate_steps=2", "optim.norm_weight_decay=0",
+          "ema.decay=0.9", "ema.steps=1", "sched.warmup_epochs=0"]
+
+
+@pytest.mark.parametrize("level, dtype, loss_scale", [("O0", None, None),
+                                                      ("O2", torch.float16, 1024.0)])
+def test_the_v2_recipes_steps_read_nothing_on_the_host(compose, tmp_path: Path, level, dtype,
+                                                       loss_scale):
+    """MixUp/CutMix draw their weight, box and choice from torch's CPU generator: host numbers,
+    no device read (the next test runs them on a batch that cannot be read at all). Everything
+    else the step does reads nothing."""
+    trainer = make_trainer(compose, tmp_path, level, dtype, loss_scale, *RECIPE)
+    mix = trainer.batch_mix
+    with HostReads() as watch, watching_steps(trainer, watch, first=1, last=STEPS - 2):
+        def mix_unwatched(images, target):
+            active, watch.active = watch.active, False
+            try:
+                return mix(images, target)
+            finally:
+                watch.active = active
+
+        trainer.batch_mix = mix_unwatched
+        trainer.train_epoch(0)
+    assert watch.events == []
+    assert trainer.ema is not None and int(trainer.ema.averaged.n_averaged) == STEPS
+
+
+def test_mixup_and_cutmix_never_read_the_batch():
+    """On the meta device a tensor has no values: a read of the images or labels would raise."""
+    mix = build_batch_mix({"mixup_alpha": 0.2, "cutmix_alpha": 1.0}, num_classes=4)
+    for seed in range(8):  # both transforms, several boxes
+        torch.manual_seed(seed)
+        images, soft = mix(torch.empty(8, 3, 8, 8, device="meta"),
+                           torch.empty(8, dtype=torch.long, device="meta"))
+        assert images.device.type == soft.device.type == "meta" and soft.shape == (8, 4)
 
 
 def test_the_watch_sees_a_host_read_in_every_step(compose, tmp_path: Path):
@@ -111,9 +152,9 @@ def _weights_after(trainer, overflow_first: bool) -> list[torch.Tensor]:
     if overflow_first:
         first = next(p for p in trainer.model.parameters())
         hook = first.register_hook(lambda grad: torch.full_like(grad, float("inf")))
-        trainer._train_step(images, target)
+        trainer._train_step(((images, target),), epoch=0)
         hook.remove()
-    trainer._train_step(images, target)
+    trainer._train_step(((images, target),), epoch=0)
     return [p.detach().clone() for p in trainer.model.parameters()]
 
 
@@ -179,8 +220,8 @@ class FlatBufferSGD(torch.optim.Optimizer):
 def _trained(trainer, steps: int = 3) -> list[torch.Tensor]:
     for step in range(steps):
         torch.manual_seed(step)
-        trainer._train_step(torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8),
-                            torch.randint(0, 4, (8,)))
+        batch = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8), torch.randint(0, 4, (8,))
+        trainer._train_step((batch,), epoch=0)
     return [p.detach().clone() for p in trainer.model.parameters()]
 
 

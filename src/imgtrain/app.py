@@ -14,9 +14,12 @@ from omegaconf.errors import OmegaConfBaseException
 from imgtrain import device as devices, records
 from imgtrain.config import lr_rule, unknown_keys
 from imgtrain.data import check_dataset
-from imgtrain.distributed import WorkerFailed, check_world, launch
+from imgtrain.data.mixing import check_mixing
+from imgtrain.distributed import WorkerFailed, check_world, launch, planned_world_size
+from imgtrain.ema import check_ema
 from imgtrain.errors import ConfigError, Preempted, config_error_line, one_line
 from imgtrain.models import check_arch, check_freeze
+from imgtrain.optim import check_schedule
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import RESULTS, read as read_results, record_failure
 
@@ -56,9 +59,10 @@ def check(config: dict[str, Any]) -> None:
     dtype = resolve_dtype(config["amp"]["level"], str(config["amp"]["dtype"]), device)
     resolve_loss_scale(config["amp"]["level"], dtype, config["amp"]["loss_scale"])
     check_world(config["world"], device.name, config["train"]["batch_size"])
-    for key in ("epochs", "print_freq"):
+    for key in ("epochs", "print_freq", "accumulate_steps"):
         if int(config["train"][key]) < 1:
             raise ConfigError(f"train.{key}={config['train'][key]} must be at least 1")
+    check_recipe(config)
     if config["train"]["on_checkpoint_error"] not in ("fail", "warn"):
         raise ConfigError("train.on_checkpoint_error must be fail or warn")
     if config["mode"] in NO_DATASET:
@@ -67,6 +71,27 @@ def check(config: dict[str, Any]) -> None:
             raise ConfigError(f"mode={config['mode']} runs in one process; drop world=8p")
         return
     config["dataset"]["num_classes"] = check_dataset(config["dataset"])
+
+
+def check_recipe(config: dict[str, Any]) -> None:
+    """The training recipe's values that no type check catches."""
+    train, processes = config["train"], planned_world_size(config["world"])
+    micro_steps = processes * train["accumulate_steps"]
+    if train["batch_size"] % micro_steps:
+        raise ConfigError(f"train.batch_size={train['batch_size']} does not split into "
+                          f"{processes} process(es) x train.accumulate_steps="
+                          f"{train['accumulate_steps']}; use a multiple of {micro_steps}")
+    if not 0.0 <= train["label_smoothing"] < 1.0:
+        raise ConfigError(f"train.label_smoothing={train['label_smoothing']} must be in [0, 1)")
+    if train["clip_grad_norm"] is not None and not train["clip_grad_norm"] > 0:
+        raise ConfigError(f"train.clip_grad_norm={train['clip_grad_norm']} must be positive "
+                          "(null: no clipping)")
+    for key in ("weight_decay", "norm_weight_decay", "bias_weight_decay"):
+        if (config["optim"][key] or 0.0) < 0:
+            raise ConfigError(f"optim.{key}={config['optim'][key]} must not be negative")
+    check_schedule(config["sched"])
+    check_mixing(config["dataset"])
+    check_ema(config["ema"])
 
 
 def check_directory(config: dict[str, Any], output_dir: str) -> None:

@@ -174,12 +174,20 @@ def linear_lr(base: float, global_batch: int, base_size: int) -> float:
     return float(base) * int(global_batch) / int(base_size)
 
 
+def micro_steps(global_batch: int, nproc_per_node: int, nnodes: int, per_device: int) -> int:
+    """train.accumulate_steps that keeps `per_device` images per device and micro-step: a recipe's
+    global batch on fewer devices (experiment/resnet152_v2.yaml)."""
+    return max(1, int(global_batch) // (int(nproc_per_node) * int(nnodes) * int(per_device)))
+
+
 def register() -> None:
     """Put the schema in Hydra's ConfigStore (conf/config.yaml names it first in its defaults)
     and the resolvers it uses; safe to call more than once."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
     if not OmegaConf.has_resolver("imgtrain.linear_lr"):
         OmegaConf.register_new_resolver("imgtrain.linear_lr", linear_lr)
+    if not OmegaConf.has_resolver("imgtrain.micro_steps"):
+        OmegaConf.register_new_resolver("imgtrain.micro_steps", micro_steps)
 
 
 def unknown_keys(cfg: DictConfig) -> list[str]:

@@ -111,14 +111,16 @@ def check_memory(cfg: dict[str, Any], device: Any, world: Any, num_classes: int,
     if found is None:
         return
     available, where = found
-    per_device = cfg["train"]["batch_size"] // world.world_size
+    micro_steps = cfg["train"].get("accumulate_steps", 1)
+    per_device = cfg["train"]["batch_size"] // world.world_size // micro_steps
     est = estimate(cfg["model"]["arch"], num_classes, cfg["dataset"]["image_size"],
                    cfg["amp"]["level"], half)
     needed = est.total(per_device)
     if needed <= available:
         return
     fits = fitting_batch(est, available)
-    advice = (f"train.batch_size={fits * world.world_size} fits" if fits else
+    advice = (f"train.batch_size={fits * world.world_size * micro_steps} fits (or raise "
+              "train.accumulate_steps)" if fits else
               "not even one image per device fits: pick a smaller model.arch or "
               "dataset.image_size")
     raise ConfigError(

@@ -14,9 +14,12 @@ def check_arch(arch: str) -> None:
         raise ConfigError(f"unknown model.arch {arch!r}; valid: {', '.join(ARCHS)}")
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
+def build_model(arch: str, num_classes: int, zero_init_residual: bool = False) -> nn.Module:
+    """A torchvision ResNet; `zero_init_residual` zeroes each residual block's last BatchNorm
+    weight, so every block starts as the identity (torchvision's argument, on in timm)."""
     check_arch(arch)
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
+                                        zero_init_residual=zero_init_residual)
 
 
 FREEZE = ("none", "backbone")

@@ -6,17 +6,24 @@ from typing import Any, Iterable
 
 import torch
 
+from torch import nn
+
 from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
 
+# torchvision's set_weight_decay: the layers whose parameters optim.norm_weight_decay covers.
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg: Any,
+
+def build_optimizer(params: Iterable[Any], optim_cfg: Any,
                     device: DeviceInfo) -> torch.optim.Optimizer:
+    """SGD over `params`: parameters, or the parameter groups of `weight_decay_groups`."""
     if optim_cfg["name"] != "sgd":
         raise ConfigError(f"unknown optim.name {optim_cfg['name']!r}; choose sgd")
     params = list(params)
-    # No weight decay on BatchNorm and bias would differ from the seed's recipe, so every parameter
-    # decays, as in the Ascend port and pytorch/examples.
+    # By default every parameter decays, BatchNorm and biases included, as in the seed's recipe
+    # (the Ascend port and pytorch/examples); optim.norm/bias_weight_decay make groups.
     kwargs = dict(lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
                   weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"])
     fused = resolve_fused(optim_cfg.get("fused", "auto"), device)
@@ -27,6 +34,37 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg: Any,
     optimizer = torch.optim.SGD(params, fused=True, **kwargs)
     zero_momentum(optimizer)
     return optimizer
+
+
+def parameter_kinds(model: nn.Module) -> list[tuple[bool, bool]]:
+    """(is a bias, is in a normalisation layer) for each trainable parameter, in
+    `model.parameters()` order."""
+    return [(name == "bias", isinstance(module, NORM_LAYERS))
+            for module in model.modules()
+            for name, param in module.named_parameters(recurse=False) if param.requires_grad]
+
+
+def group_weight_decay(kind: str, optim_cfg: Any) -> float:
+    """A group's decay: optim.norm_weight_decay / bias_weight_decay for those groups."""
+    return optim_cfg["weight_decay"] if kind == "other" else optim_cfg[f"{kind}_weight_decay"]
+
+
+def weight_decay_groups(kinds: list[tuple[bool, bool]], params: list[Any],
+                        optim_cfg: Any) -> list[Any]:
+    """`params` (the stepped parameters, one per entry of `kinds`) grouped as torchvision's
+    set_weight_decay does: biases under optim.bias_weight_decay when it is set, then the
+    normalisation layers' parameters under optim.norm_weight_decay when it is set, the rest under
+    optim.weight_decay. With neither set, the plain list: the seed's single group."""
+    bias_set = optim_cfg.get("bias_weight_decay") is not None
+    norm_set = optim_cfg.get("norm_weight_decay") is not None
+    if not (bias_set or norm_set):
+        return params
+    groups: dict[str, list[Any]] = {}
+    for (is_bias, in_norm), param in zip(kinds, params, strict=True):
+        kind = "bias" if is_bias and bias_set else "norm" if in_norm and norm_set else "other"
+        groups.setdefault(kind, []).append(param)
+    return [{"params": members, "kind": kind, "weight_decay": group_weight_decay(kind, optim_cfg)}
+            for kind, members in groups.items()]
 
 
 def resolve_fused(setting: Any, device: DeviceInfo) -> bool:
@@ -69,6 +107,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     """
     implementation = [{key: group[key] for key in ("fused", "foreach") if key in group}
                       for group in optimizer.param_groups]
+    saved_kinds = [group.get("kind", "other") for group in state["param_groups"]]
+    kinds = [group.get("kind", "other") for group in optimizer.param_groups]
+    if saved_kinds != kinds:
+        raise ConfigError(f"the checkpoint's optimizer has the weight-decay groups {saved_kinds} "
+                          f"but this run makes {kinds}: resume with the run's "
+                          "optim.norm_weight_decay and optim.bias_weight_decay (null or not)")
     optimizer.load_state_dict(state)
     for group, flags in zip(optimizer.param_groups, implementation):
         group.update(flags)
@@ -76,11 +120,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         zero_momentum(optimizer)
 
 
+def check_schedule(sched_cfg: Any) -> None:
+    if sched_cfg["name"] not in ("cosine", "step"):
+        raise ConfigError(f"unknown sched.name {sched_cfg['name']!r}; choose cosine or step")
+    start = sched_cfg.get("warmup_start_factor")
+    if start is not None and not 0.0 <= start <= 1.0:
+        raise ConfigError(f"sched.warmup_start_factor={start} must be in [0, 1] (torchvision's "
+                          "recipes: 0.01; null: the seed's ramp)")
+
+
 def lr_factor(step: int, steps_per_epoch: int, sched_cfg: Any, epochs: int) -> float:
     """The learning rate multiplier at a global step: linear warm-up, then cosine or step decay."""
     warmup_steps = int(sched_cfg["warmup_epochs"] * steps_per_epoch)
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        start = sched_cfg.get("warmup_start_factor")
+        if start is None:  # the seed's ramp: 1/warmup_steps at the first step
+            return (step + 1) / warmup_steps
+        return start + (1.0 - start) * step / warmup_steps  # torchvision's LinearLR
     if sched_cfg["name"] == "cosine":
         decay_steps = max(1, epochs * steps_per_epoch - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / decay_steps)
@@ -97,7 +153,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Any, epochs: in
     A resumed schedule is built at its step rather than loaded, so that it scales the lr of this
     run's config (each group's `initial_lr`) with this run's epochs.
     """
-    lr_factor(0, steps_per_epoch, sched_cfg, epochs)  # reject a bad name before training starts
+    check_schedule(sched_cfg)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, steps_per_epoch, sched_cfg, epochs),
         last_epoch=start_step - 1)

@@ -152,20 +152,23 @@ class Precision:
             if id(param) not in stepped:  # O2's half weights: copied into the masters' .grad
                 param.grad = None
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None) -> None:
         """Step (unless gradients overflowed), update the scale, and refresh O2's half weights.
 
         With a loss scale, imgtrain checks the unscaled gradients itself and skips a step whose
         gradients are not finite, whatever the scaler would do (torch_npu's static scaler applies
         such a step). torch's fused SGD reads that verdict on the device, so the step costs no host
-        sync; other optimizers need one read of it on the host.
+        sync; other optimizers need one read of it on the host. `clip_grad_norm` clips the
+        gradients the optimizer steps (O2's fp32 masters), after unscaling and after that check.
         """
         self._grads_to_masters()
         if self.scaler is None:
+            _clip(optimizer, clip_grad_norm)
             optimizer.step()
         else:
             self.scaler.unscale_(optimizer)
             found_inf = _non_finite(optimizer)
+            _clip(optimizer, clip_grad_norm)
             if getattr(optimizer, "_step_supports_amp_scaling", False):
                 # The GradScaler contract for fused optimizers: they skip the step on the device.
                 optimizer.grad_scale, optimizer.found_inf = None, found_inf
@@ -270,6 +273,14 @@ def _non_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
     for grads in by_dtype.values():
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
     return found_inf
+
+
+def _clip(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
+    """Scale the stepped gradients so that their total norm is at most `max_norm` (on the device,
+    no host sync); a step with non-finite gradients is skipped whatever this makes of them."""
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(
+            [p for group in optimizer.param_groups for p in group["params"]], max_norm)
 
 
 def _sync_from_rank0(model: nn.Module) -> None:

@@ -28,6 +28,8 @@ def run_results(cfg: dict[str, Any], trainer: Any) -> dict[str, Any]:
         "final_acc5": last.get("acc5"),
         "val_samples": last.get("samples"),
         "train_seconds": state.train_seconds,
+        **({"ema_acc1": last.get("ema_acc1"), "best_ema_acc1": state.best_ema_acc1}
+           if getattr(trainer, "ema", None) is not None else {}),
         "history": state.history,
     }
 

@@ -25,6 +25,37 @@ def _schedule(cfg: dict[str, Any]) -> str:
                                  if warmup else "")
 
 
+def _per_device(trainer: Any) -> str:
+    per_device = trainer.global_batch // trainer.world.world_size
+    micro_steps = trainer.loaders.accumulate_steps
+    if micro_steps == 1:
+        return f"{per_device} per device"
+    return f"{per_device} per device in {micro_steps} micro-steps of {per_device // micro_steps}"
+
+
+def recipe(cfg: dict[str, Any], trainer: Any) -> str:
+    """The ingredients beyond the seed's recipe that this run turns on; empty when none."""
+    data, train, optim = cfg["dataset"], cfg["train"], cfg["optim"]
+    on = [f"{name} {value:g}" for name, value in (
+        ("label smoothing", train["label_smoothing"]), ("mixup", data.get("mixup_alpha", 0)),
+        ("cutmix", data.get("cutmix_alpha", 0)), ("random erase", data.get("random_erase", 0)))
+        if value]
+    on += [f"{kind} weight decay {optim[f'{kind}_weight_decay']:g}" for kind in ("norm", "bias")
+           if optim.get(f"{kind}_weight_decay") is not None]
+    if data.get("auto_augment"):
+        on.append(f"auto augment {data['auto_augment']}")
+    if data.get("ra_reps", 1) > 1:
+        on.append(f"repeated augmentation x{data['ra_reps']}")
+    if cfg["model"].get("zero_init_residual"):
+        on.append("zero-init residual")
+    if train.get("clip_grad_norm") is not None:
+        on.append(f"grad norm clipped at {train['clip_grad_norm']:g}")
+    if trainer.ema is not None:
+        on.append(f"EMA every {trainer.ema.every_steps} steps, decay {cfg['ema']['decay']:g} "
+                  f"({trainer.ema.decay:.6f} per update)")
+    return ", ".join(on)
+
+
 def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
                 resumed_from: Path | None) -> list[str]:
     """arch, data, device and world, precision, batch and lr, length, run folder, resume."""
@@ -32,7 +63,6 @@ def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
     loaders, world, state = trainer.loaders, trainer.world, trainer.state
     params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
     source = f" from {data['root']}" if data.get("root") else ""
-    per_device = trainer.global_batch // world.world_size
     total_steps = train["epochs"] * trainer.steps_per_epoch
     if resumed_from is None:
         resume = "no: a new run"
@@ -48,11 +78,12 @@ def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
         f"  device     {trainer.device.device_string} x {world.world_size} "
         f"process{'es' * (world.world_size > 1)} ({trainer.device.backend})",
         f"  precision  {_precision(trainer.precision)}",
-        f"  batch      {trainer.global_batch} global ({per_device} per device), "
+        f"  batch      {trainer.global_batch} global ({_per_device(trainer)}), "
         f"lr {cfg['optim']['lr']:g} ({cfg['optim'].get('lr_rule') or 'set by optim.lr'}), "
         f"{_schedule(cfg)}",
         f"  length     {train['epochs']} epochs x {trainer.steps_per_epoch} steps = "
         f"{total_steps:,} steps",
+        *([f"  recipe     {recipe(cfg, trainer)}"] if recipe(cfg, trainer) else []),
         f"  run dir    {output_dir}",
         f"  resume     {resume}",
     ]

@@ -1,24 +1,27 @@
 """One Trainer: train_epoch, evaluate and fit. Device, world, precision and logger are handed in."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from imgtrain import checkpoint
 from imgtrain.data import Loaders
+from imgtrain.data.mixing import build_batch_mix, dominant_label
 from imgtrain.data.transforms import Normalizer
 from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
+from imgtrain.ema import WeightAverage
 from imgtrain.errors import ConfigError, Preempted
 from imgtrain.logger import RunLogger
-from imgtrain.optim import build_scheduler, load_optimizer_state
+from imgtrain.optim import build_scheduler, group_weight_decay, load_optimizer_state
 from imgtrain.precision import Precision, bare_model
 from imgtrain.preemption import StopSignals
 from imgtrain.profiling import build_profiler
@@ -37,22 +40,40 @@ class TrainState:
     step_in_epoch: int = 0    # steps of `epoch` already done
     global_step: int = 0
     best_acc1: float = 0.0
+    best_ema_acc1: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
     timed_images: float = 0.0   # images/sec bookkeeping over the whole run
     timed_seconds: float = 0.0
     train_seconds: float = 0.0
 
 
-def epoch_steps(loader_batches: int, cap: int | None) -> int:
-    """Training steps per epoch: the loader's batches, capped by train.steps_per_epoch if set."""
-    return min(loader_batches, cap) if cap else loader_batches
+def epoch_steps(loaders: Loaders, cap: int | None) -> int:
+    """Optimizer steps per epoch: the loader's batches over train.accumulate_steps, capped by
+    train.steps_per_epoch if set."""
+    steps = len(loaders.train) // loaders.accumulate_steps
+    return min(steps, cap) if cap else steps
+
+
+def _grouped(batches: Iterator[Any], size: int) -> Iterator[tuple[Any, ...]]:
+    """Consecutive micro-batches, `size` at a time (one optimizer step's worth)."""
+    return zip(*[iter(batches)] * size)
+
+
+def _gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync for the micro-steps before an optimizer step's last: their gradients only
+    accumulate locally, and the last backward all-reduces the sum once."""
+    ddp = getattr(model, "_orig_mod", model)  # under torch.compile
+    if sync or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return ddp.no_sync()
 
 
 class Trainer:
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  precision: Precision, loaders: Loaders, device: DeviceInfo, world: World,
                  logger: RunLogger, cfg: dict[str, Any], output_dir: Path,
-                 channels_last: bool, eval_model: nn.Module | None = None) -> None:
+                 channels_last: bool, eval_model: nn.Module | None = None,
+                 ema: WeightAverage | None = None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         # Evaluation runs the module without its DDP wrapper: DDP's forward broadcasts buffers, a
         # collective that a rank with no validation batch would never join.
@@ -62,24 +83,45 @@ class Trainer:
         self.checkpoints = checkpoint.CheckpointWriter(output_dir / "checkpoints", cfg["train"])
         self.state = TrainState()
         self.normalize = Normalizer(device.torch_device, channels_last)
-        self.criterion = nn.CrossEntropyLoss()
+        self.batch_mix = build_batch_mix(cfg["dataset"], loaders.num_classes)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.train_cfg["label_smoothing"])
+        self.ema = ema
         self.global_batch = loaders.per_rank_batch * world.world_size
-        self.steps_per_epoch = epoch_steps(len(loaders.train), self.train_cfg["steps_per_epoch"])
+        self.steps_per_epoch = epoch_steps(loaders, self.train_cfg["steps_per_epoch"])
         self.stop_signals = StopSignals()
         self.progress = Progress.for_trainer(self)  # rank 0's console; does nothing elsewhere
         self.profiler = build_profiler(self.train_cfg, output_dir, device, world)
 
     # ---- training -------------------------------------------------------------------------
-    def _train_step(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with self.precision.autocast():
-            output = self.model(self.normalize(images))
-            loss = self.criterion(output.float(), target)
+    def _train_step(self, micro_batches: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+                    epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over its micro-batches; the mean loss and the correct count."""
         self.precision.zero_grad(self.model, self.optimizer)
-        self.precision.backward(loss)
-        self.precision.step(self.optimizer)
+        loss_sum, correct = 0.0, 0
+        for i, (images, target) in enumerate(micro_batches):
+            with _gradient_sync(self.model, sync=i == len(micro_batches) - 1):
+                loss, hits = self._forward_backward(*self._to_device(images, target),
+                                                    len(micro_batches))
+            loss_sum, correct = loss_sum + loss, correct + hits
+        self.precision.step(self.optimizer, self.train_cfg["clip_grad_norm"])
         self.scheduler.step()
-        correct = (output.argmax(1) == target).sum()
-        return loss.detach(), correct
+        if self.ema is not None:
+            self.ema.maybe_update(self.state.global_step + 1, epoch,
+                                  self.precision.master_params(self.model),
+                                  bare_model(self.model).buffers())
+        return loss_sum / len(micro_batches), correct
+
+    def _forward_backward(self, images: torch.Tensor, target: torch.Tensor,
+                          micro_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.normalize(images)
+        if self.batch_mix is not None:  # soft targets; accuracy counts the dominant label
+            images, target = self.batch_mix(images, target)
+        with self.precision.autocast():
+            output = self.model(images)
+            loss = self.criterion(output.float(), target)
+        # Each micro-step's gradient is its share of the step's mean loss.
+        self.precision.backward(loss / micro_steps)
+        return loss.detach(), (output.argmax(1) == dominant_label(target)).sum()
 
     def _to_device(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.device.copy_in(images), self.device.copy_in(target)
@@ -91,6 +133,7 @@ class Trainer:
         sampler.set_epoch(epoch)
         first_step = self.state.step_in_epoch
         sampler.skip(first_step * self.loaders.per_rank_batch)  # not read, not decoded
+        micro_steps = self.loaders.accumulate_steps
         # Loss sum over the steps whose loss was finite, correct, samples behind that loss sum:
         # a step the loss scaler skipped for an fp16 overflow does not poison the epoch's loss.
         sums = torch.zeros(3, device=self.device.torch_device)
@@ -101,15 +144,17 @@ class Trainer:
         step = first_step
         self.progress.start_epoch(epoch, first_step)
         # islice, not a break: a capped epoch must not decode one batch more than it trains on.
-        batches = itertools.islice(self.loaders.train, max(0, self.steps_per_epoch - first_step))
-        for step, (images, target) in enumerate(batches, start=first_step):
+        batches = itertools.islice(self.loaders.train,
+                                   max(0, self.steps_per_epoch - first_step) * micro_steps)
+        for step, micro_batches in enumerate(_grouped(batches, micro_steps), start=first_step):
             data_time += time.perf_counter() - end
             self._fault_injection(step)
             if self.state.global_step == 0:  # once per run: what the network sees (host memory)
-                self.logger.batch_grid(images, self.state.global_step)
-            loss, correct = self._train_step(*self._to_device(images, target))
+                self.logger.batch_grid(micro_batches[0][0], self.state.global_step)
+            loss, correct = self._train_step(micro_batches, epoch)
             finite = loss.isfinite()
-            samples = target.shape[0]  # a host number: multiplying by it needs no device copy
+            # A host number: multiplying by it needs no device copy.
+            samples = sum(target.shape[0] for _, target in micro_batches)
             batch = torch.stack([torch.where(finite, loss, 0.0) * samples, correct.float(),
                                  finite.float() * samples])
             sums += batch
@@ -160,9 +205,10 @@ class Trainer:
 
     # ---- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Loss, Acc@1 and Acc@5 over the whole validation set, each sample counted exactly once."""
-        model = self.eval_model
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        """Loss, Acc@1 and Acc@5 of `model` (the one trained) over the whole validation set, each
+        sample counted exactly once."""
+        model = model or self.eval_model
         model.eval()
         self._sync_buffers()
         sums = torch.zeros(3, device=self.device.torch_device)  # loss sum, top1, top5
@@ -195,6 +241,9 @@ class Trainer:
             for epoch in range(self.state.epoch, epochs):
                 train = self.train_epoch(epoch)
                 val = self.evaluate()
+                if self.ema is not None:
+                    val.update({f"ema_{key}": value for key, value in
+                                self.evaluate(self.ema.module).items() if key != "samples"})
                 self._end_epoch(epoch, train, val)
                 if epoch + 1 < epochs and self.world.any(self.stop_signals.requested,
                                                          self.device.torch_device):
@@ -205,17 +254,21 @@ class Trainer:
     def _end_epoch(self, epoch: int, train: dict[str, float], val: dict[str, float]) -> None:
         is_best = val["acc1"] > self.state.best_acc1 or not self.state.history
         self.state.best_acc1 = max(self.state.best_acc1, val["acc1"])
+        self.state.best_ema_acc1 = max(self.state.best_ema_acc1, val.get("ema_acc1", 0.0))
         self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+        ema = {key: val[key] for key in ("ema_acc1", "ema_acc5", "ema_loss") if key in val}
         self.state.history.append({"epoch": epoch + 1, "acc1": val["acc1"], "acc5": val["acc5"],
                                    "loss": val["loss"], "samples": val["samples"],
                                    "train_loss": train["loss"],
-                                   "images_per_sec": train["images_per_sec"]})
+                                   "images_per_sec": train["images_per_sec"], **ema})
         self.logger.info("epoch %d done: train loss %.4f acc1 %.2f | val loss %.4f acc1 %.3f acc5 "
-                         "%.3f (%d images) | %.1f img/s", epoch + 1, train["loss"], train["acc1"],
+                         "%.3f (%d images)%s | %.1f img/s", epoch + 1, train["loss"], train["acc1"],
                          val["loss"], val["acc1"], val["acc5"], val["samples"],
-                         train["images_per_sec"])
+                         f" | ema acc1 {ema['ema_acc1']:.3f} acc5 {ema['ema_acc5']:.3f}"
+                         if ema else "", train["images_per_sec"])
         self.logger.scalars(self.state.global_step, {
             "val/loss": val["loss"], "val/acc1": val["acc1"], "val/acc5": val["acc5"],
+            **{f"val_ema/{key.removeprefix('ema_')}": value for key, value in ema.items()},
             "train/epoch_loss": train["loss"], "train/epoch_images_per_sec": train["images_per_sec"]})
         self.save_checkpoint(f"epoch-{epoch + 1}.pt", best=is_best)
         self.logger.results({**run_results(self.cfg, self), "status": "running"})
@@ -228,11 +281,13 @@ class Trainer:
         return {
             "format_version": checkpoint.FORMAT_VERSION,
             "model": self.precision.full_precision_state(self.model),
+            **({"model_ema": self.ema.state_dict()} if self.ema is not None else {}),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "precision": self.precision.state_dict(),
             "state": {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch,
                       "global_step": s.global_step, "best_acc1": s.best_acc1,
+                      "best_ema_acc1": s.best_ema_acc1,
                       "history": s.history, "timed_images": s.timed_images,
                       "timed_seconds": s.timed_seconds, "train_seconds": s.train_seconds},
             "identity": {"arch": self.cfg["model"]["arch"],
@@ -253,6 +308,7 @@ class Trainer:
         self.precision.load_full_precision_state(self.model, saved["model"])
         load_optimizer_state(self.optimizer, saved["optimizer"])
         self.precision.load_state_dict(saved["precision"])
+        self._load_ema(saved.get("model_ema"))
         self.state = TrainState(**saved["state"])
         self._restore_rng(saved["rng"])
         optim, old = self.cfg["optim"], saved["config"]
@@ -268,11 +324,19 @@ class Trainer:
             log.info("resume: train.epochs changed from %s to %s", old["train"]["epochs"],
                      self.train_cfg["epochs"])
         for group in self.optimizer.param_groups:
-            group.update(momentum=optim["momentum"], weight_decay=optim["weight_decay"],
-                         initial_lr=optim["lr"])
+            group.update(momentum=optim["momentum"], initial_lr=optim["lr"],
+                         weight_decay=group_weight_decay(group.get("kind", "other"), optim))
         self.scheduler = build_scheduler(self.optimizer, self.cfg["sched"],
                                          self.train_cfg["epochs"], self.steps_per_epoch,
                                          start_step=self.state.global_step)
+
+    def _load_ema(self, saved: dict[str, torch.Tensor] | None) -> None:
+        if self.ema is not None and saved is not None:
+            self.ema.load_state_dict(saved)
+        elif self.ema is not None:
+            log.info("resume: the checkpoint has no EMA weights; the average starts from the "
+                     "resumed weights")
+            self.ema.restart()
 
     def _restore_rng(self, saved: Any) -> None:
         states = saved if isinstance(saved, list) else [saved]  # one state: written by rank 0 only
@@ -301,7 +365,8 @@ class Trainer:
         """Rank 0's BatchNorm statistics on every rank, as DDP gives them at each training forward:
         each rank's last step updated its own copy from its own batch. Then all ranks evaluate,
         and judge finiteness, with the statistics that the checkpoint saves."""
-        self.world.broadcast_from_main([b for b in bare_model(self.model).buffers()
+        modules = [bare_model(self.model), *([self.ema.module] if self.ema is not None else [])]
+        self.world.broadcast_from_main([b for module in modules for b in module.buffers()
                                         if b.is_floating_point()])
 
     def _check_finite(self, where: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, 
 from imgtrain.logger import NullLogger, RunLogger, close_logging, setup_logging
 from imgtrain.models import build_model, freeze
 from imgtrain.memory import check_memory
-from imgtrain.optim import build_optimizer, build_scheduler
+from imgtrain.ema import WeightAverage
+from imgtrain.optim import build_optimizer, build_scheduler, parameter_kinds, weight_decay_groups
 from imgtrain.precision import Precision
 from imgtrain.results import run_results
 from imgtrain.summary import end_lines, start_lines
@@ -68,7 +70,8 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
         return export(cfg, out, source)
     loaders = build_loaders(cfg["dataset"], cfg["train"]["batch_size"], world.rank,
                             world.world_size, world.local_world_size, cfg["train"]["seed"],
-                            accelerator=device.is_accelerator)
+                            accelerator=device.is_accelerator,
+                            accumulate_steps=cfg["train"]["accumulate_steps"])
     if cfg["mode"] == "bench_data":
         from imgtrain.bench import bench_loader
         return bench_loader(cfg, loaders, world, logger)
@@ -78,7 +81,8 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
                     "AVX512-BF16 or AMX): training runs many times slower than with amp=O0",
                     precision.level)
     check_memory(cfg, device, world, loaders.num_classes, half=precision.dtype is not None)
-    model = build_model(cfg["model"]["arch"], loaders.num_classes)
+    model = build_model(cfg["model"]["arch"], loaders.num_classes,
+                        zero_init_residual=cfg["model"]["zero_init_residual"])
     resume_from = checkpoint.resume_path(out, cfg["train"]["resume"]) if cfg["mode"] == "train" \
         else None
     saved = _load_resume(resume_from, cfg, loaders, world) if resume_from else None
@@ -113,12 +117,15 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
                    logger: RunLogger, loaders: Any, precision: Precision,
                    model: torch.nn.Module) -> Trainer:
     channels_last = _channels_last(cfg, device)
-    model = model.to(device.torch_device,
-                     memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    model = model.to(device.torch_device, memory_format=memory_format)
+    ema = _build_ema(cfg, model)
+    kinds = parameter_kinds(model)  # before O2 casts the network: BatchNorm is told by its class
     model, params = precision.prepare(model)
-    optimizer = build_optimizer(params, cfg["optim"], device)
+    optimizer = build_optimizer(weight_decay_groups(kinds, params, cfg["optim"]), cfg["optim"],
+                                device)
     scheduler = build_scheduler(optimizer, cfg["sched"], cfg["train"]["epochs"],
-                                epoch_steps(len(loaders.train), cfg["train"]["steps_per_epoch"]))
+                                epoch_steps(loaders, cfg["train"]["steps_per_epoch"]))
     eval_model = model  # never wrapped by DDP: see Trainer.eval_model
     if world.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -127,7 +134,17 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
         model, eval_model = torch.compile(model), torch.compile(eval_model)
     return Trainer(model=model, optimizer=optimizer, scheduler=scheduler, precision=precision,
                    loaders=loaders, device=device, world=world, logger=logger, cfg=cfg,
-                   output_dir=out, channels_last=channels_last, eval_model=eval_model)
+                   output_dir=out, channels_last=channels_last, eval_model=eval_model, ema=ema)
+
+
+def _build_ema(cfg: dict[str, Any], model: torch.nn.Module) -> WeightAverage | None:
+    """The EMA of `model` (on its device, still fp32), or None when ema.decay is null."""
+    if cfg["ema"]["decay"] is None:
+        return None
+    copy = deepcopy(model)
+    # model.freeze's per-instance `train` came along: it would switch the original's layers.
+    copy.__dict__.pop("train", None)
+    return WeightAverage.from_config(cfg, copy, global_batch=cfg["train"]["batch_size"])
 
 
 def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed_from: Path | None,

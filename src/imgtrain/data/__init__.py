@@ -29,8 +29,9 @@ class Loaders:
     val: DataLoader
     train_sampler: TrainSampler
     num_classes: int
-    per_rank_batch: int
+    per_rank_batch: int                    # samples per rank per optimizer step
     class_names: list[str] | None = None  # saved in checkpoints for predict and export
+    accumulate_steps: int = 1             # loader batches per optimizer step
 
 
 def check_dataset(data_cfg: Any) -> int:
@@ -96,9 +97,13 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
-                  local_world_size: int, seed: int, accelerator: bool) -> Loaders:
+                  local_world_size: int, seed: int, accelerator: bool,
+                  accumulate_steps: int = 1) -> Loaders:
+    """Loaders whose training batches are one micro-step's: `accumulate_steps` of them make the
+    global batch of one optimizer step."""
     num_classes = check_dataset(data_cfg)
     per_rank_batch = global_batch // world_size
+    micro_batch = per_rank_batch // accumulate_steps
     train_set, val_set = build_datasets(data_cfg, seed)
     if len(train_set) < global_batch:
         raise ConfigError(f"train.batch_size={global_batch} is larger than the training set "
@@ -116,12 +121,13 @@ def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
     train_sampler = TrainSampler(len(train_set), rank, world_size, seed)
     data_cfg = _with_pool_checked(data_cfg, common, per_rank_batch, train_set, local_world_size)
     # drop_last keeps every step's shape static (graph-compiling NPUs and torch.compile like that).
-    train = _loader(train_set, data_cfg, common, batch_size=per_rank_batch, sampler=train_sampler,
+    train = _loader(train_set, data_cfg, common, batch_size=micro_batch, sampler=train_sampler,
                     drop_last=True)
-    val = _loader(val_set, data_cfg, common, batch_size=per_rank_batch,
+    val = _loader(val_set, data_cfg, common, batch_size=micro_batch,
                   sampler=ExactValSampler(len(val_set), rank, world_size), drop_last=False)
     return Loaders(train, val, train_sampler, num_classes, per_rank_batch,
-                   class_names=getattr(val_set, "classes", None))
+                   class_names=getattr(val_set, "classes", None),
+                   accumulate_steps=accumulate_steps)
 
 
 def _with_pool_checked(data_cfg: Any, common: dict[str, Any], per_rank_batch: int,
