@@ -7,8 +7,10 @@ import pickle
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -96,6 +98,19 @@ def run_cli(*overrides: str, cwd: Path | None = None, timeout: float = 300,
     return subprocess.run([sys.executable, str(REPO / "run.py"), *overrides], cwd=cwd or REPO,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def wait_for(proc: subprocess.Popen, condition: Callable[[], Any], failure: str) -> None:
+    """Poll `condition` (a file it reads may not exist yet) while the run lasts, up to 3 minutes."""
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise AssertionError(failure)
 
 
 def read_results(run_dir: Path) -> dict:

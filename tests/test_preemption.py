@@ -8,14 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from conftest import REPO, assert_clean_error, read_results, run_cli
+from conftest import REPO, assert_clean_error, read_results, run_cli, wait_for
 from imgtrain.optim import lr_factor
 
 # A stable configuration (lr 0.05): equal weights then really mean the same computation was replayed.
@@ -61,27 +59,14 @@ def _start(args: list[str], run_dir: Path) -> subprocess.Popen:
 
 def _wait_for_running(proc: subprocess.Popen, run_dir: Path) -> None:
     """Until results.json says `running`: written just before training starts."""
-    _wait_for(proc, lambda: '"running"' in (run_dir / "results.json").read_text(),
+    wait_for(proc, lambda: '"running"' in (run_dir / "results.json").read_text(),
               "results.json never said running")
 
 
 def _wait_for_log(proc: subprocess.Popen, run_dir: Path, pattern: str) -> None:
     """Until train.log has a line matching `pattern` (progress lines come every print_freq steps)."""
-    _wait_for(proc, lambda: re.search(pattern, (run_dir / "train.log").read_text()),
+    wait_for(proc, lambda: re.search(pattern, (run_dir / "train.log").read_text()),
               f"no {pattern!r} in train.log")
-
-
-def _wait_for(proc: subprocess.Popen, condition: Callable[[], Any], failure: str) -> None:
-    """Poll `condition` (a file it reads may not exist yet) while the run lasts, up to 3 minutes."""
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if condition():
-                return
-        except OSError:
-            pass
-        time.sleep(0.01)
-    raise AssertionError(failure)
 
 
 @pytest.mark.parametrize("workers,sig", [(0, signal.SIGTERM), (2, signal.SIGUSR1)])

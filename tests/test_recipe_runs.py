@@ -1,0 +1,99 @@
+"""experiment=resnet152_v2 as a user runs it, shrunk (resnet18, 32 px, a JPEG folder): every
+ingredient on, killed with SIGKILL mid-epoch and resumed to the same weights and the same EMA
+weights, on one process and on two with two loader workers each; the EMA's results, TensorBoard
+tags and `model.weights_key=ema`."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, read_results, run_cli, wait_for
+
+# The V2 recipe at test size: accumulation made explicit (the experiment's rule gives 1 for a
+# batch this small), a decay that moves within 24 steps, checkpoints every 2 steps.
+V2_SMALL = ["experiment=resnet152_v2", "model=resnet18", "device=cpu", "amp=O0",
+            "dataset.image_size=32", "dataset.val_resize_size=36", "dataset.val_crop_size=32",
+            "train.batch_size=16", "train.accumulate_steps=2", "train.epochs=2",
+            "sched.warmup_epochs=1", "ema.decay=0.999", "ema.steps=2", "train.print_freq=2",
+            "train.checkpoint_every_steps=2", "train.clip_grad_norm=5.0",
+            "train.keep_checkpoints=2", "model.zero_init_residual=true",
+            "optim.bias_weight_decay=0"]
+ONE_PROCESS = ["dataset.workers=0"]
+TWO_PROCESSES = ["world=8p", "world.nproc_per_node=2", "dataset.workers=2"]
+
+
+def _train(folder: Path, world: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+    proc = run_cli(*V2_SMALL, f"dataset.root={folder}", *world, f"hydra.run.dir={run_dir}",
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def v2_runs(image_folder: Path, module_dir: Path) -> dict[str, Path]:
+    """The uninterrupted runs, one per world."""
+    runs = {"one": module_dir / "one", "two": module_dir / "two"}
+    _train(image_folder, ONE_PROCESS, runs["one"])
+    _train(image_folder, TWO_PROCESSES, runs["two"])
+    return runs
+
+
+def _saved(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
+
+
+@pytest.mark.parametrize("world", ["one", "two"])
+def test_a_sigkill_mid_epoch_resumes_to_the_same_weights_and_ema(
+        image_folder: Path, v2_runs: dict[str, Path], tmp_path: Path, world: str) -> None:
+    args = [*V2_SMALL, f"dataset.root={image_folder}",
+            *(ONE_PROCESS if world == "one" else TWO_PROCESSES), f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:  # epoch 2 of 6 steps: step 8 is its second
+        wait_for(proc, lambda: (tmp_path / "checkpoints/step-8.pt").exists(),
+                 "no mid-epoch checkpoint at step 8")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank and loader worker
+        proc.wait()
+    assert read_results(tmp_path)["status"] == "running"
+
+    resumed = run_cli(*args, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "/step-" in resumed.stdout  # mid-epoch
+    straight, again = _saved(v2_runs[world]), _saved(tmp_path)
+    assert _max_diff(straight["model"], again["model"]) <= 1e-6
+    assert _max_diff(straight["model_ema"], again["model_ema"]) <= 1e-6
+    assert read_results(tmp_path)["ema_acc1"] == read_results(v2_runs[world])["ema_acc1"]
+
+
+def test_the_ema_is_evaluated_logged_and_picked_by_weights_key(
+        image_folder: Path, v2_runs: dict[str, Path], tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = v2_runs["one"]
+    results = read_results(run)
+    assert results["best_ema_acc1"] >= results["ema_acc1"] >= 0
+    assert [row["ema_acc1"] for row in results["history"]][-1] == results["ema_acc1"]
+    saved = _saved(run)
+    assert saved["model"].keys() != saved["model_ema"].keys()  # torchvision's model_ema layout
+    assert int(saved["model_ema"]["n_averaged"]) > 0
+    tags = set(EventAccumulator(str(run)).Reload().Tags()["scalars"])
+    assert {"val_ema/acc1", "val_ema/acc5", "val_ema/loss"} <= tags
+
+    evaluated = run_cli(*V2_SMALL, *ONE_PROCESS, f"dataset.root={image_folder}", "mode=eval",
+                        f"model.weights={run / 'checkpoints/last.pt'}", "model.weights_key=ema",
+                        f"hydra.run.dir={tmp_path}")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert read_results(tmp_path)["final_acc1"] == results["ema_acc1"]
