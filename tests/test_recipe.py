@@ -366,3 +366,21 @@ def test_each_bad_value_is_one_error_naming_it(compose: Any, override: str, name
     config = app.resolve(compose(*SMALL, override), [])
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         app.check(config)
+
+
+# ---- experiment=resnet152_v2 ---------------------------------------------------------------
+@pytest.mark.parametrize("world,accumulate", [([], 8), (["world=8p"], 1)])
+def test_the_v2_experiment_holds_torchvisions_recipe_on_any_world(compose: Any, world: list[str],
+                                                                  accumulate: int) -> None:
+    config = app.resolve(compose("experiment=resnet152_v2", *world), [])
+    train, data, optim = config["train"], config["dataset"], config["optim"]
+    # The global batch of 1024 stays, in micro-steps of 128 per device.
+    assert (train["batch_size"], train["accumulate_steps"], optim["lr"]) == (1024, accumulate, 0.5)
+    assert (train["epochs"], train["label_smoothing"], config["model"]["arch"]) == \
+        (600, 0.1, "resnet152")
+    assert (optim["weight_decay"], optim["norm_weight_decay"]) == (2e-5, 0.0)
+    assert (config["sched"]["warmup_epochs"], config["sched"]["warmup_start_factor"]) == (5, 0.01)
+    assert (data["image_size"], data["val_resize_size"], data["val_crop_size"]) == (176, 232, 224)
+    assert (data["auto_augment"], data["random_erase"], data["mixup_alpha"],
+            data["cutmix_alpha"], data["ra_reps"]) == ("ta_wide", 0.1, 0.2, 1.0, 4)
+    assert (config["ema"]["decay"], config["ema"]["steps"]) == (0.99998, 32)
