@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imgtrain.data.augment import build_augment, check_augment
 from imgtrain.data.batch_pool import BatchPool, PooledLoader, pool_fits
 from imgtrain.data.cifar import Cifar10, find_root
 from imgtrain.data.imagefolder import JpegFolder, check_layout
@@ -51,21 +52,29 @@ def check_dataset(data_cfg: Any) -> int:
     if name == "imagenet" and wanted not in (None, inferred):
         raise ConfigError(f"dataset.num_classes={wanted} but {data_cfg['root']}/train has "
                           f"{inferred} class folders")
+    check_augmentation(data_cfg)
     return inferred
+
+
+def check_augmentation(data_cfg: Any) -> None:
+    """The augmentation keys (issue #16)."""
+    check_augment(data_cfg)
 
 
 def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset]:
     name, size = data_cfg["name"], data_cfg["image_size"]
+    augment = build_augment(data_cfg)  # training only: validation never augments
     if name == "imagenet":
         skip = data_cfg.get("skip_bad_images", False)
-        return (JpegFolder(data_cfg["root"], "train", size, True, skip),
+        return (JpegFolder(data_cfg["root"], "train", size, True, skip, augment),
                 JpegFolder(data_cfg["root"], "val", size, False, skip))
     if name == "cifar10":
         download = data_cfg.get("download", False)
-        return Cifar10(data_cfg["root"], True, download), Cifar10(data_cfg["root"], False)
+        return (Cifar10(data_cfg["root"], True, download, augment),
+                Cifar10(data_cfg["root"], False))
     common = dict(image_size=size, num_classes=data_cfg["num_classes"], seed=seed,
                   noise=data_cfg["noise"])
-    return (Synthetic(data_cfg["train_size"], train=True, **common),
+    return (Synthetic(data_cfg["train_size"], train=True, augment=augment, **common),
             Synthetic(data_cfg["val_size"], train=False, **common))
 
 

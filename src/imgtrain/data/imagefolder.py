@@ -30,6 +30,7 @@ except ImportError:  # torchvision without its image extension: PIL decodes ever
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from imgtrain.data import transforms as T
+from imgtrain.data.augment import SampleAugment
 from imgtrain.errors import ConfigError
 
 log = logging.getLogger("imgtrain")
@@ -78,7 +79,8 @@ class JpegFolder(torch.utils.data.Dataset):
     """One split of an ImageFolder tree; items are uint8 CHW tensors of image_size x image_size."""
 
     def __init__(self, root: str, split: str, image_size: int, train: bool,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False, augment: SampleAugment | None = None) -> None:
+        """Training crops image_size, then applies `augment` if given."""
         folder = Path(root).expanduser() / split
         classes, class_to_idx = find_classes(str(folder))
         try:
@@ -86,7 +88,7 @@ class JpegFolder(torch.utils.data.Dataset):
         except FileNotFoundError as exc:
             raise ConfigError(f"{folder}: {exc}") from None
         self.classes, self.image_size, self.train = classes, image_size, train
-        self.skip_bad_images = skip_bad_images
+        self.skip_bad_images, self.augment = skip_bad_images, augment
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -96,13 +98,16 @@ class JpegFolder(torch.utils.data.Dataset):
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                return self._load(path, seed), label
+                image = self._load(path, seed)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 reason = _reason(exc)
                 if not self.skip_bad_images:
                     raise ConfigError(f"corrupt or truncated image file: {path} ({reason}); set "
                                       "dataset.skip_bad_images=true to skip such files") from None
                 log.warning("skipping bad image file %s (%s)", path, reason)
+                continue
+            # Outside the try: an augmentation's error is a bug, not a bad file.
+            return (image if self.augment is None else self.augment(image, seed)), label
         raise ConfigError(f"no readable image in {self.samples[0][0]}'s dataset")
 
     def _load(self, path: str, seed: int) -> torch.Tensor:
