@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 from imgtrain import device as devices, records
 from imgtrain.config import lr_rule, unknown_keys
 from imgtrain.data import check_dataset
+from imgtrain.data.transforms import val_sizes
 from imgtrain.distributed import WorkerFailed, check_world, launch
 from imgtrain.errors import ConfigError, Preempted, config_error_line, one_line
 from imgtrain.models import check_arch, check_freeze
@@ -65,6 +66,7 @@ def check(config: dict[str, Any]) -> None:
         processes = int(config["world"]["nproc_per_node"]) * int(config["world"]["nnodes"])
         if processes > 1:
             raise ConfigError(f"mode={config['mode']} runs in one process; drop world=8p")
+        val_sizes(config["dataset"])  # predict's preprocessing, export's input size
         return
     config["dataset"]["num_classes"] = check_dataset(config["dataset"])
 

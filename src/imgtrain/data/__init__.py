@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imgtrain.data import transforms as T
 from imgtrain.data.augment import build_augment, check_augment
 from imgtrain.data.batch_pool import BatchPool, PooledLoader, pool_fits
 from imgtrain.data.cifar import Cifar10, find_root
@@ -57,8 +58,13 @@ def check_dataset(data_cfg: Any) -> int:
 
 
 def check_augmentation(data_cfg: Any) -> None:
-    """The augmentation keys (issue #16)."""
+    """The augmentation and validation-size keys (issue #16)."""
     check_augment(data_cfg)
+    given = [key for key in T.VAL_SIZE_KEYS if data_cfg.get(key) is not None]
+    if given and data_cfg["name"] != "imagenet":
+        raise ConfigError(f"dataset.{given[0]} applies to dataset=imagenet only: "
+                          f"{data_cfg['name']} validates its images at their own size")
+    T.val_sizes(data_cfg)
 
 
 def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset]:
@@ -66,8 +72,10 @@ def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset]:
     augment = build_augment(data_cfg)  # training only: validation never augments
     if name == "imagenet":
         skip = data_cfg.get("skip_bad_images", False)
+        val_resize, val_crop = T.val_sizes(data_cfg)
         return (JpegFolder(data_cfg["root"], "train", size, True, skip, augment),
-                JpegFolder(data_cfg["root"], "val", size, False, skip))
+                JpegFolder(data_cfg["root"], "val", val_crop, False, skip,
+                           val_resize_size=val_resize))
     if name == "cifar10":
         download = data_cfg.get("download", False)
         return (Cifar10(data_cfg["root"], True, download, augment),
@@ -140,7 +148,8 @@ def _with_pool_checked(data_cfg: Any, common: dict[str, Any], per_rank_batch: in
               and data_cfg.get("reuse_batch_memory", True))
     if not pooled:
         return data_cfg
-    size = int(data_cfg["image_size"])
+    # The pool's segments hold the larger of the training crop and validation's.
+    size = max(int(data_cfg["image_size"]), T.val_sizes(data_cfg)[1])
     batch_bytes = per_rank_batch * (3 * size * size + 8)  # uint8 images and int64 labels
     if pool_fits(batch_bytes, common["num_workers"], common["prefetch_factor"], loaders=2,
                  processes_on_node=processes_on_node):

@@ -79,8 +79,10 @@ class JpegFolder(torch.utils.data.Dataset):
     """One split of an ImageFolder tree; items are uint8 CHW tensors of image_size x image_size."""
 
     def __init__(self, root: str, split: str, image_size: int, train: bool,
-                 skip_bad_images: bool = False, augment: SampleAugment | None = None) -> None:
-        """Training crops image_size, then applies `augment` if given."""
+                 skip_bad_images: bool = False, augment: SampleAugment | None = None,
+                 val_resize_size: int | None = None) -> None:
+        """Validation resizes to val_resize_size (None: image_size/0.875), then centre-crops
+        image_size; training crops image_size, then applies `augment` if given."""
         folder = Path(root).expanduser() / split
         classes, class_to_idx = find_classes(str(folder))
         try:
@@ -89,6 +91,7 @@ class JpegFolder(torch.utils.data.Dataset):
             raise ConfigError(f"{folder}: {exc}") from None
         self.classes, self.image_size, self.train = classes, image_size, train
         self.skip_bad_images, self.augment = skip_bad_images, augment
+        self.val_resize_size = val_resize_size
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -114,7 +117,7 @@ class JpegFolder(torch.utils.data.Dataset):
         data = read_bytes(path)
         size = jpeg_size(data)  # from the header: none of PIL's Image.open (~20 us an image)
         if not self.train:
-            return val_image(data, size, self.image_size)
+            return val_image(data, size, self.image_size, self.val_resize_size)
         if size is None:  # PNG, BMP, ...: decoded whole to learn their size, never drafted
             pixels = decode(data, size)
             box, flip = T.train_crop_params(pixels.shape[2], pixels.shape[1], seed)
@@ -189,12 +192,14 @@ def decode(data: bytearray, jpeg_header_size: tuple[int, int] | None) -> torch.T
     return pixels
 
 
-def val_image(data: bytearray, jpeg_header_size: tuple[int, int] | None,
-              image_size: int) -> torch.Tensor:
-    """Validation's preprocessing (also predict's): resize to image_size/0.875, centre-crop."""
+def val_image(data: bytearray, jpeg_header_size: tuple[int, int] | None, crop_size: int,
+              resize_size: int | None = None) -> torch.Tensor:
+    """Validation's preprocessing (also predict's): resize the short side to resize_size
+    (None: crop_size/0.875), centre-crop crop_size."""
     pixels = decode(data, jpeg_header_size)
+    short_side = resize_size or T.val_resize(crop_size)
     return centre_crop(resize_uint8(pixels, *T.resize_size(
-        pixels.shape[2], pixels.shape[1], T.val_resize(image_size))), image_size)
+        pixels.shape[2], pixels.shape[1], short_side)), crop_size)
 
 
 def resized_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], flip: bool,
