@@ -58,8 +58,10 @@ def check_dataset(data_cfg: Any) -> int:
 
 
 def check_augmentation(data_cfg: Any) -> None:
-    """The augmentation and validation-size keys (issue #16)."""
+    """The augmentation, repeated-augmentation and validation-size keys (issue #16)."""
     check_augment(data_cfg)
+    if int(data_cfg.get("ra_reps", 1)) < 1:
+        raise ConfigError(f"dataset.ra_reps={data_cfg['ra_reps']} must be at least 1 (1: off)")
     given = [key for key in T.VAL_SIZE_KEYS if data_cfg.get(key) is not None]
     if given and data_cfg["name"] != "imagenet":
         raise ConfigError(f"dataset.{given[0]} applies to dataset=imagenet only: "
@@ -130,7 +132,8 @@ def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
     if workers > 0:
         common.update(persistent_workers=bool(data_cfg.get("persistent_workers", True)),
                       prefetch_factor=int(data_cfg.get("prefetch_factor", 2)))
-    train_sampler = TrainSampler(len(train_set), rank, world_size, seed)
+    train_sampler = TrainSampler(len(train_set), rank, world_size, seed,
+                                 ra_reps=int(data_cfg.get("ra_reps", 1)))
     data_cfg = _with_pool_checked(data_cfg, common, per_rank_batch, train_set, local_world_size)
     # drop_last keeps every step's shape static (graph-compiling NPUs and torch.compile like that).
     train = _loader(train_set, data_cfg, common, batch_size=per_rank_batch, sampler=train_sampler,
