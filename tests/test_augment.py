@@ -181,7 +181,8 @@ def test_predict_and_export_use_the_validation_crop(image_folder: Path, tmp_path
     (["dataset.random_erase=-0.1"], ["random_erase=-0.1"]),
     (["dataset.ra_reps=0"], ["ra_reps=0", "at least 1"]),
     (["dataset.auto_augment=autoaugment"], ["'autoaugment'", "ta_wide, ra, augmix"]),
-])
+], ids=["crop>resize", "image_size>resize", "crop=0", "erase>1", "erase<0", "ra_reps=0",
+        "policy"])
 def test_bad_values_are_config_errors(compose: Any, image_folder: Path, overrides: list,
                                       fragments: list) -> None:
     config = app.resolve(compose("dataset=imagenet", f"dataset.root={image_folder}",

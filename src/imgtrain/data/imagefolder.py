@@ -1,6 +1,7 @@
 """dataset=imagenet: an ImageFolder tree decoded straight to uint8.
 
-Workers do only uint8 work: decode, crop, resize, flip. A JPEG's size comes from its frame header,
+Workers do only uint8 work: decode, crop, resize, flip (then dataset.auto_augment and
+random_erase where set, data/augment.py). A JPEG's size comes from its frame header,
 the crop is drawn from that, and libjpeg-turbo (`torchvision.io.decode_jpeg`) decodes the file
 straight into an RGB tensor; when the crop is at least twice the output size, PIL's `draft()` lets
 libjpeg downscale by 2, 4 or 8 inside the decoder instead. Resizing is torch's antialiased bilinear

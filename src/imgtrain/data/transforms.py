@@ -1,6 +1,7 @@
 """Augmentations on uint8 images, driven by a per-sample seed, and normalisation on the device.
 
-Workers only decode, crop, resize and flip uint8 pixels; the float conversion and ImageNet
+Workers only decode, crop, resize and flip uint8 pixels (and augment them, data/augment.py,
+where dataset.auto_augment or random_erase asks); the float conversion and ImageNet
 normalisation run on the device inside the training step (`normalize`), where they cost almost
 nothing and the host-to-device copy is four times smaller.
 """
