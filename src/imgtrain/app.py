@@ -15,6 +15,7 @@ from imgtrain import device as devices, records
 from imgtrain.config import lr_rule, unknown_keys
 from imgtrain.data import check_dataset
 from imgtrain.data.mixing import check_mixing
+from imgtrain.data.transforms import val_sizes
 from imgtrain.distributed import WorkerFailed, check_world, launch, planned_world_size
 from imgtrain.ema import check_ema
 from imgtrain.errors import ConfigError, Preempted, config_error_line, one_line
@@ -69,6 +70,7 @@ def check(config: dict[str, Any]) -> None:
         processes = int(config["world"]["nproc_per_node"]) * int(config["world"]["nnodes"])
         if processes > 1:
             raise ConfigError(f"mode={config['mode']} runs in one process; drop world=8p")
+        val_sizes(config["dataset"])  # predict's preprocessing, export's input size
         return
     config["dataset"]["num_classes"] = check_dataset(config["dataset"])
 

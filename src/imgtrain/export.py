@@ -1,8 +1,9 @@
 """mode=export: model.onnx (normalisation inside the graph) and classes.json in the run directory.
 
 The graph's input is float32 NCHW RGB in [0, 1], resized and centre-cropped as validation does
-(image_size/0.875, then image_size); ImageNet's mean and std are applied inside, so a runtime needs
-no knowledge of them. The output is the logits, one row per image.
+(dataset.val_resize_size, then val_crop_size: by default image_size/0.875, then image_size);
+ImageNet's mean and std are applied inside, so a runtime needs no knowledge of them. The output
+is the logits, one row per image.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from imgtrain.checkpoint import write_atomic
-from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, val_sizes
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
 from imgtrain.weights import WeightsFile, load_into
@@ -107,7 +108,7 @@ def check_onnxruntime(model: nn.Module, path: Path, image_size: int, batch: int 
 
 def export(cfg: dict[str, Any], out: Path, weights: WeightsFile) -> dict[str, Any]:
     opset, exporter, batch = _settings(cfg["export"])
-    arch, size = cfg["model"]["arch"], int(cfg["dataset"]["image_size"])
+    arch, size = cfg["model"]["arch"], val_sizes(cfg["dataset"])[1]  # validation's crop
     if weights.num_classes is None:
         raise ConfigError(f"model.weights {weights.path} has no fc.weight: not a classifier")
     model = build_model(arch, weights.num_classes)

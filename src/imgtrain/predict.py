@@ -1,7 +1,8 @@
 """mode=predict: each image's top-k classes and probabilities, printed and written to predictions.csv.
 
-Images get validation's preprocessing (resize to image_size/0.875, centre crop); the class names
-come from the checkpoint.
+Images get validation's preprocessing (resize to dataset.val_resize_size, centre-crop
+val_crop_size: by default image_size/0.875 and image_size, all as the checkpoint's run had them);
+the class names come from the checkpoint.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from imgtrain.checkpoint import write_atomic
 from imgtrain.data.imagefolder import jpeg_size, read_bytes, val_image
-from imgtrain.data.transforms import Normalizer
+from imgtrain.data.transforms import Normalizer, val_sizes
 from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
@@ -50,14 +51,17 @@ def gather(inputs: Any) -> tuple[list[Path], list[str]]:
     return files, problems
 
 
-def _decoded(files: list[Path], image_size: int,
+def _decoded(files: list[Path], sizes: tuple[int, int],
              problems: list[str]) -> Iterator[tuple[list[Path], torch.Tensor]]:
-    """Batches of (paths, uint8 images); unreadable files are added to `problems` and skipped."""
+    """Batches of (paths, uint8 images); unreadable files are added to `problems` and skipped.
+
+    sizes: validation's (resize, crop), see transforms.val_sizes."""
+    resize, crop = sizes
     paths, images = [], []
     for path in files:
         try:
             data = read_bytes(str(path))
-            images.append(val_image(data, jpeg_size(data), image_size))
+            images.append(val_image(data, jpeg_size(data), crop, resize))
             paths.append(path)
         except _BAD_IMAGE as exc:
             problems.append(f"{path} is not a readable image ({type(exc).__name__})")
@@ -85,7 +89,7 @@ def predict(cfg: dict[str, Any], out: Path, device: DeviceInfo,
     normalize = Normalizer(device.torch_device, channels_last=False)
     rows: list[tuple[str, int, int, str, float]] = []
     with torch.no_grad():
-        for paths, images in _decoded(files, cfg["dataset"]["image_size"], problems):
+        for paths, images in _decoded(files, val_sizes(cfg["dataset"]), problems):
             probs = model(normalize(images.to(device.torch_device))).float().softmax(dim=1)
             top = probs.topk(min(topk, probs.shape[1]), dim=1)
             for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):

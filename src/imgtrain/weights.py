@@ -16,13 +16,14 @@ import logging
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from imgtrain.data.transforms import VAL_SIZE_KEYS
 from imgtrain.errors import ConfigError
 
 log = logging.getLogger("imgtrain")
@@ -48,6 +49,7 @@ class WeightsFile:
     arch: str | None
     class_names: list[str] | None
     image_size: int | None             # imgtrain checkpoints: the size they were trained at
+    val_sizes: dict[str, int] = field(default_factory=dict)  # ... and validated at, where set
 
     @property
     def num_classes(self) -> int | None:
@@ -72,7 +74,9 @@ def read(path: str, weights_key: str | None = None) -> WeightsFile:
     return WeightsFile(
         path=file, state=state, key=key, arch=infer_arch(state) or _stated_arch(payload),
         class_names=list(names) if isinstance(names, (list, tuple)) else None,
-        image_size=config.get("dataset", {}).get("image_size"))
+        image_size=config.get("dataset", {}).get("image_size"),
+        val_sizes={key: config["dataset"][key] for key in VAL_SIZE_KEYS
+                   if config.get("dataset", {}).get(key) is not None})
 
 
 def _load(file: Path) -> Any:
@@ -240,4 +244,18 @@ def for_mode(cfg: dict[str, Any]) -> WeightsFile | None:
     if size and size != cfg["dataset"]["image_size"] and "dataset.image_size" not in given:
         log.info("using dataset.image_size=%d from %s (as it was trained)", size, weights.path.name)
         cfg["dataset"]["image_size"] = size
+    _take_val_sizes(cfg, weights, given)
     return weights
+
+
+def _take_val_sizes(cfg: dict[str, Any], weights: WeightsFile, given: set[str]) -> None:
+    """Validate and predict as the checkpoint's run validated, unless the command line sets a
+    size itself (then all sizes are its own) or evaluates another dataset than imagenet (whose
+    images are not resized)."""
+    sizes = {"dataset.image_size", *(f"dataset.{key}" for key in VAL_SIZE_KEYS)}
+    if not weights.val_sizes or given & sizes or (
+            cfg["mode"] == "eval" and cfg["dataset"].get("name") != "imagenet"):
+        return
+    log.info("using %s from %s (as it was validated)", ", ".join(
+        f"dataset.{key}={value}" for key, value in weights.val_sizes.items()), weights.path.name)
+    cfg["dataset"].update(weights.val_sizes)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imgtrain.data import transforms as T
+from imgtrain.data.augment import build_augment, check_augment
 from imgtrain.data.batch_pool import BatchPool, PooledLoader, pool_fits
 from imgtrain.data.cifar import Cifar10, find_root
 from imgtrain.data.imagefolder import JpegFolder, check_layout
@@ -52,21 +54,38 @@ def check_dataset(data_cfg: Any) -> int:
     if name == "imagenet" and wanted not in (None, inferred):
         raise ConfigError(f"dataset.num_classes={wanted} but {data_cfg['root']}/train has "
                           f"{inferred} class folders")
+    check_augmentation(data_cfg)
     return inferred
+
+
+def check_augmentation(data_cfg: Any) -> None:
+    """The augmentation, repeated-augmentation and validation-size keys (issue #16)."""
+    check_augment(data_cfg)
+    if int(data_cfg.get("ra_reps", 1)) < 1:
+        raise ConfigError(f"dataset.ra_reps={data_cfg['ra_reps']} must be at least 1 (1: off)")
+    given = [key for key in T.VAL_SIZE_KEYS if data_cfg.get(key) is not None]
+    if given and data_cfg["name"] != "imagenet":
+        raise ConfigError(f"dataset.{given[0]} applies to dataset=imagenet only: "
+                          f"{data_cfg['name']} validates its images at their own size")
+    T.val_sizes(data_cfg)
 
 
 def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset]:
     name, size = data_cfg["name"], data_cfg["image_size"]
+    augment = build_augment(data_cfg)  # training only: validation never augments
     if name == "imagenet":
         skip = data_cfg.get("skip_bad_images", False)
-        return (JpegFolder(data_cfg["root"], "train", size, True, skip),
-                JpegFolder(data_cfg["root"], "val", size, False, skip))
+        val_resize, val_crop = T.val_sizes(data_cfg)
+        return (JpegFolder(data_cfg["root"], "train", size, True, skip, augment),
+                JpegFolder(data_cfg["root"], "val", val_crop, False, skip,
+                           val_resize_size=val_resize))
     if name == "cifar10":
         download = data_cfg.get("download", False)
-        return Cifar10(data_cfg["root"], True, download), Cifar10(data_cfg["root"], False)
+        return (Cifar10(data_cfg["root"], True, download, augment),
+                Cifar10(data_cfg["root"], False))
     common = dict(image_size=size, num_classes=data_cfg["num_classes"], seed=seed,
                   noise=data_cfg["noise"])
-    return (Synthetic(data_cfg["train_size"], train=True, **common),
+    return (Synthetic(data_cfg["train_size"], train=True, augment=augment, **common),
             Synthetic(data_cfg["val_size"], train=False, **common))
 
 
@@ -118,8 +137,9 @@ def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
     if workers > 0:
         common.update(persistent_workers=bool(data_cfg.get("persistent_workers", True)),
                       prefetch_factor=int(data_cfg.get("prefetch_factor", 2)))
-    train_sampler = TrainSampler(len(train_set), rank, world_size, seed)
-    data_cfg = _with_pool_checked(data_cfg, common, per_rank_batch, train_set, local_world_size)
+    train_sampler = TrainSampler(len(train_set), rank, world_size, seed,
+                                 ra_reps=int(data_cfg.get("ra_reps", 1)))
+    data_cfg = _with_pool_checked(data_cfg, common, micro_batch, train_set, local_world_size)
     # drop_last keeps every step's shape static (graph-compiling NPUs and torch.compile like that).
     train = _loader(train_set, data_cfg, common, batch_size=micro_batch, sampler=train_sampler,
                     drop_last=True)
@@ -130,15 +150,16 @@ def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
                    accumulate_steps=accumulate_steps)
 
 
-def _with_pool_checked(data_cfg: Any, common: dict[str, Any], per_rank_batch: int,
+def _with_pool_checked(data_cfg: Any, common: dict[str, Any], loader_batch: int,
                        dataset: Dataset, processes_on_node: int) -> Any:
     """data_cfg, with reuse_batch_memory turned off where /dev/shm cannot hold the pools."""
     pooled = (getattr(dataset, "collate", None) and common.get("persistent_workers")
               and data_cfg.get("reuse_batch_memory", True))
     if not pooled:
         return data_cfg
-    size = int(data_cfg["image_size"])
-    batch_bytes = per_rank_batch * (3 * size * size + 8)  # uint8 images and int64 labels
+    # The pool's segments hold the larger of the training crop and validation's.
+    size = max(int(data_cfg["image_size"]), T.val_sizes(data_cfg)[1])
+    batch_bytes = loader_batch * (3 * size * size + 8)  # uint8 images and int64 labels
     if pool_fits(batch_bytes, common["num_workers"], common["prefetch_factor"], loaders=2,
                  processes_on_node=processes_on_node):
         return data_cfg

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from imgtrain.data import transforms as T
+from imgtrain.data.augment import SampleAugment
 from imgtrain.errors import ConfigError
 
 FOLDER = "cifar-10-batches-py"
@@ -113,11 +114,12 @@ class Cifar10(torch.utils.data.Dataset):
 
     num_classes = 10
 
-    def __init__(self, root: str, train: bool, download: bool = False) -> None:
+    def __init__(self, root: str, train: bool, download: bool = False,
+                 augment: SampleAugment | None = None) -> None:
         folder = find_root(root, download)
         data, labels = _load_batches(folder, TRAIN_FILES if train else TEST_FILES)
         self.images, self.labels = torch.from_numpy(data), labels
-        self.train = train
+        self.train, self.augment = train, augment
         self.classes = label_names(folder)
 
     def __len__(self) -> int:
@@ -129,4 +131,6 @@ class Cifar10(torch.utils.data.Dataset):
         if self.train:
             rng = random.Random(seed)
             image = T.random_flip(T.pad_crop(image, 32, 4, rng), rng)
+            if self.augment is not None:
+                image = self.augment(image, seed)
         return image.contiguous(), self.labels[index]

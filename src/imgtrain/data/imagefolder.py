@@ -1,6 +1,7 @@
 """dataset=imagenet: an ImageFolder tree decoded straight to uint8.
 
-Workers do only uint8 work: decode, crop, resize, flip. A JPEG's size comes from its frame header,
+Workers do only uint8 work: decode, crop, resize, flip (then dataset.auto_augment and
+random_erase where set, data/augment.py). A JPEG's size comes from its frame header,
 the crop is drawn from that, and libjpeg-turbo (`torchvision.io.decode_jpeg`) decodes the file
 straight into an RGB tensor; when the crop is at least twice the output size, PIL's `draft()` lets
 libjpeg downscale by 2, 4 or 8 inside the decoder instead. Resizing is torch's antialiased bilinear
@@ -30,6 +31,7 @@ except ImportError:  # torchvision without its image extension: PIL decodes ever
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from imgtrain.data import transforms as T
+from imgtrain.data.augment import SampleAugment
 from imgtrain.errors import ConfigError
 
 log = logging.getLogger("imgtrain")
@@ -78,7 +80,10 @@ class JpegFolder(torch.utils.data.Dataset):
     """One split of an ImageFolder tree; items are uint8 CHW tensors of image_size x image_size."""
 
     def __init__(self, root: str, split: str, image_size: int, train: bool,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False, augment: SampleAugment | None = None,
+                 val_resize_size: int | None = None) -> None:
+        """Validation resizes to val_resize_size (None: image_size/0.875), then centre-crops
+        image_size; training crops image_size, then applies `augment` if given."""
         folder = Path(root).expanduser() / split
         classes, class_to_idx = find_classes(str(folder))
         try:
@@ -86,7 +91,8 @@ class JpegFolder(torch.utils.data.Dataset):
         except FileNotFoundError as exc:
             raise ConfigError(f"{folder}: {exc}") from None
         self.classes, self.image_size, self.train = classes, image_size, train
-        self.skip_bad_images = skip_bad_images
+        self.skip_bad_images, self.augment = skip_bad_images, augment
+        self.val_resize_size = val_resize_size
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -96,20 +102,23 @@ class JpegFolder(torch.utils.data.Dataset):
         for attempt in range(len(self.samples)):
             path, label = self.samples[(index + attempt) % len(self.samples)]
             try:
-                return self._load(path, seed), label
+                image = self._load(path, seed)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 reason = _reason(exc)
                 if not self.skip_bad_images:
                     raise ConfigError(f"corrupt or truncated image file: {path} ({reason}); set "
                                       "dataset.skip_bad_images=true to skip such files") from None
                 log.warning("skipping bad image file %s (%s)", path, reason)
+                continue
+            # Outside the try: an augmentation's error is a bug, not a bad file.
+            return (image if self.augment is None else self.augment(image, seed)), label
         raise ConfigError(f"no readable image in {self.samples[0][0]}'s dataset")
 
     def _load(self, path: str, seed: int) -> torch.Tensor:
         data = read_bytes(path)
         size = jpeg_size(data)  # from the header: none of PIL's Image.open (~20 us an image)
         if not self.train:
-            return val_image(data, size, self.image_size)
+            return val_image(data, size, self.image_size, self.val_resize_size)
         if size is None:  # PNG, BMP, ...: decoded whole to learn their size, never drafted
             pixels = decode(data, size)
             box, flip = T.train_crop_params(pixels.shape[2], pixels.shape[1], seed)
@@ -184,12 +193,14 @@ def decode(data: bytearray, jpeg_header_size: tuple[int, int] | None) -> torch.T
     return pixels
 
 
-def val_image(data: bytearray, jpeg_header_size: tuple[int, int] | None,
-              image_size: int) -> torch.Tensor:
-    """Validation's preprocessing (also predict's): resize to image_size/0.875, centre-crop."""
+def val_image(data: bytearray, jpeg_header_size: tuple[int, int] | None, crop_size: int,
+              resize_size: int | None = None) -> torch.Tensor:
+    """Validation's preprocessing (also predict's): resize the short side to resize_size
+    (None: crop_size/0.875), centre-crop crop_size."""
     pixels = decode(data, jpeg_header_size)
+    short_side = resize_size or T.val_resize(crop_size)
     return centre_crop(resize_uint8(pixels, *T.resize_size(
-        pixels.shape[2], pixels.shape[1], T.val_resize(image_size))), image_size)
+        pixels.shape[2], pixels.shape[1], short_side)), crop_size)
 
 
 def resized_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], flip: bool,

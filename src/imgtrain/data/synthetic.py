@@ -10,7 +10,12 @@ shares cores with the model, that keeps data generation under 1% of a training s
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # augment.py imports mix() from here
+    from imgtrain.data.augment import SampleAugment
 
 NOISE_FIELDS = 8  # with every offset: 8 * image_size^2 distinct noise images
 _MASK = (1 << 64) - 1
@@ -26,9 +31,10 @@ def mix(seed: int) -> int:
 
 class Synthetic(torch.utils.data.Dataset):
     def __init__(self, size: int, image_size: int, num_classes: int, seed: int, train: bool,
-                 noise: float = 0.5) -> None:
+                 noise: float = 0.5, augment: SampleAugment | None = None) -> None:
         self.size, self.image_size, self.num_classes = size, image_size, num_classes
         self.train, self.noise, self.seed = train, noise, seed
+        self.augment = augment if train else None
         generator = torch.Generator().manual_seed(seed)
         # Low-resolution random patterns, upsampled: smooth, so they survive the network's strides.
         coarse = torch.rand(num_classes, 3, 4, 4, generator=generator)
@@ -53,7 +59,10 @@ class Synthetic(torch.utils.data.Dataset):
         """A whole batch at once (DataLoader calls this when it exists), in a few tensor ops."""
         labels, seeds = zip(*(self._item(item) for item in items))
         pixels = self._noise(seeds).add_(self.patterns[list(labels)]).clamp_(0, 255)
-        return list(zip(pixels.to(torch.uint8).unbind(0), labels))
+        images = pixels.to(torch.uint8).unbind(0)
+        if self.augment is not None:  # per sample, each from its own seed
+            images = [self.augment(image, seed) for image, seed in zip(images, seeds)]
+        return list(zip(images, labels))
 
     def _noise(self, seeds: tuple[int, ...]) -> torch.Tensor:
         """Each sample's noise: a window of a bank field at an offset that depends on its seed

@@ -1,6 +1,7 @@
 """Augmentations on uint8 images, driven by a per-sample seed, and normalisation on the device.
 
-Workers only decode, crop, resize and flip uint8 pixels; the float conversion and ImageNet
+Workers only decode, crop, resize and flip uint8 pixels (and augment them, data/augment.py,
+where dataset.auto_augment or random_erase asks); the float conversion and ImageNet
 normalisation run on the device inside the training step (`normalize`), where they cost almost
 nothing and the host-to-device copy is four times smaller.
 """
@@ -8,12 +9,16 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import torch
+
+from imgtrain.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VAL_RESIZE_RATIO = 0.875  # validation resizes to image_size / 0.875 (256 for 224), then centre-crops
+VAL_SIZE_KEYS = ("val_resize_size", "val_crop_size")
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -59,6 +64,25 @@ def resize_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 def val_resize(image_size: int) -> int:
     return int(round(image_size / VAL_RESIZE_RATIO))
+
+
+def val_sizes(data_cfg: Any) -> tuple[int, int]:
+    """(short side to resize to, centre crop) for validation, predict and export, checked.
+
+    dataset.val_crop_size defaults to image_size and val_resize_size to the crop / 0.875, so
+    setting only the crop keeps the usual ratio (224 -> 256).
+    """
+    for key in VAL_SIZE_KEYS:
+        if data_cfg.get(key) is not None and int(data_cfg[key]) < 1:
+            raise ConfigError(f"dataset.{key}={data_cfg[key]} must be a positive number of "
+                              "pixels (or null)")
+    crop = data_cfg.get("val_crop_size") or int(data_cfg["image_size"])
+    resize = data_cfg.get("val_resize_size") or val_resize(crop)
+    if crop > resize:
+        crop_key = "val_crop_size" if data_cfg.get("val_crop_size") else "image_size"
+        raise ConfigError(f"dataset.{crop_key}={crop} is larger than val_resize_size={resize}: "
+                          "validation resizes the short side, then centre-crops inside it")
+    return resize, crop
 
 
 def random_flip(image: torch.Tensor, rng: random.Random) -> torch.Tensor:

@@ -1,0 +1,259 @@
+"""Issue #16's data side: auto_augment and random_erase seeded per sample, validation's resize and
+crop sizes, and repeated augmentation in the training sampler."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms.v2 import functional as F
+
+from conftest import TINY, assert_clean_error, run_cli
+from imgtrain import app, weights
+from imgtrain.data import build_datasets, build_loaders
+from imgtrain.data.augment import SampleAugment, build_augment
+from imgtrain.data.imagefolder import decode, read_bytes
+from imgtrain.data.samplers import TrainSampler
+from imgtrain.data.transforms import IMAGENET_MEAN, sample_seed
+from imgtrain.errors import ConfigError
+from imgtrain.models import build_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision's decoders
+KINDS = ("imagenet", "cifar10", "synthetic")
+
+
+def _data_cfg(name: str, root: Path | None = None, **keys: Any) -> dict[str, Any]:
+    return {"name": name, "root": str(root), "image_size": 32, "num_classes": 4,
+            "train_size": 64, "val_size": 16, "noise": 1.0, **keys}
+
+
+@pytest.fixture
+def roots(image_folder: Path, cifar_root: Path) -> dict[str, Path | None]:
+    return {"imagenet": image_folder, "cifar10": cifar_root, "synthetic": None}
+
+
+def _train_set(name: str, roots: dict[str, Path | None], **keys: Any) -> Any:
+    return build_datasets(_data_cfg(name, roots[name], **keys), seed=3)[0]
+
+
+# ---- auto_augment and random_erase ----------------------------------------------------------
+@pytest.mark.parametrize("name", KINDS)
+def test_a_sample_seed_alone_decides_its_augmentation(name: str, roots: dict) -> None:
+    first = _train_set(name, roots, auto_augment="ta_wide", random_erase=0.5)
+    second = _train_set(name, roots, auto_augment="ta_wide", random_erase=0.5)
+    torch.manual_seed(1)
+    for item in [(i, 100 + i) for i in range(6)]:  # other samples drawn first, in one instance
+        first[item]
+    wanted = [(5, sample_seed(3, 0, 5)), (2, 77)]
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    images = [first[item][0] for item in wanted]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left untouched
+    for item, image in zip(wanted, images):
+        assert torch.equal(second[item][0], image)
+    reseeded = [first[(5, seed)][0] for seed in range(200, 206)]
+    assert sum(not torch.equal(image, images[0]) for image in reseeded) >= 5
+
+
+@pytest.mark.parametrize("policy", ["ta_wide", "ra", "augmix"])
+def test_each_policy_runs_after_the_crop_and_changes_images(policy: str, roots: dict) -> None:
+    plain = _train_set("imagenet", roots)
+    augmented = _train_set("imagenet", roots, auto_augment=policy)
+    augment = SampleAugment(policy, 0.0)
+    changed = 0
+    for seed in range(8):
+        base, image = plain[(seed, seed)][0], augmented[(seed, seed)][0]
+        assert image.shape == base.shape == (3, 32, 32) and image.dtype == torch.uint8
+        assert torch.equal(image, augment(base, seed))  # the same crop and flip, then the policy
+        changed += not torch.equal(image, base)
+    assert changed >= 6  # each policy leaves a few images as they are (identity, magnitude 0)
+    outcomes = {augment(base, seed).numpy().tobytes() for seed in range(8)}
+    assert len(outcomes) >= 6  # the sample's seed, not a fixed stream, picks the operations
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_random_erase_paints_one_box_the_mean_colour(name: str, roots: dict) -> None:
+    plain, erased = _train_set(name, roots), _train_set(name, roots, random_erase=1.0)
+    # torchvision erases normalised images to 0, i.e. to the mean: (124, 116, 104) in uint8.
+    mean = torch.tensor([round(255 * m) for m in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1)
+    for seed in range(4):
+        base, image = plain[(seed, seed)][0], erased[(seed, seed)][0]
+        rows, cols = (image != base).any(0).nonzero(as_tuple=True)
+        assert len(rows) > 0
+        top, left, bottom, right = rows.min(), cols.min(), rows.max() + 1, cols.max() + 1
+        box = image[:, top:bottom, left:right].reshape(3, -1)
+        assert torch.equal(box, mean.expand_as(box))  # the whole box, nothing outside it
+        outside = image.clone()
+        outside[:, top:bottom, left:right] = base[:, top:bottom, left:right]
+        assert torch.equal(outside, base)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_defaults_take_the_fast_path_with_the_same_images(name: str, roots: dict) -> None:
+    assert build_augment(_data_cfg(name, auto_augment=None, random_erase=0.0)) is None
+    train_set, val_set = build_datasets(_data_cfg(name, roots[name], auto_augment=None,
+                                                  random_erase=0.0), seed=3)
+    assert train_set.augment is None
+    reference = _train_set(name, roots)  # the keys absent: the code as it was before #16
+    for item in [(0, 11), (7, 12)]:
+        assert torch.equal(train_set[item][0], reference[item][0])
+    assert getattr(val_set, "augment", None) is None  # validation never augments
+
+
+def test_workers_make_the_same_augmented_batches(cifar_root: Path) -> None:
+    def first_batch(workers: int) -> torch.Tensor:
+        cfg = _data_cfg("cifar10", cifar_root, auto_augment="ra", random_erase=0.5,
+                        workers=workers, persistent_workers=False, prefetch_factor=2)
+        loaders = build_loaders(cfg, 16, 0, 1, 1, seed=5, accelerator=False)
+        return next(iter(loaders.train))[0]
+
+    assert torch.equal(first_batch(0), first_batch(2))
+
+
+# ---- validation's sizes -------------------------------------------------------------------
+def test_validation_resizes_then_centre_crops_the_given_sizes(image_folder: Path) -> None:
+    cfg = _data_cfg("imagenet", image_folder, image_size=16, val_resize_size=36, val_crop_size=28)
+    val_set = build_datasets(cfg, seed=0)[1]
+    path = val_set.samples[0][0]
+    pixels = decode(read_bytes(path), None)
+    expected = F.center_crop(F.resize(pixels, 36, antialias=True), [28, 28])
+    image = val_set[0][0]
+    assert image.shape == (3, 28, 28)
+    assert (image.int() - expected.int()).abs().max() <= 1  # torchvision's resize, to rounding
+    default = build_datasets(_data_cfg("imagenet", image_folder, image_size=16), seed=0)[1]
+    assert default[0][0].shape == (3, 16, 16)  # image_size, resized to 18 first (16 / 0.875)
+
+
+def _checkpoint(path: Path, dataset: dict[str, Any]) -> Path:
+    torch.save({"format_version": 1, "identity": {}, "config": {"dataset": dataset},
+                "model": {"fc.weight": torch.zeros(4, 8), "fc.bias": torch.zeros(4)}}, path)
+    return path
+
+
+def test_predict_and_eval_take_the_checkpoints_validation_sizes(tmp_path: Path) -> None:
+    trained = {"name": "imagenet", "image_size": 176, "val_resize_size": 232, "val_crop_size": 224}
+    new = _checkpoint(tmp_path / "new.pt", trained)
+    old = _checkpoint(tmp_path / "old.pt", {"name": "imagenet", "image_size": 176})
+
+    def sizes(path: Path, mode: str = "predict", *overrides: str) -> tuple:
+        cfg = {"mode": mode, "overrides": list(overrides), "model": {"arch": "resnet18",
+               "weights": str(path)}, "dataset": _data_cfg("imagenet", val_resize_size=None,
+                                                            val_crop_size=None)}
+        weights.for_mode(cfg)
+        return tuple(cfg["dataset"][k] for k in ("image_size", "val_resize_size", "val_crop_size"))
+
+    assert sizes(new) == sizes(new, "eval") == (176, 232, 224)
+    assert sizes(old) == (176, None, None)  # older runs: today's rule, image_size / 0.875
+    assert sizes(new, "predict", "dataset.image_size=64") == (32, None, None)
+
+
+def test_predict_and_export_use_the_validation_crop(image_folder: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgtrain import export, predict
+    from imgtrain.device import DeviceInfo
+    seen: dict[str, Any] = {}
+
+    def val_image(data: bytearray, header: Any, crop: int, resize: int | None = None) -> Any:
+        seen["predict"] = (resize, crop)
+        return torch.zeros(3, crop, crop, dtype=torch.uint8)
+
+    monkeypatch.setattr(predict, "val_image", val_image)
+    monkeypatch.setattr(export, "to_onnx", lambda *args: seen.setdefault("export", args[2]))
+    monkeypatch.setattr(export, "check_onnxruntime", lambda *args: None)
+    state = build_model("resnet18", 4).state_dict()
+    file = weights.WeightsFile(tmp_path, state, None, "resnet18", None, None)
+    cfg = {"model": {"arch": "resnet18"}, "predict": {"topk": 1, "inputs": [str(image_folder)]},
+           "export": {"format": "onnx", "opset": 18, "exporter": "auto", "batch": "dynamic"},
+           "dataset": _data_cfg("imagenet", val_resize_size=36, val_crop_size=28)}
+    predict.predict(cfg, tmp_path, DeviceInfo("cpu"), file)
+    export.export(cfg, tmp_path, file)
+    assert seen == {"predict": (36, 28), "export": 28}
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["dataset.val_crop_size=40", "dataset.val_resize_size=36"], ["val_crop_size=40", "36"]),
+    (["dataset.val_resize_size=20"], ["image_size=32", "val_resize_size=20"]),
+    (["dataset.val_crop_size=0"], ["val_crop_size=0", "positive"]),
+    (["dataset.random_erase=1.5"], ["random_erase=1.5", "[0, 1]"]),
+    (["dataset.random_erase=-0.1"], ["random_erase=-0.1"]),
+    (["dataset.ra_reps=0"], ["ra_reps=0", "at least 1"]),
+    (["dataset.auto_augment=autoaugment"], ["'autoaugment'", "ta_wide, ra, augmix"]),
+], ids=["crop>resize", "image_size>resize", "crop=0", "erase>1", "erase<0", "ra_reps=0",
+        "policy"])
+def test_bad_values_are_config_errors(compose: Any, image_folder: Path, overrides: list,
+                                      fragments: list) -> None:
+    config = app.resolve(compose("dataset=imagenet", f"dataset.root={image_folder}",
+                                 "dataset.image_size=32", *overrides), [])
+    with pytest.raises(ConfigError) as error:
+        app.check(config)
+    assert all(fragment in str(error.value) for fragment in fragments), error.value
+
+
+@pytest.mark.parametrize("group", ["cifar10", "synthetic"])
+def test_validation_sizes_apply_to_imagenet_only(compose: Any, cifar_root: Path,
+                                                 group: str) -> None:
+    config = app.resolve(compose(f"dataset={group}", f"dataset.root={cifar_root}",
+                                 "dataset.num_classes=10", "dataset.val_crop_size=28"), [])
+    with pytest.raises(ConfigError, match="val_crop_size applies to dataset=imagenet"):
+        app.check(config)
+
+
+def test_an_unknown_policy_is_one_error_line(tmp_path: Path) -> None:
+    proc = run_cli("experiment=quickstart", *TINY, "dataset.auto_augment=foo",
+                   f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    assert_clean_error(proc, "dataset.auto_augment", "'foo'", "ta_wide", "ra", "augmix")
+
+
+# ---- repeated augmentation --------------------------------------------------------------------
+def _rasampler(dataset_len: int, rank: int, world_size: int, seed: int, reps: int) -> list[int]:
+    """torchvision's references/classification/sampler.py RASampler, per-rank length len // world."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    indices = [i for i in torch.randperm(dataset_len, generator=g).tolist() for _ in range(reps)]
+    total = -(-dataset_len * reps // world_size) * world_size
+    indices += indices[:total - len(indices)]
+    return indices[rank:total:world_size][:dataset_len // world_size]
+
+
+def _pairs(dataset_len: int, rank: int, reps: int, skip: int = 0, epoch: int = 2) -> list:
+    sampler = TrainSampler(dataset_len, rank, 2, seed=7, ra_reps=reps)
+    sampler.set_epoch(epoch)
+    sampler.skip(skip)
+    pairs = list(sampler)
+    assert len(pairs) == len(sampler) == dataset_len // 2 - skip
+    return pairs
+
+
+def test_repeated_augmentation_follows_torchvisions_sampler() -> None:
+    ranks = [_pairs(31, rank, reps=3) for rank in (0, 1)]
+    for rank, pairs in enumerate(ranks):
+        assert [index for index, _ in pairs] == _rasampler(31, rank, 2, seed=7 + 2, reps=3)
+    assert [i for i, _ in ranks[0]] != [i for i, _ in ranks[1]]
+    union = [pair for both in zip(*ranks) for pair in both]  # the repeated list, in its order
+    counts = Counter(index for index, _ in union)
+    assert sorted(counts.values())[1:] == [3] * (len(counts) - 1)  # the last may be cut short
+    assert len(set(union)) == len(union)  # no two copies share a seed: each its own crop
+    for index, seed in union:
+        assert seed in {sample_seed(7, 2, index + 31 * repeat) for repeat in range(3)}
+
+
+def test_repeated_augmentation_skips_and_is_off_at_one() -> None:
+    assert _pairs(31, 1, reps=3, skip=4) == _pairs(31, 1, reps=3)[4:]
+    for rank in (0, 1):
+        today = DistributedSampler(range(31), 2, rank, shuffle=True, seed=7, drop_last=True)
+        today.set_epoch(2)
+        assert _pairs(31, rank, reps=1) == [(i, sample_seed(7, 2, i)) for i in today]
+
+
+def test_repeats_of_one_image_are_different_crops(cifar_root: Path) -> None:
+    cfg = _data_cfg("cifar10", cifar_root, ra_reps=2, workers=0)
+    loaders = build_loaders(cfg, 16, 0, 1, 1, seed=5, accelerator=False)
+    assert loaders.train_sampler.ra_reps == 2
+    (index, seed0), (again, seed1) = list(loaders.train_sampler)[:2]
+    assert index == again and seed0 != seed1
+    dataset = loaders.train.dataset
+    assert not torch.equal(dataset[(index, seed0)][0], dataset[(index, seed1)][0])
+    assert isinstance(loaders.train, DataLoader)
