@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import multiprocessing
 import struct
 import sys
 from pathlib import Path
@@ -230,6 +231,21 @@ def _pooled_steps(loaders, epoch: int, steps: int):
         del images, labels
         assert (state == HELD).sum() == 0  # its segment is free again once we let go
     return pooled
+
+
+def test_loader_workers_fork_even_in_a_spawned_rank(compose, image_folder: Path) -> None:
+    """imgtrain's launcher spawns the ranks, and multiprocessing's default then stays spawn in
+    them: each worker would import torch anew (~15 s before a 2-rank run's first batch here)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("this OS has no fork")
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)  # what a spawned rank inherits
+    try:
+        loaders = _jpeg_loaders(compose, image_folder, reuse_batch_memory=True)
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+    for loader in (loaders.train, loaders.val):
+        assert loader.multiprocessing_context.get_start_method() == "fork"
 
 
 def test_a_segment_is_refilled_once_the_consumer_lets_go_and_passes_cut_short_leak_none(

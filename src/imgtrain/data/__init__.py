@@ -1,6 +1,7 @@
 """dataset=imagenet|cifar10|synthetic: datasets, samplers and loaders that yield uint8 batches."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 from dataclasses import dataclass
@@ -115,6 +116,13 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
+def worker_start_method() -> str | None:
+    """fork where the OS has it, as under torchrun: imgtrain's own launcher spawns the ranks, and
+    a spawned process spawns its loader workers too, each importing torch and torchvision anew
+    (about 7 s each on a 2-core VM, for every loader of every rank)."""
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
                   local_world_size: int, seed: int, accelerator: bool,
                   accumulate_steps: int = 1) -> Loaders:
@@ -136,7 +144,8 @@ def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
                                   worker_init_fn=_seed_worker, generator=generator)
     if workers > 0:
         common.update(persistent_workers=bool(data_cfg.get("persistent_workers", True)),
-                      prefetch_factor=int(data_cfg.get("prefetch_factor", 2)))
+                      prefetch_factor=int(data_cfg.get("prefetch_factor", 2)),
+                      multiprocessing_context=worker_start_method())
     train_sampler = TrainSampler(len(train_set), rank, world_size, seed,
                                  ra_reps=int(data_cfg.get("ra_reps", 1)))
     data_cfg = _with_pool_checked(data_cfg, common, micro_batch, train_set, local_world_size)
