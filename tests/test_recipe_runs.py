@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, read_results, run_cli, wait_for
+from imgtrain import weights
 
 # The V2 recipe at test size: accumulation made explicit (the experiment's rule gives 1 for a
 # batch this small), a decay that moves within 24 steps, checkpoints every 2 steps.
@@ -95,6 +96,11 @@ def test_the_ema_is_evaluated_logged_and_picked_by_weights_key(
     saved = _saved(run)
     assert saved["model"].keys() != saved["model_ema"].keys()  # torchvision's model_ema layout
     assert int(saved["model_ema"]["n_averaged"]) > 0
+    # What mode=eval, mode=export and fine-tuning read with model.weights_key=ema.
+    ema = weights.read(str(run / "checkpoints/last.pt"), "ema")
+    assert ema.key == "model_ema" and ema.state.keys() == saved["model"].keys()
+    assert all(torch.equal(ema.state[k], saved["model_ema"][f"module.{k}"]) for k in ema.state)
+    assert _max_diff(ema.state, saved["model"]) > 0  # the average, not the trained weights
     tags = set(EventAccumulator(str(run)).Reload().Tags()["scalars"])
     assert {"val_ema/acc1", "val_ema/acc5", "val_ema/loss"} <= tags
 
