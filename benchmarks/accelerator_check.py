@@ -113,9 +113,9 @@ def child_overflow(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = build_trainer(config, Path(spec["out"]), precision)
     step, applied = trainer.precision.step, []
 
-    def counted_step(optimizer: Any) -> None:
+    def counted_step(optimizer: Any, *args: Any) -> None:
         before = [p.detach().clone() for p in trainer.model.parameters()]
-        step(optimizer)
+        step(optimizer, *args)
         applied.append(any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters())))
 
     trainer.precision.step = counted_step

@@ -97,6 +97,10 @@ def test_every_group_option_builds(compose, group: str, option: str, tmp_path: P
         overrides += ["world.nproc_per_node=1"]
     if group == "experiment":
         overrides += ["train.batch_size=4", "model=resnet18"]
+    if option == "resnet152_v2":  # an ImageFolder recipe: its validation sizes are imagenet's
+        overrides = [o for o in overrides if not o.startswith("dataset")] + [
+            "dataset.image_size=32", "dataset.workers=0", "dataset.val_resize_size=36",
+            "dataset.val_crop_size=32", *_dataset_overrides("imagenet", tmp_path, cifar_root)]
     if group == "device":
         overrides.remove("device=cpu")
     cfg = compose(*overrides)
