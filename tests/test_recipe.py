@@ -317,7 +317,8 @@ def test_ema_averages_o2s_fp32_masters_every_n_steps_and_restarts_in_warmup() ->
         precision.step(optimizer)
         model.zero_grad(set_to_none=True)
         epoch = 0 if step <= 2 else 1  # steps 1-2 in the warm-up
-        ema.maybe_update(step, epoch, precision.master_params(model), list(model.buffers()))
+        if ema.due(step):
+            ema.update(epoch, precision.master_params(model), list(model.buffers()))
         masters = [m.detach() for m in precision.master_params(model)]
         # Step 2 is in the warm-up, after which the average restarts: the first update after
         # it (step 4) starts from the current fp32 weights.

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,13 +42,21 @@ def _train(folder: Path, world: list[str], run_dir: Path) -> subprocess.Complete
     return proc
 
 
+WORLDS = {"one": ONE_PROCESS, "two": TWO_PROCESSES}
+
+
 @pytest.fixture(scope="module")
-def v2_runs(image_folder: Path, module_dir: Path) -> dict[str, Path]:
-    """The uninterrupted runs, one per world."""
-    runs = {"one": module_dir / "one", "two": module_dir / "two"}
-    _train(image_folder, ONE_PROCESS, runs["one"])
-    _train(image_folder, TWO_PROCESSES, runs["two"])
-    return runs
+def straight_run(image_folder: Path, module_dir: Path) -> Callable[[str], Path]:
+    """The uninterrupted run of a world, trained the first time a test asks for it."""
+    runs: dict[str, Path] = {}
+
+    def run_of(world: str) -> Path:
+        if world not in runs:
+            _train(image_folder, WORLDS[world], module_dir / world)
+            runs[world] = module_dir / world
+        return runs[world]
+
+    return run_of
 
 
 def _saved(run_dir: Path) -> dict:
@@ -59,11 +68,11 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
 
 
-@pytest.mark.parametrize("world", ["one", "two"])
+@pytest.mark.parametrize("world", ["one", pytest.param("two", marks=pytest.mark.slow)])
 def test_a_sigkill_mid_epoch_resumes_to_the_same_weights_and_ema(
-        image_folder: Path, v2_runs: dict[str, Path], tmp_path: Path, world: str) -> None:
-    args = [*V2_SMALL, f"dataset.root={image_folder}",
-            *(ONE_PROCESS if world == "one" else TWO_PROCESSES), f"hydra.run.dir={tmp_path}"]
+        image_folder: Path, straight_run: Callable[[str], Path], tmp_path: Path,
+        world: str) -> None:
+    args = [*V2_SMALL, f"dataset.root={image_folder}", *WORLDS[world], f"hydra.run.dir={tmp_path}"]
     proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -79,17 +88,17 @@ def test_a_sigkill_mid_epoch_resumes_to_the_same_weights_and_ema(
     resumed = run_cli(*args, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(rf"resuming from .*\(epoch {epoch}, step [1-5];", resumed.stdout)
-    straight, again = _saved(v2_runs[world]), _saved(tmp_path)
+    straight, again = _saved(straight_run(world)), _saved(tmp_path)
     assert _max_diff(straight["model"], again["model"]) <= 1e-6
     assert _max_diff(straight["model_ema"], again["model_ema"]) <= 1e-6
-    assert read_results(tmp_path)["ema_acc1"] == read_results(v2_runs[world])["ema_acc1"]
+    assert read_results(tmp_path)["ema_acc1"] == read_results(straight_run(world))["ema_acc1"]
 
 
 def test_the_ema_is_evaluated_logged_and_picked_by_weights_key(
-        image_folder: Path, v2_runs: dict[str, Path], tmp_path: Path) -> None:
+        image_folder: Path, straight_run: Callable[[str], Path], tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = v2_runs["one"]
+    run = straight_run("one")
     results = read_results(run)
     assert results["best_ema_acc1"] >= results["ema_acc1"] >= 0
     assert [row["ema_acc1"] for row in results["history"]][-1] == results["ema_acc1"]

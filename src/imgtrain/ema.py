@@ -8,7 +8,6 @@ the half weights, and is evaluated next to the raw model after every epoch.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterable
 
 import torch
@@ -16,8 +15,6 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from imgtrain.errors import ConfigError
-
-log = logging.getLogger("imgtrain")
 
 
 def check_ema(ema_cfg: Any) -> None:
@@ -29,8 +26,8 @@ def check_ema(ema_cfg: Any) -> None:
 
 
 def adjusted_decay(decay: float, steps: int, global_batch: int, epochs: int) -> float:
-    """torchvision's adjustment: `ema.decay` is per image over a reference run length, so the
-    decay applied every `steps` steps of `global_batch` images is 1 - (1 - decay) * adjust."""
+    """torchvision's adjustment (references/classification/train.py): the decay applied every
+    `steps` optimizer steps is 1 - (1 - decay) * global_batch * steps / epochs, at least 0."""
     adjust = global_batch * steps / epochs
     return 1.0 - min(1.0, (1.0 - decay) * adjust)
 
@@ -64,14 +61,14 @@ class WeightAverage:
         """The averaged network, to evaluate (and to save)."""
         return self.averaged.module
 
-    def maybe_update(self, global_step: int, epoch: int, params: Iterable[torch.Tensor],
-                     buffers: Iterable[torch.Tensor]) -> None:
-        """After optimizer step `global_step` (counted from 1): fold the weights in when due.
+    def due(self, global_step: int) -> bool:
+        """Whether optimizer step `global_step` (counted from 1) ends with an update."""
+        return global_step % self.every_steps == 0
 
-        `params` are the values the optimizer steps, in the network's order; `buffers` its buffers.
-        """
-        if global_step % self.every_steps:
-            return
+    def update(self, epoch: int, params: Iterable[torch.Tensor],
+               buffers: Iterable[torch.Tensor]) -> None:
+        """Fold in `params` (the values the optimizer steps, in the network's order) and the
+        network's `buffers`."""
         self._fold_in(params, buffers)
         if epoch < self.warmup_epochs:  # torchvision: the average restarts until warm-up ends
             self.restart()

@@ -89,10 +89,9 @@ class Trainer(Checkpointing):
             loss_sum, correct = loss_sum + loss, correct + hits
         self.precision.step(self.optimizer, self.train_cfg["clip_grad_norm"])
         self.scheduler.step()
-        if self.ema is not None:
-            self.ema.maybe_update(self.state.global_step + 1, epoch,
-                                  self.precision.master_params(self.model),
-                                  bare_model(self.model).buffers())
+        if self.ema is not None and self.ema.due(self.state.global_step + 1):
+            self.ema.update(epoch, self.precision.master_params(self.model),
+                            bare_model(self.model).buffers())
         return loss_sum / len(micro_batches), correct
 
     def _forward_backward(self, images: torch.Tensor, target: torch.Tensor,
@@ -192,7 +191,7 @@ class Trainer(Checkpointing):
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         """Loss, Acc@1 and Acc@5 of `model` (the one trained) over the whole validation set, each
         sample counted exactly once."""
-        model = model or self.eval_model
+        model = self.eval_model if model is None else model
         model.eval()
         self._sync_buffers()
         sums = torch.zeros(3, device=self.device.torch_device)  # loss sum, top1, top5
