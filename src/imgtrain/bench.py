@@ -49,7 +49,7 @@ def bench_loader(cfg: dict[str, Any], loaders: Loaders, world: World,
     timed_batches = train_cfg["steps_per_epoch"] or len(loaders.train)
     warmup_batches = max(1, train_cfg["fps_warmup_steps"])
     logger.info("bench_data: %d warm-up and %d timed batches of %d images, %d workers per rank",
-                warmup_batches, timed_batches, loaders.per_rank_batch,
+                warmup_batches, timed_batches, loaders.train.batch_size,
                 loaders.train.num_workers)
     images, seconds = time_loader(loaders, warmup_batches, timed_batches)
     # Ranks run identical loaders on their own cores; rank 0's rate times the world size avoids a

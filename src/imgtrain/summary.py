@@ -64,6 +64,7 @@ def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
     params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
     source = f" from {data['root']}" if data.get("root") else ""
     total_steps = train["epochs"] * trainer.steps_per_epoch
+    ingredients = recipe(cfg, trainer)
     if resumed_from is None:
         resume = "no: a new run"
     else:
@@ -83,7 +84,7 @@ def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
         f"{_schedule(cfg)}",
         f"  length     {train['epochs']} epochs x {trainer.steps_per_epoch} steps = "
         f"{total_steps:,} steps",
-        *([f"  recipe     {recipe(cfg, trainer)}"] if recipe(cfg, trainer) else []),
+        *([f"  recipe     {ingredients}"] if ingredients else []),
         f"  run dir    {output_dir}",
         f"  resume     {resume}",
     ]
