@@ -129,7 +129,7 @@ class DatasetConfig:
     random_erase: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
-    val_resize_size: Optional[int] = None  # null: image_size / 0.875
+    val_resize_size: Optional[int] = None  # null: the validation crop / 0.875
     val_crop_size: Optional[int] = None    # null: image_size
     ra_reps: int = 1
 

@@ -117,10 +117,10 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
                    logger: RunLogger, loaders: Any, precision: Precision,
                    model: torch.nn.Module) -> Trainer:
     channels_last = _channels_last(cfg, device)
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    model = model.to(device.torch_device, memory_format=memory_format)
-    ema = _build_ema(cfg, model)
-    kinds = parameter_kinds(model)  # before O2 casts the network: BatchNorm is told by its class
+    model = model.to(device.torch_device,
+                     memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    ema = _build_ema(cfg, model)  # before O2 halves the weights: the EMA holds fp32 ones
+    kinds = parameter_kinds(model)  # one per trainable parameter, in the order prepare() steps them
     model, params = precision.prepare(model)
     optimizer = build_optimizer(weight_decay_groups(kinds, params, cfg["optim"]), cfg["optim"],
                                 device)
