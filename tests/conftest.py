@@ -5,8 +5,10 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -92,12 +94,107 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_cifar10(tmp_path_factory.mktemp("cifar"))
 
 
+class _CliServer:
+    """tests/cli_server.py, started on first use and ended by closing its stdin."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def ask(self, request: dict) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "cli_server.py")],
+                                         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True)
+            assert json.loads(self.proc.stdout.readline()) == {"ready": True}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "tests/cli_server.py ended without an answer"
+        return json.loads(line)
+
+
+_SERVER = _CliServer()
+
+
+class CliProcess:
+    """A `python run.py` forked by tests/cli_server.py, used as a subprocess.Popen is: pid (also
+    its process group's), poll, wait, send_signal, kill, communicate; text stdout and stderr."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.args = [sys.executable, str(REPO / "run.py"), *argv]
+        self.returncode: int | None = None
+        self._out = Path(tempfile.mkdtemp(prefix="run_cli"))
+        self.pid = _SERVER.ask({"op": "start", "argv": argv, "cwd": str(cwd), "env": env,
+                                "stdout": str(self._out / "stdout"),
+                                "stderr": str(self._out / "stderr")})["pid"]
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            reply = _SERVER.ask({"op": "wait", "pid": self.pid,
+                                 "timeout": 1e9 if timeout is None else timeout})
+            if reply.get("running"):
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = reply["returncode"]
+        return self.returncode
+
+    def poll(self) -> int | None:
+        try:
+            return self.wait(0)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # never a signal to a reaped pid that may belong to another
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            exc.output, exc.stderr = self._read()
+            raise
+        output = self._read()
+        shutil.rmtree(self._out, ignore_errors=True)
+        return output
+
+    def _read(self) -> tuple[str, str]:
+        return tuple((self._out / name).read_text(errors="replace") if (self._out / name).exists()
+                     else "" for name in ("stdout", "stderr"))
+
+
+# Set to 1 to start every run as a new `python run.py`, the slow way.
+FRESH_PYTHON = os.environ.get("IMGTRAIN_TESTS_FRESH_PYTHON") == "1"
+
+
+def start_cli(*overrides: str, cwd: Path | None = None, env: dict | None = None,
+              fresh: bool = False) -> subprocess.Popen | CliProcess:
+    """`python run.py ...` as a user types it, started: its own process (and process group),
+    argv, working directory, environment, stdout, stderr and exit code. It is forked from
+    tests/cli_server.py, which has imported run.py's modules already (about 8 s a run saved),
+    unless `fresh`, or the environment changes what Python imports (PYTHONPATH), or
+    IMGTRAIN_TESTS_FRESH_PYTHON=1: then it is a new `python run.py`."""
+    full_env = {**os.environ, **(env or {})}
+    if fresh or FRESH_PYTHON or any(key.startswith("PYTHON") for key in env or {}):
+        return subprocess.Popen([sys.executable, str(REPO / "run.py"), *overrides],
+                                cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=full_env, start_new_session=True)
+    return CliProcess(list(overrides), cwd or REPO, full_env)
+
+
 def run_cli(*overrides: str, cwd: Path | None = None, timeout: float = 300,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python run.py ...` exactly as a user types it."""
-    return subprocess.run([sys.executable, str(REPO / "run.py"), *overrides], cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+            env: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """start_cli's run to its end, as subprocess.run: killed with its ranks past `timeout`."""
+    proc = start_cli(*overrides, cwd=cwd, env=env, fresh=fresh)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def wait_for(proc: subprocess.Popen, condition: Callable[[], Any], failure: str) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, assert_clean_error, read_results, run_cli, wait_for
+from conftest import (REPO, CliProcess, assert_clean_error, read_results, run_cli, start_cli,
+                      wait_for)
 from imgtrain.optim import lr_factor
 
 # A stable configuration (lr 0.05): equal weights then really mean the same computation was replayed.
@@ -52,18 +53,17 @@ def _max_diff(a: Path, b: Path) -> float:
     return max((x[k].double() - y[k].double()).abs().max().item() for k in x if x[k].numel())
 
 
-def _start(args: list[str], run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(args: list[str], run_dir: Path) -> CliProcess:
+    return start_cli(*args, f"hydra.run.dir={run_dir}")
 
 
-def _wait_for_running(proc: subprocess.Popen, run_dir: Path) -> None:
+def _wait_for_running(proc: CliProcess, run_dir: Path) -> None:
     """Until results.json says `running`: written just before training starts."""
     wait_for(proc, lambda: '"running"' in (run_dir / "results.json").read_text(),
               "results.json never said running")
 
 
-def _wait_for_log(proc: subprocess.Popen, run_dir: Path, pattern: str) -> None:
+def _wait_for_log(proc: CliProcess, run_dir: Path, pattern: str) -> None:
     """Until train.log has a line matching `pattern` (progress lines come every print_freq steps)."""
     wait_for(proc, lambda: re.search(pattern, (run_dir / "train.log").read_text()),
               f"no {pattern!r} in train.log")

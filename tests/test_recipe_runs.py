@@ -8,14 +8,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, read_results, run_cli, wait_for
+from conftest import read_results, run_cli, start_cli, wait_for
 from imgtrain import weights
 
 # The V2 recipe at test size: accumulation made explicit (the experiment's rule gives 1 for a
@@ -73,9 +72,7 @@ def test_a_sigkill_mid_epoch_resumes_to_the_same_weights_and_ema(
         image_folder: Path, straight_run: Callable[[str], Path], tmp_path: Path,
         world: str) -> None:
     args = [*V2_SMALL, f"dataset.root={image_folder}", *WORLDS[world], f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = start_cli(*args)
     checkpoint, epoch = KILL_AFTER[world]
     try:
         wait_for(proc, lambda: (tmp_path / "checkpoints" / checkpoint).exists(),

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import sys
 import time
 import json
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, read_results, run_cli
+from conftest import TINY, read_results, run_cli, start_cli
 
 JPEG_RUN = [*TINY, "dataset=imagenet", "dataset.image_size=32", "train.batch_size=16",
             "optim.lr=0.05", "sched.warmup_epochs=0"]
@@ -83,9 +81,7 @@ def test_sigkill_after_an_epoch_then_resume_gives_the_same_weights(
     args = [*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=4"]  # jpeg_run's
     straight, resumed = jpeg_run, tmp_path / "resumed"
 
-    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args,
-                             f"hydra.run.dir={resumed}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_cli(*args, f"hydra.run.dir={resumed}")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         results = resumed / "results.json"

@@ -1,0 +1,92 @@
+"""`python run.py ...` without paying Python's imports again: a server for the tests' run_cli.
+
+Each `python run.py` spends ~8 s of a 2-core machine importing torch, torchvision (which imports
+torch._dynamo), Hydra and TensorBoard before it parses its first argument; the suite starts about
+two hundred of them. This server imports those modules once, then forks a child per command. The
+child is a process of its own, as `python run.py` is: it takes the command's working directory,
+environment and argv, writes to its own stdout and stderr files, and runs run.py as `__main__`
+(runpy), so Hydra finds run.py's config, a spawned rank re-imports run.py, and the exit code is
+the interpreter's own, a traceback included. What it skips is only the import of modules that
+`python run.py` would import anyway.
+
+Protocol, one JSON line each way on stdin/stdout: {"op": "start", "argv", "cwd", "env", "stdout",
+"stderr"} answered {"pid"}; {"op": "wait", "pid", "timeout"} answered {"returncode"} or
+{"running": true}. When stdin closes, the server kills what still runs and exits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_PY = str(REPO / "run.py")
+sys.path.insert(0, str(REPO))
+
+# What any run imports, at module level or lazily. Nothing here runs an op (see serve()).
+import run  # noqa: E402,F401  hydra, imgtrain.app and everything it imports
+import imgtrain.worker  # noqa: E402,F401  the trainer, models, data, TensorBoard's writer
+import torchvision.transforms.v2  # noqa: E402,F401
+
+
+def _child(request: dict) -> None:
+    """Become `python run.py <argv>` in the request's directory and environment; never returns."""
+    os.setpgid(0, 0)  # as start_new_session: its ranks and workers share a group to kill at once
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    sys.path[0] = str(REPO)  # as for `python run.py`: the script's folder first
+    sys.argv = [RUN_PY, *request["argv"]]
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    runpy.run_path(RUN_PY, run_name="__main__")
+    sys.exit(0)  # run.py returned: the interpreter's exit code is 0
+
+
+def _wait(pid: int, timeout: float) -> dict:
+    """The child's exit code, or that it is still running after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return {"returncode": os.waitstatus_to_exitcode(status)}
+        if time.monotonic() >= deadline:
+            return {"running": True}
+        time.sleep(0.02)
+
+
+def serve() -> None:
+    # Forking after `import torch` is what every DataLoader worker does; forking after an op has
+    # started torch's OpenMP pool, or with another Python thread running, would not be safe.
+    assert threading.active_count() == 1, "the server must fork from its only Python thread"
+    running: set[int] = set()
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "start":
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(request)  # its SystemExit leaves this loop and exits the child's interpreter
+            running.add(pid)
+            reply = {"pid": pid}
+        else:
+            reply = _wait(request["pid"], request["timeout"])
+            if "returncode" in reply:
+                running.discard(request["pid"])
+        print(json.dumps(reply), flush=True)
+    for pid in running:  # the tests ended (or died) and left a run going: end it and its ranks
+        os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+if __name__ == "__main__":
+    print(json.dumps({"ready": True}), flush=True)
+    serve()
