@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_clean_error, read_results, run_cli
+from conftest import REPO, assert_clean_error, read_results, run_cli, start_cli
 from imgtrain import distributed
 from imgtrain.errors import ConfigError
 
@@ -21,6 +21,10 @@ SYNTH = ["experiment=quickstart", "device=cpu", "train.print_freq=4", "dataset.v
          "dataset.train_size=512", "train.batch_size=32",
          "dataset.noise=1.0"]  # the easy task: 32 steps reach well above chance
 TWO_PROCS = ["world=8p", "world.nproc_per_node=2", *SYNTH]
+# The other multi-process tests fork their CPU ranks (world.start_method=fork): the same training,
+# without each rank importing torch again. The launch, crash and restart paths of the default,
+# spawn, are run by two_process_run, test_a_crashing_worker... and the torchrun test.
+FORKED = [*TWO_PROCS, "world.start_method=fork"]
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +55,7 @@ def test_one_checkpoint_gives_the_same_acc1_on_one_and_two_processes(two_process
     acc1 = {}
     for world in ("1p", "8p"):
         proc = run_cli(f"world={world}", "world.nproc_per_node=" + ("1" if world == "1p" else "2"),
-                       *SYNTH, "mode=eval", f"model.weights={weights}",
+                       "world.start_method=fork", *SYNTH, "mode=eval", f"model.weights={weights}",
                        f"hydra.run.dir={tmp_path / world}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         results = read_results(tmp_path / world)
@@ -62,14 +66,12 @@ def test_one_checkpoint_gives_the_same_acc1_on_one_and_two_processes(two_process
 
 def test_two_machines_on_loopback_train_one_model(tmp_path: Path) -> None:
     port = distributed.free_port()
-    common = [sys.executable, str(REPO / "run.py"), *SYNTH, "world=8p", "world.nproc_per_node=1",
+    common = [*SYNTH, "world=8p", "world.nproc_per_node=1", "world.start_method=fork",
               "world.nnodes=2", "world.master_addr=127.0.0.1", f"world.master_port={port}",
               "train.epochs=1"]
-    nodes = [subprocess.Popen([*common, f"world.node_rank={rank}",
-                               f"hydra.run.dir={tmp_path / f'node{rank}'}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    nodes = [start_cli(*common, f"world.node_rank={rank}", f"hydra.run.dir={tmp_path / f'node{rank}'}")
              for rank in (0, 1)]
-    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    outputs = ["".join(node.communicate(timeout=240)) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     written = [read_results(tmp_path / f"node{r}") for r in (0, 1)
                if (tmp_path / f"node{r}" / "results.json").exists()]
@@ -109,7 +111,7 @@ def test_max_restarts_restarts_a_dead_worker_and_resumes(tmp_path: Path) -> None
     marker = tmp_path / "fault-fired"
     run_dir = tmp_path / "run"
     # 16 steps per epoch: the fault hits in epoch 2, after epoch 1's checkpoint.
-    proc = run_cli(*TWO_PROCS, "train.epochs=2", "world.max_restarts=1", "train.fault_at_step=20",
+    proc = run_cli(*FORKED, "train.epochs=2", "world.max_restarts=1", "train.fault_at_step=20",
                    f"train.fault_once_file={marker}", f"hydra.run.dir={run_dir}", timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert marker.exists()
@@ -135,6 +137,20 @@ def test_master_port_in_use_is_refused(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         proc = run_cli(*TWO_PROCS, f"world.master_port={port}", f"hydra.run.dir={tmp_path}")
     assert_clean_error(proc, f"world.master_port={port}", "in use")
+
+
+def test_start_method_is_checked_and_fork_is_for_cpu_ranks(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = run_cli(*TWO_PROCS, "world.start_method=thread", f"hydra.run.dir={tmp_path}")
+    assert_clean_error(proc, "world.start_method=thread", "spawn, fork, forkserver")
+    assert not tmp_path.exists()
+    world = {"nproc_per_node": 1, "nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1",
+             "master_port": None, "start_method": "fork"}
+    distributed.check_world(world, "cpu", 256)
+    monkeypatch.setattr(distributed, "visible_count", lambda name: 1)  # no GPU or NPU here
+    for accelerator in ("gpu", "npu"):
+        with pytest.raises(ConfigError, match="world.start_method=fork needs device=cpu"):
+            distributed.check_world(world, accelerator, 256)
 
 
 def test_more_processes_than_visible_devices_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,7 +223,7 @@ def test_a_run_stopped_on_two_processes_resumes_on_one_seeing_each_sample_once(
     second.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get(
         "PYTHONPATH", "")]), "IMGTRAIN_TEST_TRACE": str(first)}
-    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *TWO_PROCS, "train.epochs=2",
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *FORKED, "train.epochs=2",
                              "dataset.workers=0", f"hydra.run.dir={run_dir}"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240

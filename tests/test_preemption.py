@@ -20,7 +20,7 @@ from imgtrain.optim import lr_factor
 # A stable configuration (lr 0.05): equal weights then really mean the same computation was replayed.
 RUN = ["experiment=quickstart", "device=cpu", "dataset.train_size=640", "dataset.val_size=64",
        "train.epochs=2", "train.print_freq=2", "optim.lr=0.05"]
-TWO_PROCS = ["world=8p", "world.nproc_per_node=2", "train.batch_size=32"]
+TWO_PROCS = ["world=8p", "world.nproc_per_node=2", "world.start_method=fork", "train.batch_size=32"]
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ V2_SMALL = ["experiment=resnet152_v2", "model=resnet18", "device=cpu", "amp=O0",
             "optim.bias_weight_decay=0"]
 ONE_PROCESS = ["dataset.workers=0"]
 # Two ranks with two loader workers each share this machine's 2 cores: one epoch, no warm-up.
-TWO_PROCESSES = ["world=8p", "world.nproc_per_node=2", "dataset.workers=2", "train.epochs=1",
-                 "sched.warmup_epochs=0"]
+TWO_PROCESSES = ["world=8p", "world.nproc_per_node=2", "world.start_method=fork",
+                 "dataset.workers=2", "train.epochs=1", "sched.warmup_epochs=0"]
 # Where each world's kill lands: a checkpoint on the second step of its last epoch.
 KILL_AFTER = {"one": ("step-8.pt", 2), "two": ("step-2.pt", 1)}
 

@@ -175,7 +175,8 @@ def test_frozen_backbone_with_ddp_and_o2(fine_tuned: dict, tmp_path: Path) -> No
     source = tmp_path / "checkpoint.pth.tar"
     state = _pretrained_pth_tar(fine_tuned["root"], source)
     proc = run_cli(*NO_AMP, "amp=O2", *FOLDER, f"dataset.root={fine_tuned['root']}",
-                   "world=8p", "world.nproc_per_node=2", "train.epochs=1", "train.steps_per_epoch=2",
+                   "world=8p", "world.nproc_per_node=2", "world.start_method=fork", "train.epochs=1",
+                   "train.steps_per_epoch=2",
                    f"model.weights={source}", "model.freeze=backbone", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr
     model = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["model"]

@@ -94,6 +94,7 @@ class WorldConfig:
     master_addr: str = "127.0.0.1"
     master_port: Optional[int] = None
     max_restarts: int = 0
+    start_method: str = "spawn"  # torchrun's --start-method: spawn | fork | forkserver
 
 
 @dataclass

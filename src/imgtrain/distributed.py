@@ -122,6 +122,7 @@ def check_world(world_cfg: Any, device_name: str, global_batch: int) -> None:
     if global_batch % world_size:
         raise ConfigError(f"train.batch_size={global_batch} does not divide across {world_size} "
                           f"processes; use a multiple of {world_size}")
+    check_start_method(world_cfg["start_method"], device_name)
     port = world_cfg["master_port"]
     if nnodes > 1 and port is None and not started_by_torchrun():
         # A free port picked on node 0 is unknowable to the others, and a node above 0 would try
@@ -132,6 +133,20 @@ def check_world(world_cfg: Any, device_name: str, global_batch: int) -> None:
             and not _port_free(world_cfg["master_addr"], int(port))):
         raise ConfigError(f"world.master_port={port} is already in use on "
                           f"{world_cfg['master_addr']}; choose another port")
+
+
+START_METHODS = ("spawn", "fork", "forkserver")
+
+
+def check_start_method(method: str, device_name: str) -> None:
+    """torchrun's --start-method. A forked rank skips re-importing torch (~8 s on a small CPU
+    node), but inherits the launcher's process: on a GPU or NPU that may hold an initialised
+    runtime, which a child cannot use, so fork is for CPU ranks only."""
+    if method not in START_METHODS:
+        raise ConfigError(f"world.start_method={method} is not one of {', '.join(START_METHODS)}")
+    if method == "fork" and device_name != "cpu":
+        raise ConfigError(f"world.start_method=fork needs device=cpu: a forked rank cannot use the "
+                          f"{device_name.upper()} runtime its launcher has started; use spawn")
 
 
 def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], output_dir: str) -> Any:
@@ -151,7 +166,8 @@ def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], outpu
         rdzv_backend="c10d", rdzv_endpoint=f"{world_cfg['master_addr']}:{port}",
         # Node 0 hosts the rendezvous store; the others connect to it.
         rdzv_configs={"is_host": int(world_cfg["node_rank"]) == 0, "timeout": 300},
-        max_restarts=int(world_cfg["max_restarts"]), monitor_interval=0.5, start_method="spawn",
+        max_restarts=int(world_cfg["max_restarts"]), monitor_interval=0.5,
+        start_method=world_cfg["start_method"],
         **_supported(LaunchConfig, signals_to_handle=HANDLED_SIGNALS,
                      shutdown_timeout=SHUTDOWN_SECONDS))
     _quiet_elastic_logs()
