@@ -223,8 +223,10 @@ def test_bad_amp_settings_exit_with_one_error_line(tmp_path: Path, overrides, fr
 
 
 # bfloat16 backward passes take ~30x fp32's on CPUs without native bfloat16 (AVX512-BF16, AMX),
-# so the runs below take only a few steps at O1/O2: the in-process tests above cover learning.
-FEW_STEPS = ["dataset.train_size=64", "train.epochs=1", "sched.warmup_epochs=0"]
+# ~8 s a step at batch 32 here, so the runs below take two small steps at O1/O2: the in-process
+# tests above cover learning.
+FEW_STEPS = ["dataset.train_size=16", "train.batch_size=8", "train.epochs=1",
+             "sched.warmup_epochs=0"]
 
 
 @pytest.fixture(scope="module")
