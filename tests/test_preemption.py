@@ -18,8 +18,9 @@ from conftest import (REPO, CliProcess, assert_clean_error, read_results, run_cl
 from imgtrain.optim import lr_factor
 
 # A stable configuration (lr 0.05): equal weights then really mean the same computation was replayed.
-RUN = ["experiment=quickstart", "device=cpu", "dataset.train_size=640", "dataset.val_size=64",
-       "train.epochs=2", "train.print_freq=2", "optim.lr=0.05"]
+# 10 steps an epoch, of 16 images: what is checked is where a run stops and what it resumes to.
+RUN = ["experiment=quickstart", "device=cpu", "dataset.train_size=160", "train.batch_size=16",
+       "dataset.val_size=32", "train.epochs=2", "train.print_freq=2", "optim.lr=0.05"]
 TWO_PROCS = ["world=8p", "world.nproc_per_node=2", "world.start_method=fork", "train.batch_size=32"]
 
 
@@ -153,7 +154,8 @@ def test_weights_that_are_not_finite_are_never_checkpointed(tmp_path: Path) -> N
 def test_a_stop_on_an_epochs_last_step_finishes_the_epoch_then_resumes_exactly(
         tmp_path: Path) -> None:
     # print_freq = the epoch's 20 steps: two processes agree on a stop only at the epoch's last step.
-    args = [*RUN, *TWO_PROCS, "dataset.workers=0", "train.epochs=2", "train.print_freq=20"]
+    args = [*RUN, *TWO_PROCS, "dataset.train_size=640", "dataset.workers=0", "train.epochs=2",
+            "train.print_freq=20"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     proc = run_cli(*args, f"hydra.run.dir={straight}")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -209,7 +211,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(one_epoch_run: Pa
 
 
 @pytest.mark.parametrize("change,fragment", [("model=resnet34", "arch=resnet18"),
-                                             ("train.batch_size=32", "global_batch_size=64"),
+                                             ("train.batch_size=32", "global_batch_size=16"),
                                              ("dataset.num_classes=5", "num_classes=10")])
 def test_mismatched_resume_is_refused(one_epoch_run: Path, tmp_path: Path, change: str,
                                       fragment: str) -> None:
