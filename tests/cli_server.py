@@ -10,13 +10,15 @@ the interpreter's own, a traceback included. What it skips is only the import of
 `python run.py` would import anyway.
 
 Protocol, one JSON line each way on stdin/stdout: {"op": "start", "argv", "cwd", "env", "stdout",
-"stderr"} answered {"pid"}; {"op": "wait", "pid", "timeout"} answered {"returncode"} or
+"stderr", "max_file_bytes"} answered {"pid"}; {"op": "wait", "pid", "timeout"} answered {"returncode"} or
 {"running": true}. When stdin closes, the server kills what still runs and exits.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import resource
 import runpy
 import signal
 import sys
@@ -45,10 +47,24 @@ def _child(request: dict) -> None:
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
     sys.path[0] = str(REPO)  # as for `python run.py`: the script's folder first
+    _python_path(request["env"].get("PYTHONPATH", ""))
+    if request.get("max_file_bytes"):  # a full disk: writes past the limit fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (request["max_file_bytes"],) * 2)
     sys.argv = [RUN_PY, *request["argv"]]
     signal.signal(signal.SIGINT, signal.default_int_handler)
     runpy.run_path(RUN_PY, run_name="__main__")
     sys.exit(0)  # run.py returned: the interpreter's exit code is 0
+
+
+def _python_path(python_path: str) -> None:
+    """What Python's start does with a PYTHONPATH the server was not started with: its folders
+    go after the script's, and site imports a sitecustomize found there."""
+    added = [folder for folder in python_path.split(os.pathsep) if folder and folder not in sys.path]
+    sys.path[1:1] = added
+    if any(os.path.exists(os.path.join(folder, "sitecustomize.py")) for folder in added):
+        sys.modules.pop("sitecustomize", None)
+        importlib.import_module("sitecustomize")
 
 
 def _wait(pid: int, timeout: float) -> dict:

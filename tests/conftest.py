@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import resource
 import shutil
 import signal
 import subprocess
@@ -120,13 +121,15 @@ class CliProcess:
     """A `python run.py` forked by tests/cli_server.py, used as a subprocess.Popen is: pid (also
     its process group's), poll, wait, send_signal, kill, communicate; text stdout and stderr."""
 
-    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str],
+                 max_file_bytes: int | None = None) -> None:
         self.args = [sys.executable, str(REPO / "run.py"), *argv]
         self.returncode: int | None = None
         self._out = Path(tempfile.mkdtemp(prefix="run_cli"))
         self.pid = _SERVER.ask({"op": "start", "argv": argv, "cwd": str(cwd), "env": env,
                                 "stdout": str(self._out / "stdout"),
-                                "stderr": str(self._out / "stderr")})["pid"]
+                                "stderr": str(self._out / "stderr"),
+                                "max_file_bytes": max_file_bytes})["pid"]
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
@@ -170,24 +173,33 @@ FRESH_PYTHON = os.environ.get("IMGTRAIN_TESTS_FRESH_PYTHON") == "1"
 
 
 def start_cli(*overrides: str, cwd: Path | None = None, env: dict | None = None,
-              fresh: bool = False) -> subprocess.Popen | CliProcess:
+              fresh: bool = False, max_file_bytes: int | None = None) -> subprocess.Popen | CliProcess:
     """`python run.py ...` as a user types it, started: its own process (and process group),
     argv, working directory, environment, stdout, stderr and exit code. It is forked from
     tests/cli_server.py, which has imported run.py's modules already (about 8 s a run saved),
-    unless `fresh`, or the environment changes what Python imports (PYTHONPATH), or
-    IMGTRAIN_TESTS_FRESH_PYTHON=1: then it is a new `python run.py`."""
+    unless `fresh`, or the environment sets a PYTHON* variable other than PYTHONPATH (which the
+    server applies as Python's start does), or IMGTRAIN_TESTS_FRESH_PYTHON=1: then it is a new
+    `python run.py`. `max_file_bytes` makes it a full disk: no file grows past that size."""
     full_env = {**os.environ, **(env or {})}
-    if fresh or FRESH_PYTHON or any(key.startswith("PYTHON") for key in env or {}):
+    if fresh or FRESH_PYTHON or any(key.startswith("PYTHON") and key != "PYTHONPATH"
+                                    for key in env or {}):
         return subprocess.Popen([sys.executable, str(REPO / "run.py"), *overrides],
                                 cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=full_env, start_new_session=True)
-    return CliProcess(list(overrides), cwd or REPO, full_env)
+                                text=True, env=full_env, start_new_session=True,
+                                preexec_fn=max_file_bytes and (lambda: _full_disk(max_file_bytes)))
+    return CliProcess(list(overrides), cwd or REPO, full_env, max_file_bytes)
+
+
+def _full_disk(max_file_bytes: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
 
 def run_cli(*overrides: str, cwd: Path | None = None, timeout: float = 300,
-            env: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+            env: dict | None = None, fresh: bool = False,
+            max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
     """start_cli's run to its end, as subprocess.run: killed with its ranks past `timeout`."""
-    proc = start_cli(*overrides, cwd=cwd, env=env, fresh=fresh)
+    proc = start_cli(*overrides, cwd=cwd, env=env, fresh=fresh, max_file_bytes=max_file_bytes)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

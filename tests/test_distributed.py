@@ -221,11 +221,10 @@ def test_a_run_stopped_on_two_processes_resumes_on_one_seeing_each_sample_once(
     run_dir, first, second = tmp_path / "run", tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get(
-        "PYTHONPATH", "")]), "IMGTRAIN_TEST_TRACE": str(first)}
-    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *FORKED, "train.epochs=2",
-                             "dataset.workers=0", f"hydra.run.dir={run_dir}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "IMGTRAIN_TEST_TRACE": str(first)}
+    proc = start_cli(*FORKED, "train.epochs=2", "dataset.workers=0", f"hydra.run.dir={run_dir}",
+                     env=env)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not re.search(
             r"epoch 2 \[4/16\]", (run_dir / "train.log").read_text()

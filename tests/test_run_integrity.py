@@ -100,16 +100,18 @@ def test_a_schedule_built_at_a_step_continues_with_this_runs_lr() -> None:
 
 
 # ---- divergence versus a step the loss scaler skipped --------------------------------------
-def _trainer(compose: Any, tmp_path: Path, precision: Precision | None = None) -> Any:
+def _trainer(compose: Any, tmp_path: Path, precision: Precision | None = None,
+             *overrides: str) -> Any:
     from imgtrain.data import build_loaders
     from imgtrain.models import build_model
     from imgtrain.worker import _build_trainer
 
-    config = app.resolve(compose(*SMALL, "train.save_checkpoints=false"), [])
+    config = app.resolve(compose(*SMALL, "train.save_checkpoints=false", *overrides), [])
     app.check(config)
     device = DeviceInfo("cpu")
     torch.manual_seed(0)
-    loaders = build_loaders(config["dataset"], 16, 0, 1, 1, 0, accelerator=False)
+    loaders = build_loaders(config["dataset"], config["train"]["batch_size"], 0, 1, 1, 0,
+                            accelerator=False)
     precision = precision or Precision.from_config(config["amp"], device)
     model = build_model("resnet18", loaders.num_classes)
     return _build_trainer(config, tmp_path, World(), device, NullLogger(), loaders, precision,
@@ -130,7 +132,9 @@ def _loss_not_finite_at_step(trainer: Any, bad_step: int) -> None:
 
 def test_a_step_the_scaler_skipped_does_not_fail_the_epoch(compose: Any, tmp_path: Path) -> None:
     # O2 with a static scale skips a step whose gradients are not finite (torch's GradScaler).
-    trainer = _trainer(compose, tmp_path, Precision("O2", torch.bfloat16, 128.0, DeviceInfo("cpu")))
+    # Three steps of 4 images: a bfloat16 step of 16 costs ~4 s on a CPU without bf16 units.
+    trainer = _trainer(compose, tmp_path, Precision("O2", torch.bfloat16, 128.0, DeviceInfo("cpu")),
+                       "train.batch_size=4", "dataset.train_size=12")
     _loss_not_finite_at_step(trainer, bad_step=2)
     metrics = trainer.train_epoch(0)
     assert math.isfinite(metrics["loss"])  # the skipped step is left out of the epoch's loss
