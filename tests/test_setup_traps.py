@@ -86,7 +86,7 @@ def test_batch_pool_falls_back_with_one_warning_where_dev_shm_is_small(
 
 def test_several_nodes_need_a_master_port():
     world = {"nproc_per_node": 1, "nnodes": 2, "node_rank": 1, "master_addr": "node0",
-             "master_port": None}
+             "master_port": None, "start_method": "spawn"}
     with pytest.raises(ConfigError, match=r"world.nnodes=2 needs world.master_port") as info:
         distributed.check_world(world, "cpu", 2)
     assert "\n" not in str(info.value)
