@@ -171,6 +171,18 @@ def test_unknown_key_or_group_option_fails(tmp_path: Path) -> None:
     assert_clean_error(proc, "resnet7", "resnet18")
 
 
+def test_an_override_hydra_cannot_read_is_named_with_the_fix(tmp_path: Path) -> None:
+    weights = "runs/10-00-00_lr=0.1/checkpoints/best.pt"  # another tool's folder, with an =
+    proc = run_cli("experiment=quickstart", "mode=eval", f"model.weights={weights}",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert_clean_error(proc, f"cannot read the override model.weights={weights}",
+                       "mismatched input '='", "needs quotes", '"model.weights=\'...\'"')
+    quoted = run_cli("experiment=quickstart", "mode=eval", f"model.weights='{weights}'",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    assert_clean_error(quoted, weights, "not found")  # read now: it names the missing file
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_file_that_is_not_an_image_is_named_without_python_internals(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "data", num_classes=2, per_class=8, val_per_class=2)
     victim = sorted((root / "train" / "class_1").iterdir())[0]

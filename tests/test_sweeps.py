@@ -52,7 +52,7 @@ def test_each_job_is_a_complete_run_in_a_folder_named_by_its_overrides(lr_sweep:
     jobs = job_dirs(lr_sweep)
     assert len(jobs) == 2, [job.name for job in jobs]
     for job, lr in zip(jobs, ("0.1", "0.2")):
-        assert f"optim.lr={lr}" in job.name and "/" not in job.name
+        assert f"optim.lr-{lr}" in job.name and "/" not in job.name and "=" not in job.name
         results = read_results(job)
         assert results["status"] == "completed" and results["epochs_completed"] == 1
         assert results["lr"] == float(lr) and f"optim.lr={lr}" in results["overrides"]

@@ -1,4 +1,6 @@
 """imgtrain: Hydra-configured ResNet training on Ascend NPUs, NVIDIA GPUs and CPUs."""
+import re
+
 from omegaconf import OmegaConf
 
 from imgtrain import config as _config, records as _records
@@ -6,10 +8,16 @@ from imgtrain import config as _config, records as _records
 __version__ = "0.1.0"
 
 
+# A run's folder is pasted back into overrides (hydra.run.dir=..., model.weights=.../best.pt), where
+# Hydra's grammar reads = , [ ] ( ) { } ' " : and spaces as syntax: a name keeps none of them.
+_NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_.+@%-]")
+
+
 def job_dirname(overrides: str) -> str:
-    """A sweep job's folder name from its overrides: no path separators, at most 160 characters."""
-    name = overrides.replace("/", "_").replace("\\", "_") or "default"
-    return name[:160]
+    """A run's or sweep job's folder name from its overrides, `key-value+key-value`: nothing a
+    path or an unquoted override would misread, at most 160 characters."""
+    name = overrides.replace("=", "-").replace(",", "+")
+    return (_NOT_IN_A_NAME.sub("_", name) or "default")[:160]
 
 
 def run_name(overrides: str, arch: str, dataset: str) -> str:

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any, Callable, Iterator
 
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -64,6 +64,23 @@ def config_error_line(exc: BaseException) -> str:
     if options:
         parts[-1] += ": " + ", ".join(options)
     return "; ".join(parts) or type(exc).__name__
+
+
+def override_error_line(exc: OverrideParseException, argv: list[str]) -> str:
+    """Hydra's parse error ("mismatched input '=' expecting <EOF>") names neither the argument
+    nor the fix; the usual cause is a path with = or , in it, such as another tool's run folder."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    reason = str(exc).strip().splitlines()[0]
+    parser = OverridesParser.create()
+    for argument in (a for a in argv if "=" in a and not a.startswith("-")):
+        try:
+            parser.parse_overrides([argument])
+        except HydraException:
+            key = argument.split("=", 1)[0]
+            return (f"cannot read the override {argument} ({reason}): a value with = , [ ] ( ) "
+                    f"or {{ }} in it needs quotes, as in \"{key}='...'\"")
+    return config_error_line(exc)
 
 
 class _OneLineJobErrors:
@@ -135,7 +152,8 @@ def run_main(main: Callable[[], Any]) -> None:
         try:
             main()
         except (HydraException, OmegaConfBaseException) as exc:
-            message = config_error_line(exc)
+            message = (override_error_line(exc, sys.argv[1:])
+                       if isinstance(exc, OverrideParseException) else config_error_line(exc))
             sys.stderr.write(message if message.startswith("error: ") else f"error: {message}")
             sys.stderr.write("\n")
             sys.exit(1)
