@@ -49,8 +49,8 @@ def test_cifar10_pickles_train_well_above_chance(cifar_root: Path, tmp_path: Pat
 def test_quickstart_writes_results_and_tensorboard_tags(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    proc = run_cli("experiment=quickstart", "dataset.train_size=640", "train.epochs=2",
-                   "train.save_checkpoints=false",
+    proc = run_cli("experiment=quickstart", "dataset.train_size=256", "dataset.val_size=128",
+                   "train.epochs=2", "train.print_freq=2", "train.save_checkpoints=false",
                    f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     results = read_results(tmp_path)
