@@ -10,8 +10,8 @@ the interpreter's own, a traceback included. What it skips is only the import of
 `python run.py` would import anyway.
 
 Protocol, one JSON line each way on stdin/stdout: {"op": "start", "argv", "cwd", "env", "stdout",
-"stderr", "max_file_bytes"} answered {"pid"}; {"op": "wait", "pid", "timeout"} answered {"returncode"} or
-{"running": true}. When stdin closes, the server kills what still runs and exits.
+"stderr", "max_file_bytes"} answered {"pid"}; {"op": "wait", "pid", "timeout"} answered
+{"returncode"} or {"running": true}. When stdin closes, the server kills what still runs and exits.
 """
 from __future__ import annotations
 

@@ -125,6 +125,7 @@ class CliProcess:
                  max_file_bytes: int | None = None) -> None:
         self.args = [sys.executable, str(REPO / "run.py"), *argv]
         self.returncode: int | None = None
+        self._output = ("", "")
         self._out = Path(tempfile.mkdtemp(prefix="run_cli"))
         self.pid = _SERVER.ask({"op": "start", "argv": argv, "cwd": str(cwd), "env": env,
                                 "stdout": str(self._out / "stdout"),
@@ -138,6 +139,8 @@ class CliProcess:
             if reply.get("running"):
                 raise subprocess.TimeoutExpired(self.args, timeout)
             self.returncode = reply["returncode"]
+            self._output = self._read()  # kept in memory: its folder goes now, read or not
+            shutil.rmtree(self._out, ignore_errors=True)
         return self.returncode
 
     def poll(self) -> int | None:
@@ -159,9 +162,7 @@ class CliProcess:
         except subprocess.TimeoutExpired as exc:
             exc.output, exc.stderr = self._read()
             raise
-        output = self._read()
-        shutil.rmtree(self._out, ignore_errors=True)
-        return output
+        return self._output
 
     def _read(self) -> tuple[str, str]:
         return tuple((self._out / name).read_text(errors="replace") if (self._out / name).exists()
@@ -173,15 +174,15 @@ FRESH_PYTHON = os.environ.get("IMGTRAIN_TESTS_FRESH_PYTHON") == "1"
 
 
 def start_cli(*overrides: str, cwd: Path | None = None, env: dict | None = None,
-              fresh: bool = False, max_file_bytes: int | None = None) -> subprocess.Popen | CliProcess:
+              max_file_bytes: int | None = None) -> subprocess.Popen | CliProcess:
     """`python run.py ...` as a user types it, started: its own process (and process group),
     argv, working directory, environment, stdout, stderr and exit code. It is forked from
     tests/cli_server.py, which has imported run.py's modules already (about 8 s a run saved),
-    unless `fresh`, or the environment sets a PYTHON* variable other than PYTHONPATH (which the
-    server applies as Python's start does), or IMGTRAIN_TESTS_FRESH_PYTHON=1: then it is a new
+    unless the environment sets a PYTHON* variable other than PYTHONPATH (which the server
+    applies as Python's start does), or IMGTRAIN_TESTS_FRESH_PYTHON=1: then it is a new
     `python run.py`. `max_file_bytes` makes it a full disk: no file grows past that size."""
     full_env = {**os.environ, **(env or {})}
-    if fresh or FRESH_PYTHON or any(key.startswith("PYTHON") and key != "PYTHONPATH"
+    if FRESH_PYTHON or any(key.startswith("PYTHON") and key != "PYTHONPATH"
                                     for key in env or {}):
         return subprocess.Popen([sys.executable, str(REPO / "run.py"), *overrides],
                                 cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -196,10 +197,10 @@ def _full_disk(max_file_bytes: int) -> None:
 
 
 def run_cli(*overrides: str, cwd: Path | None = None, timeout: float = 300,
-            env: dict | None = None, fresh: bool = False,
+            env: dict | None = None,
             max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
     """start_cli's run to its end, as subprocess.run: killed with its ranks past `timeout`."""
-    proc = start_cli(*overrides, cwd=cwd, env=env, fresh=fresh, max_file_bytes=max_file_bytes)
+    proc = start_cli(*overrides, cwd=cwd, env=env, max_file_bytes=max_file_bytes)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -141,9 +141,9 @@ def test_master_port_in_use_is_refused(tmp_path: Path) -> None:
 
 def test_start_method_is_checked_and_fork_is_for_cpu_ranks(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    proc = run_cli(*TWO_PROCS, "world.start_method=thread", f"hydra.run.dir={tmp_path}")
+    proc = run_cli(*TWO_PROCS, "world.start_method=thread", f"hydra.run.dir={tmp_path / 'run'}")
     assert_clean_error(proc, "world.start_method=thread", "spawn, fork, forkserver")
-    assert not tmp_path.exists()
+    assert not (tmp_path / "run").exists()
     world = {"nproc_per_node": 1, "nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1",
              "master_port": None, "start_method": "fork"}
     distributed.check_world(world, "cpu", 256)
