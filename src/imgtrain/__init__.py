@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 
 # A run's folder is pasted back into overrides (hydra.run.dir=..., model.weights=.../best.pt), where
-# Hydra's grammar reads = , [ ] ( ) { } ' " : and spaces as syntax: a name keeps none of them.
+# Hydra's grammar reads = , [ ] ( ) { } and quote marks as syntax (and a shell splits at spaces):
+# a name keeps letters, digits and _ . + @ % - only.
 _NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_.+@%-]")
 
 
