@@ -22,8 +22,8 @@ SYNTH = ["experiment=quickstart", "device=cpu", "train.print_freq=4", "dataset.v
          "dataset.noise=1.0"]  # the easy task: 32 steps reach well above chance
 TWO_PROCS = ["world=8p", "world.nproc_per_node=2", *SYNTH]
 # The other multi-process tests fork their CPU ranks (world.start_method=fork): the same training,
-# without each rank importing torch again. The launch, crash and restart paths of the default,
-# spawn, are run by two_process_run, test_a_crashing_worker... and the torchrun test.
+# without each rank importing torch again. Spawn, the default, still starts the ranks of
+# two_process_run, test_a_crashing_worker..., the multi-process sweep job and the torchrun test.
 FORKED = [*TWO_PROCS, "world.start_method=fork"]
 
 pytestmark = pytest.mark.slow
@@ -69,8 +69,8 @@ def test_two_machines_on_loopback_train_one_model(tmp_path: Path) -> None:
     common = [*SYNTH, "world=8p", "world.nproc_per_node=1", "world.start_method=fork",
               "world.nnodes=2", "world.master_addr=127.0.0.1", f"world.master_port={port}",
               "train.epochs=1"]
-    nodes = [start_cli(*common, f"world.node_rank={rank}", f"hydra.run.dir={tmp_path / f'node{rank}'}")
-             for rank in (0, 1)]
+    nodes = [start_cli(*common, f"world.node_rank={rank}",
+                       f"hydra.run.dir={tmp_path / f'node{rank}'}") for rank in (0, 1)]
     outputs = ["".join(node.communicate(timeout=240)) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     written = [read_results(tmp_path / f"node{r}") for r in (0, 1)
