@@ -60,7 +60,8 @@ def _child(request: dict) -> None:
 def _python_path(python_path: str) -> None:
     """What Python's start does with a PYTHONPATH the server was not started with: its folders
     go after the script's, and site imports a sitecustomize found there."""
-    added = [folder for folder in python_path.split(os.pathsep) if folder and folder not in sys.path]
+    added = [folder for folder in python_path.split(os.pathsep)
+             if folder and folder not in sys.path]
     sys.path[1:1] = added
     if any(os.path.exists(os.path.join(folder, "sitecustomize.py")) for folder in added):
         sys.modules.pop("sitecustomize", None)
