@@ -19,7 +19,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from imgtrain.distributed import started_by_torchrun
 
 RECORD = ".hydra"
 # What a command writes once training has started (train.log only then: its handler opens lazily).
@@ -33,6 +32,10 @@ def record_subdir(output_dir: str, node_rank: int = 0) -> str | None:
     than the first and on ranks above 0 of an external torchrun launch: they share the directory
     with global rank 0, which keeps the record. Resolved once per directory (Hydra reads it twice).
     """
+    # Here, not at the top: distributed imports torch, which `python -m imgtrain.report` (it
+    # imports this package) does not need, 3 s of its start.
+    from imgtrain.distributed import started_by_torchrun
+
     if int(node_rank) != 0 or (started_by_torchrun() and os.environ["RANK"] != "0"):
         return None
     if output_dir not in _chosen:
