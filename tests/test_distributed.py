@@ -23,7 +23,7 @@ SYNTH = ["experiment=quickstart", "device=cpu", "train.print_freq=4", "dataset.v
 TWO_PROCS = ["world=8p", "world.nproc_per_node=2", *SYNTH]
 # The other multi-process tests fork their CPU ranks (world.start_method=fork): the same training,
 # without each rank importing torch again. Spawn, the default, still starts the ranks of
-# two_process_run, test_a_crashing_worker..., the multi-process sweep job and the torchrun test.
+# two_process_run and test_a_crashing_worker...; torchrun starts its own.
 FORKED = [*TWO_PROCS, "world.start_method=fork"]
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def test_two_machines_on_loopback_train_one_model(tmp_path: Path) -> None:
     port = distributed.free_port()
     common = [*SYNTH, "world=8p", "world.nproc_per_node=1", "world.start_method=fork",
               "world.nnodes=2", "world.master_addr=127.0.0.1", f"world.master_port={port}",
-              "train.epochs=1"]
+              "train.epochs=1", "dataset.train_size=128"]  # 4 steps: what is checked is who writes
     nodes = [start_cli(*common, f"world.node_rank={rank}",
                        f"hydra.run.dir={tmp_path / f'node{rank}'}") for rank in (0, 1)]
     outputs = ["".join(node.communicate(timeout=240)) for node in nodes]
@@ -110,8 +110,9 @@ def test_a_crashing_worker_brings_the_run_down_without_hanging(tmp_path: Path) -
 def test_max_restarts_restarts_a_dead_worker_and_resumes(tmp_path: Path) -> None:
     marker = tmp_path / "fault-fired"
     run_dir = tmp_path / "run"
-    # 16 steps per epoch: the fault hits in epoch 2, after epoch 1's checkpoint.
-    proc = run_cli(*FORKED, "train.epochs=2", "world.max_restarts=1", "train.fault_at_step=20",
+    # 8 steps per epoch: the fault hits in epoch 2, after epoch 1's checkpoint.
+    proc = run_cli(*FORKED, "dataset.train_size=256", "train.epochs=2", "world.max_restarts=1",
+                   "train.fault_at_step=10",
                    f"train.fault_once_file={marker}", f"hydra.run.dir={run_dir}", timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert marker.exists()
@@ -223,27 +224,30 @@ def test_a_run_stopped_on_two_processes_resumes_on_one_seeing_each_sample_once(
     second.mkdir()
     env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
            "IMGTRAIN_TEST_TRACE": str(first)}
-    proc = start_cli(*FORKED, "train.epochs=2", "dataset.workers=0", f"hydra.run.dir={run_dir}",
-                     env=env)
+    # 8 steps an epoch, agreed on every 2: a stop after step 2 of epoch 2 lands inside it.
+    size = "dataset.train_size=256"
+    every_2 = [arg for arg in FORKED if not arg.startswith("train.print_freq=")]
+    proc = start_cli(*every_2, "train.print_freq=2", size, "train.epochs=2", "dataset.workers=0",
+                     f"hydra.run.dir={run_dir}", env=env)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not re.search(
-            r"epoch 2 \[4/16\]", (run_dir / "train.log").read_text()
+            r"epoch 2 \[2/8\]", (run_dir / "train.log").read_text()
             if (run_dir / "train.log").exists() else ""):
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 143, stderr[-3000:]
 
-    again = run_cli("world=1p", *SYNTH, "train.epochs=2", "dataset.workers=0",
+    again = run_cli("world=1p", *SYNTH, size, "train.epochs=2", "dataset.workers=0",
                     f"hydra.run.dir={run_dir}", env={**env, "IMGTRAIN_TEST_TRACE": str(second)})
     assert again.returncode == 0, again.stderr[-3000:]
     assert read_results(run_dir)["epochs_completed"] == 2
 
     per_rank = [[int(i) for i in (first / f"rank{r}.txt").read_text().split()] for r in (0, 1)]
     resumed = [int(i) for i in (second / "rank0.txt").read_text().split()]
-    epoch_per_rank = 512 // 2
+    epoch_per_rank = 256 // 2
     epoch1 = per_rank[0][:epoch_per_rank] + per_rank[1][:epoch_per_rank]
     epoch2 = per_rank[0][epoch_per_rank:] + per_rank[1][epoch_per_rank:] + resumed
     assert 0 < len(per_rank[0]) - epoch_per_rank < epoch_per_rank  # stopped inside epoch 2
-    assert sorted(epoch1) == list(range(512))
-    assert sorted(epoch2) == list(range(512))  # each sample exactly once across the two runs
+    assert sorted(epoch1) == list(range(256))
+    assert sorted(epoch2) == list(range(256))  # each sample exactly once across the two runs

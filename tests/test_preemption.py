@@ -150,16 +150,16 @@ def test_weights_that_are_not_finite_are_never_checkpointed(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_a_stop_on_an_epochs_last_step_finishes_the_epoch_then_resumes_exactly(
         tmp_path: Path) -> None:
-    # print_freq = the epoch's 20 steps: two processes agree on a stop only at the epoch's last step.
-    args = [*RUN, *TWO_PROCS, "dataset.train_size=640", "dataset.workers=0", "train.epochs=2",
-            "train.print_freq=20"]
+    # print_freq = the epoch's 16 steps: two processes agree on a stop only at the epoch's last step.
+    args = [*RUN, *TWO_PROCS, "dataset.train_size=512", "dataset.workers=0", "train.epochs=2",
+            "train.print_freq=16"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     proc = run_cli(*args, f"hydra.run.dir={straight}")
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     proc = _start(args, stopped)
     _wait_for_running(proc, stopped)
-    time.sleep(1.0)  # the signal handlers are in place; the epoch takes several seconds
+    time.sleep(0.5)  # every rank's signal handlers are in place; the epoch takes seconds more
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 143, stderr[-3000:]
