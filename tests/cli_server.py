@@ -33,7 +33,8 @@ RUN_PY = str(REPO / "run.py")
 sys.path.insert(0, str(REPO))
 
 # What any run imports, at module level or lazily. Nothing here runs an op (see serve()).
-import run  # noqa: E402,F401  hydra, imgtrain.app and everything it imports
+import run  # noqa: E402,F401  hydra and imgtrain's config
+import imgtrain.app  # noqa: E402,F401  what run.py's main imports: torch, torchvision, ...
 import imgtrain.worker  # noqa: E402,F401  the trainer, models, data, TensorBoard's writer
 import torchvision.transforms.v2  # noqa: E402,F401
 
