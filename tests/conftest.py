@@ -1,6 +1,7 @@
 """Shared fixtures: real generated data (JPEG folders, CIFAR-10 pickles) and a `python run.py` runner."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -122,14 +123,14 @@ class CliProcess:
     its process group's), poll, wait, send_signal, kill, communicate; text stdout and stderr."""
 
     def __init__(self, argv: list[str], cwd: Path, env: dict[str, str],
-                 max_file_bytes: int | None = None) -> None:
+                 max_file_bytes: int | None = None, terminal: str | None = None) -> None:
         self.args = [sys.executable, str(REPO / "run.py"), *argv]
         self.returncode: int | None = None
         self._output = ("", "")
         self._out = Path(tempfile.mkdtemp(prefix="run_cli"))
         self.pid = _SERVER.ask({"op": "start", "argv": argv, "cwd": str(cwd), "env": env,
-                                "stdout": str(self._out / "stdout"),
-                                "stderr": str(self._out / "stderr"),
+                                "stdout": terminal or str(self._out / "stdout"),
+                                "stderr": terminal or str(self._out / "stderr"),
                                 "max_file_bytes": max_file_bytes})["pid"]
 
     def wait(self, timeout: float | None = None) -> int:
@@ -174,21 +175,26 @@ FRESH_PYTHON = os.environ.get("IMGTRAIN_TESTS_FRESH_PYTHON") == "1"
 
 
 def start_cli(*overrides: str, cwd: Path | None = None, env: dict | None = None,
-              max_file_bytes: int | None = None) -> subprocess.Popen | CliProcess:
+              max_file_bytes: int | None = None,
+              terminal: str | None = None) -> subprocess.Popen | CliProcess:
     """`python run.py ...` as a user types it, started: its own process (and process group),
     argv, working directory, environment, stdout, stderr and exit code. It is forked from
     tests/cli_server.py, which has imported run.py's modules already (about 8 s a run saved),
     unless the environment sets a PYTHON* variable other than PYTHONPATH (which the server
     applies as Python's start does), or IMGTRAIN_TESTS_FRESH_PYTHON=1: then it is a new
-    `python run.py`. `max_file_bytes` makes it a full disk: no file grows past that size."""
+    `python run.py`. `max_file_bytes` makes it a full disk: no file grows past that size.
+    `terminal` (a pseudo-terminal's device path) takes its stdout and stderr instead of pipes."""
     full_env = {**os.environ, **(env or {})}
     if FRESH_PYTHON or any(key.startswith("PYTHON") and key != "PYTHONPATH"
                                     for key in env or {}):
-        return subprocess.Popen([sys.executable, str(REPO / "run.py"), *overrides],
-                                cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=full_env, start_new_session=True,
-                                preexec_fn=max_file_bytes and (lambda: _full_disk(max_file_bytes)))
-    return CliProcess(list(overrides), cwd or REPO, full_env, max_file_bytes)
+        output = open(terminal, "w") if terminal else subprocess.PIPE
+        with contextlib.nullcontext() if output == subprocess.PIPE else output:
+            return subprocess.Popen([sys.executable, str(REPO / "run.py"), *overrides],
+                                    cwd=cwd or REPO, stdout=output, stderr=output, text=True,
+                                    env=full_env, start_new_session=True,
+                                    preexec_fn=max_file_bytes and (
+                                        lambda: _full_disk(max_file_bytes)))
+    return CliProcess(list(overrides), cwd or REPO, full_env, max_file_bytes, terminal)
 
 
 def _full_disk(max_file_bytes: int) -> None:

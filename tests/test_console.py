@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, SHORT
+from conftest import REPO, SHORT, start_cli
 from imgtrain import memory
 
 PLAIN_LINE = re.compile(r"^epoch 1 \[(\d)/4\] loss [\d.]+ acc1 [\d.]+ img/s [\d.]+ lr [\d.]+ "
@@ -28,11 +28,10 @@ SUMMARY_KEYS = ("model      resnet18", "data       synthetic: 256 train / 128 va
 def run_in_terminal(*overrides: str, timeout: float = 300) -> str:
     """`python run.py ...` with stdout on a pseudo-terminal, as in an interactive shell."""
     leader, follower = pty.openpty()
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "160"}
-    env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *overrides], cwd=REPO,
-                            stdin=follower, stdout=follower, stderr=follower, env=env)
-    os.close(follower)
+    env = {"TERM": "xterm-256color", "COLUMNS": "160"}
+    if "NO_COLOR" in os.environ:
+        env["NO_COLOR"] = ""  # empty: unset, for rich (the variable cannot be removed here)
+    proc = start_cli(*overrides, env=env, terminal=os.ttyname(follower))
     chunks, deadline = [], time.time() + timeout
     while time.time() < deadline:
         ready, _, _ = select.select([leader], [], [], 0.5)
@@ -47,6 +46,7 @@ def run_in_terminal(*overrides: str, timeout: float = 300) -> str:
         elif proc.poll() is not None:
             break
     os.close(leader)
+    os.close(follower)  # held open until here: the run opens the terminal by its path
     assert proc.wait(timeout=30) == 0, b"".join(chunks).decode(errors="replace")
     return b"".join(chunks).decode(errors="replace")
 
