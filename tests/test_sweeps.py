@@ -12,13 +12,14 @@ import yaml
 
 from conftest import TINY, read_results, run_cli
 
-# Quickstart, shrunk: one short epoch of 32 px images per job.
+# Quickstart, shrunk: one short epoch of 32 px images per job, 2 steps of 16.
 QUICK = ["experiment=quickstart", *TINY, "train.epochs=1", "dataset.train_size=256",
-         "dataset.val_size=64", "dataset.image_size=32", "train.steps_per_epoch=2"]
+         "dataset.val_size=64", "dataset.image_size=32", "train.steps_per_epoch=2",
+         "train.batch_size=16"]
 # Every override key (the swept optim.lr among them), then the main settings by config key.
 OVERRIDE_KEYS = {"experiment", "device", "amp", "model", "train.print_freq", "dataset.workers",
                  "train.epochs", "dataset.train_size", "dataset.val_size", "dataset.image_size",
-                 "train.steps_per_epoch", "optim.lr"}
+                 "train.steps_per_epoch", "train.batch_size", "optim.lr"}
 HPARAM_NAMES = OVERRIDE_KEYS | {"model.arch", "dataset.name", "world_size", "train.batch_size",
                                 "optim.weight_decay", "sched.name", "sched.warmup_epochs",
                                 "amp.level"}
@@ -87,7 +88,7 @@ def test_hparams_are_in_each_runs_own_event_file(lr_sweep: Path) -> None:
         assert hparams["amp"].string_value == "O0" and hparams["amp.level"].string_value == "O0"
         assert hparams["device"].string_value == "cpu" and hparams["world_size"].number_value == 1
         assert hparams["train.epochs"].number_value == 1
-        assert hparams["train.batch_size"].number_value == 64
+        assert hparams["train.batch_size"].number_value == 16
         # The overrides lead the HParams table: TensorBoard sorts differing columns first.
         infos = data["experiment"].hparam_infos
         assert {info.name for info in infos if info.differs} == OVERRIDE_KEYS
