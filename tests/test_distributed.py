@@ -182,7 +182,8 @@ def test_an_external_torchrun_launch_uses_one_run_directory(tmp_path: Path) -> N
     # One validation image: rank 1 has no validation batch, so evaluation must not need it.
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(REPO / "run.py"), *SYNTH, "train.epochs=1", "dataset.val_size=1",
+         str(REPO / "run.py"), *SYNTH, "train.epochs=1", "dataset.train_size=128",  # 4 steps
+         "dataset.val_size=1",
          "hydra.run.dir=outputs/run-${imgtrain.now:%H-%M-%S-%f}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -150,9 +150,9 @@ def test_weights_that_are_not_finite_are_never_checkpointed(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_a_stop_on_an_epochs_last_step_finishes_the_epoch_then_resumes_exactly(
         tmp_path: Path) -> None:
-    # print_freq = the epoch's 16 steps: two processes agree on a stop only at the epoch's last step.
-    args = [*RUN, *TWO_PROCS, "dataset.train_size=512", "dataset.workers=0", "train.epochs=2",
-            "train.print_freq=16"]
+    # print_freq = the epoch's 8 steps: two processes agree on a stop only at the epoch's last step.
+    args = [*RUN, *TWO_PROCS, "dataset.train_size=256", "dataset.workers=0", "train.epochs=2",
+            "train.print_freq=8"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     proc = run_cli(*args, f"hydra.run.dir={straight}")
     assert proc.returncode == 0, proc.stderr[-2000:]
