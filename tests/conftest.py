@@ -187,8 +187,7 @@ def start_cli(*overrides: str, cwd: Path | None = None, env: dict | None = None,
     full_env = {**os.environ, **(env or {})}
     if FRESH_PYTHON or any(key.startswith("PYTHON") and key != "PYTHONPATH"
                                     for key in env or {}):
-        output = open(terminal, "w") if terminal else subprocess.PIPE
-        with contextlib.nullcontext() if output == subprocess.PIPE else output:
+        with open(terminal, "w") if terminal else contextlib.nullcontext(subprocess.PIPE) as output:
             return subprocess.Popen([sys.executable, str(REPO / "run.py"), *overrides],
                                     cwd=cwd or REPO, stdout=output, stderr=output, text=True,
                                     env=full_env, start_new_session=True,
