@@ -24,6 +24,7 @@ import resource
 import runpy
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ def _child(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    tempfile.tempdir = None  # found again from this environment's TMPDIR, as a new process does
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):

@@ -109,13 +109,16 @@ def test_a_crashing_worker_brings_the_run_down_without_hanging(tmp_path: Path) -
 
 def test_max_restarts_restarts_a_dead_worker_and_resumes(tmp_path: Path) -> None:
     marker = tmp_path / "fault-fired"
-    run_dir = tmp_path / "run"
+    run_dir, temp = tmp_path / "run", tmp_path / "temp"
+    temp.mkdir()
     # 8 steps per epoch: the fault hits in epoch 2, after epoch 1's checkpoint.
     proc = run_cli(*FORKED, "dataset.train_size=256", "train.epochs=2", "world.max_restarts=1",
                    "train.fault_at_step=10",
-                   f"train.fault_once_file={marker}", f"hydra.run.dir={run_dir}", timeout=300)
+                   f"train.fault_once_file={marker}", f"hydra.run.dir={run_dir}", timeout=300,
+                   env={"TMPDIR": str(temp)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert marker.exists()
+    assert not list(temp.glob("torchelastic_*"))  # the agent's files went with the launch
     assert "resuming from" in (run_dir / "train.log").read_text()
     results = read_results(run_dir)
     assert results["status"] == "completed" and results["epochs_completed"] == 2

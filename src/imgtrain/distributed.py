@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import socket
+import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -154,10 +155,19 @@ def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], outpu
     world_cfg = config["world"]
     if started_by_torchrun() or planned_world_size(world_cfg) == 1:
         return entrypoint(config, output_dir)
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    # The agent's per-rank files (error.json) go to a folder removed after the launch: left to
+    # itself, the agent makes a torchelastic_* folder in the temp dir and leaves it behind.
+    with tempfile.TemporaryDirectory(prefix="torchelastic_") as agent_files:
+        return _elastic_launch(entrypoint, config, output_dir, agent_files)
+
+
+def _elastic_launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any],
+                    output_dir: str, agent_files: str) -> Any:
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    world_cfg = config["world"]
     nnodes = int(world_cfg["nnodes"])
     port = world_cfg["master_port"] or free_port(world_cfg["master_addr"])
     launch_config = LaunchConfig(
@@ -168,6 +178,7 @@ def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], outpu
         rdzv_configs={"is_host": int(world_cfg["node_rank"]) == 0, "timeout": 300},
         max_restarts=int(world_cfg["max_restarts"]), monitor_interval=0.5,
         start_method=world_cfg["start_method"],
+        logs_specs=DefaultLogsSpecs(log_dir=agent_files),
         **_supported(LaunchConfig, signals_to_handle=HANDLED_SIGNALS,
                      shutdown_timeout=SHUTDOWN_SECONDS))
     _quiet_elastic_logs()
