@@ -228,10 +228,10 @@ def test_a_run_stopped_on_two_processes_resumes_on_one_seeing_each_sample_once(
     second.mkdir()
     env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
            "IMGTRAIN_TEST_TRACE": str(first)}
-    # 8 steps an epoch, agreed on every 2: a stop after step 2 of epoch 2 lands inside it.
+    # 8 steps an epoch, agreed on every 2 (the later override wins): a stop after step 2 of
+    # epoch 2 lands inside it.
     size = "dataset.train_size=256"
-    every_2 = [arg for arg in FORKED if not arg.startswith("train.print_freq=")]
-    proc = start_cli(*every_2, "train.print_freq=2", size, "train.epochs=2", "dataset.workers=0",
+    proc = start_cli(*FORKED, "train.print_freq=2", size, "train.epochs=2", "dataset.workers=0",
                      f"hydra.run.dir={run_dir}", env=env)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not re.search(
