@@ -130,3 +130,21 @@ def test_auto_workers_fit_the_dataset_and_the_device(monkeypatch: pytest.MonkeyP
     assert data.default_workers("imagenet", 1, accelerator=False) == 8
     assert data.default_workers("synthetic", 8, accelerator=True) == 4
     assert data.default_workers("imagenet", 64, accelerator=True) == 1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.compile_backend=inductr"], "unknown model.compile_backend 'inductr'; registered: "),
+    (["model.compile_mode=fastest"], "unknown model.compile_mode 'fastest'; choose one of "),
+    (["model.compile_backend=aot_eager", "model.compile_mode=max-autotune"],
+     "model.compile_mode=max-autotune is an inductor setting"),
+])
+def test_compile_settings_are_checked_before_anything_starts(compose, overrides: list[str],
+                                                             message: str) -> None:
+    config = app.resolve(compose("device=cpu", "dataset=synthetic", "model.compile=true",
+                                 *overrides), [])
+    with pytest.raises(ConfigError) as refused:
+        app.check(config)
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+    config["model"]["compile"] = False  # the settings matter only to a compiled model
+    app.check(config)
+

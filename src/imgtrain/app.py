@@ -19,7 +19,7 @@ from imgtrain.data.transforms import val_sizes
 from imgtrain.distributed import WorkerFailed, check_world, launch, planned_world_size
 from imgtrain.ema import check_ema
 from imgtrain.errors import ConfigError, Preempted, config_error_line, one_line
-from imgtrain.models import check_arch, check_freeze
+from imgtrain.models import check_arch, check_compile, check_freeze
 from imgtrain.optim import check_schedule
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import RESULTS, read as read_results, record_failure
@@ -56,6 +56,7 @@ def check(config: dict[str, Any]) -> None:
         raise ConfigError(f"unknown mode {config['mode']!r}; choose one of {', '.join(MODES)}")
     check_arch(config["model"]["arch"])
     check_freeze(config["model"]["freeze"])
+    check_compile(config["model"])
     device = devices.DeviceInfo(config["device"]["resolved"])
     dtype = resolve_dtype(config["amp"]["level"], str(config["amp"]["dtype"]), device)
     resolve_loss_scale(config["amp"]["level"], dtype, config["amp"]["loss_scale"])

@@ -106,6 +106,8 @@ class ModelConfig:
     zero_init_residual: bool = False
     channels_last: Any = "auto"  # auto | true | false
     compile: bool = False
+    compile_backend: str = "inductor"  # a torch._dynamo backend: inductor, aot_eager, ...
+    compile_mode: Optional[str] = None  # inductor's: default | reduce-overhead | max-autotune ...
 
 
 @dataclass

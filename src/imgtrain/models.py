@@ -1,6 +1,7 @@
 """model=resnet18|34|50|101|152: torchvision's ResNets, optionally with a frozen backbone."""
 from __future__ import annotations
 
+import torch
 import torchvision
 from torch import nn
 
@@ -20,6 +21,32 @@ def build_model(arch: str, num_classes: int, zero_init_residual: bool = False) -
     check_arch(arch)
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
                                         zero_init_residual=zero_init_residual)
+
+
+def check_compile(model_cfg: dict) -> None:
+    """model.compile_backend and model.compile_mode, refused before any process starts (torch
+    would refuse them only at the first step, in every rank)."""
+    if not model_cfg["compile"]:
+        return
+    import torch._dynamo
+    import torch._inductor
+    backend, mode = model_cfg["compile_backend"], model_cfg["compile_mode"]
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"unknown model.compile_backend {backend!r}; registered: "
+                          f"{', '.join(torch._dynamo.list_backends())}, or aot_eager and eager "
+                          "(no code generation: for debugging)")
+    if mode is None:
+        return
+    if backend != "inductor":
+        raise ConfigError(f"model.compile_mode={mode} is an inductor setting; "
+                          f"model.compile_backend={backend} takes none (set it to null)")
+    modes = torch._inductor.list_mode_options()
+    if mode not in modes:
+        raise ConfigError(f"unknown model.compile_mode {mode!r}; choose one of {', '.join(modes)}")
+
+
+def compile_model(model: nn.Module, model_cfg: dict) -> nn.Module:
+    return torch.compile(model, backend=model_cfg["compile_backend"], mode=model_cfg["compile_mode"])
 
 
 FREEZE = ("none", "backbone")

@@ -16,7 +16,7 @@ from imgtrain.data import build_loaders, cpu_cores
 from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, process_group,
                                   world_from_env)
 from imgtrain.logger import NullLogger, RunLogger, close_logging, setup_logging
-from imgtrain.models import build_model, freeze
+from imgtrain.models import build_model, compile_model, freeze
 from imgtrain.memory import check_memory
 from imgtrain.ema import WeightAverage
 from imgtrain.optim import build_optimizer, build_scheduler, parameter_kinds, weight_decay_groups
@@ -131,7 +131,7 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.is_accelerator else None)
     if cfg["model"]["compile"]:
-        model, eval_model = torch.compile(model), torch.compile(eval_model)
+        model, eval_model = compile_model(model, cfg["model"]), compile_model(eval_model, cfg["model"])
     return Trainer(model=model, optimizer=optimizer, scheduler=scheduler, precision=precision,
                    loaders=loaders, device=device, world=world, logger=logger, cfg=cfg,
                    output_dir=out, channels_last=channels_last, eval_model=eval_model, ema=ema)
