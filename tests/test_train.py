@@ -12,16 +12,17 @@ import torch
 
 from conftest import TINY, read_results, run_cli, start_cli
 
-JPEG_RUN = [*TINY, "dataset=imagenet", "dataset.image_size=32", "train.batch_size=16",
-            "optim.lr=0.05", "sched.warmup_epochs=0"]
+# 12 steps of 8 an epoch: over 3 epochs, eight seeds and both thread counts reached 75-100% Acc@1
+# (batches of 16 for 4 epochs gave 50-100%: too few steps for BatchNorm's running statistics).
+JPEG_RUN = [*TINY, "dataset=imagenet", "dataset.image_size=32", "train.batch_size=8",
+            "optim.lr=0.05", "sched.warmup_epochs=0", "train.epochs=3"]
 
 
 @pytest.fixture(scope="module")
 def jpeg_run(image_folder: Path, module_dir: Path) -> Path:
-    """One 4-epoch run on the JPEG folder, which the accuracy, resume and eval tests share."""
+    """One 3-epoch run on the JPEG folder, which the accuracy, resume and eval tests share."""
     run_dir = module_dir / "jpeg-run"
-    proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=4",
-                   f"hydra.run.dir={run_dir}")
+    proc = run_cli(*JPEG_RUN, f"dataset.root={image_folder}", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr
     return run_dir
 
@@ -95,7 +96,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_sigkill_after_an_epoch_then_resume_gives_the_same_weights(
         image_folder: Path, jpeg_run: Path, tmp_path: Path) -> None:
-    args = [*JPEG_RUN, f"dataset.root={image_folder}", "train.epochs=4"]  # jpeg_run's
+    args = [*JPEG_RUN, f"dataset.root={image_folder}"]  # jpeg_run's
     straight, resumed = jpeg_run, tmp_path / "resumed"
 
     proc = start_cli(*args, f"hydra.run.dir={resumed}")
