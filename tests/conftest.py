@@ -20,6 +20,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+
+def _split_cores_between_workers() -> None:
+    """pytest-xdist's workers (pyproject's addopts: `-n auto`) share the cores as a node's ranks
+    do: each worker's torch, and every process it starts, gets its share of them. Set before
+    anything imports torch, whose OpenMP runtime reads it once."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
+_split_cores_between_workers()
+
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
 # Small, fast and CPU-only: what every subprocess run of the tests starts from.
