@@ -21,9 +21,10 @@ SYNTH = ["experiment=quickstart", "device=cpu", "train.print_freq=4", "dataset.v
          "dataset.train_size=512", "train.batch_size=32",
          "dataset.noise=1.0"]  # the easy task: 32 steps reach well above chance
 TWO_PROCS = ["world=8p", "world.nproc_per_node=2", *SYNTH]
-# The other multi-process tests fork their CPU ranks (world.start_method=fork): the same training,
+# Most multi-process tests fork their CPU ranks (world.start_method=fork): the same training,
 # without each rank importing torch again. Spawn, the default, still starts the ranks of
-# two_process_run and test_a_crashing_worker...; torchrun starts its own.
+# test_a_crashing_worker... (start-up, steps, the failed rank's error through the agent);
+# torchrun starts its own.
 FORKED = [*TWO_PROCS, "world.start_method=fork"]
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def two_process_run(module_dir: Path) -> Path:
     run_dir = module_dir / "ddp"
-    proc = run_cli(*TWO_PROCS, "train.epochs=2", f"hydra.run.dir={run_dir}")
+    proc = run_cli(*FORKED, "train.epochs=2", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return run_dir
 
