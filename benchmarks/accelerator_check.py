@@ -242,7 +242,8 @@ def host_syncs(device: str, quick: bool, work: Path) -> str:
     levels = [("O0", "auto"), ("O1", "bfloat16"), ("O2", "bfloat16")]
     if device != "cpu":
         levels[1:1] = [("O1", "float16"), ("O2", "float16")]
-    lines = [f"## Host syncs in {steps} training step{'s' * (steps > 1)} (between print points)", "",
+    plural = "s" * (steps > 1)
+    lines = [f"## Host syncs in {steps} training step{plural} (between print points)", "",
              "| amp | dtype | host reads (imgtrain's watch) | CUDA sync debug mode | first seen |",
              "|---|---|---|---|---|"]
     for amp, dtype in levels:

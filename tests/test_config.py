@@ -147,4 +147,3 @@ def test_compile_settings_are_checked_before_anything_starts(compose, overrides:
     assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
     config["model"]["compile"] = False  # the settings matter only to a compiled model
     app.check(config)
-

@@ -46,7 +46,8 @@ def check_compile(model_cfg: dict) -> None:
 
 
 def compile_model(model: nn.Module, model_cfg: dict) -> nn.Module:
-    return torch.compile(model, backend=model_cfg["compile_backend"], mode=model_cfg["compile_mode"])
+    return torch.compile(model, backend=model_cfg["compile_backend"],
+                         mode=model_cfg["compile_mode"])
 
 
 FREEZE = ("none", "backbone")

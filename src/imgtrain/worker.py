@@ -131,7 +131,8 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.is_accelerator else None)
     if cfg["model"]["compile"]:
-        model, eval_model = compile_model(model, cfg["model"]), compile_model(eval_model, cfg["model"])
+        model = compile_model(model, cfg["model"])
+        eval_model = compile_model(eval_model, cfg["model"])
     return Trainer(model=model, optimizer=optimizer, scheduler=scheduler, precision=precision,
                    loaders=loaders, device=device, world=world, logger=logger, cfg=cfg,
                    output_dir=out, channels_last=channels_last, eval_model=eval_model, ema=ema)
