@@ -186,3 +186,60 @@ def test_memory_scalars_read_the_device_module_or_the_host_rss() -> None:
     assert fake.resets == 1  # each print window reports its own peak
     host = memory.memory_scalars(DeviceInfo("cpu"))
     assert set(host) == {"memory/host_rss_gib"} and 0.01 < host["memory/host_rss_gib"] < 512
+
+
+# ---- the run's ETA ----------------------------------------------------------------------------
+class _Clock:
+    """time.perf_counter for the progress module: the test says how much time passes."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _progress_for(monkeypatch: pytest.MonkeyPatch, ema: bool, accumulate_steps: int):
+    """Rank 0's Progress as the trainer builds it: 2 epochs of 10 steps, 6 validation batches."""
+    from types import SimpleNamespace
+
+    from imgtrain import progress
+    from imgtrain.device import DeviceInfo
+    clock = _Clock()
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    monkeypatch.setattr(progress, "live_console", lambda: None)
+    trainer = SimpleNamespace(
+        world=SimpleNamespace(is_main=True), train_cfg={"epochs": 2, "print_freq": 2},
+        steps_per_epoch=10, device=DeviceInfo("cpu"), ema=object() if ema else None,
+        loaders=SimpleNamespace(val=[None] * 6, accumulate_steps=accumulate_steps))
+    return progress.Progress.for_trainer(trainer), clock
+
+
+def _eta_seconds(view, epoch: int) -> float:
+    """The run's ETA at the epoch's first print point (step 2, 1 s a step), as logged."""
+    values = {"train/loss": 1.0, "train/acc1": 50.0, "train/images_per_sec": 10.0,
+              "train/lr": 0.1}
+    view.start_epoch(epoch, 0)
+    return view.train_update(epoch, 2, values, seconds=2.0, data_time=0.0)["time/eta_hours"] * 3600
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_the_eta_guesses_validation_from_one_batch_not_a_whole_step(
+        monkeypatch: pytest.MonkeyPatch, ema: bool) -> None:
+    # A step is 4 micro-batches of 1 s in all; a validation batch is one micro-batch, forward only:
+    # 0.25 s / 3. Left: 8 steps, this epoch's validation, 10 steps, the last validation.
+    view, _ = _progress_for(monkeypatch, ema=ema, accumulate_steps=4)
+    passes = 2 if ema else 1
+    validation = passes * 6 * 0.25 / 3
+    assert _eta_seconds(view, 0) == pytest.approx(8 + validation + 10 + validation)
+
+
+def test_the_eta_counts_the_emas_validation_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    view, clock = _progress_for(monkeypatch, ema=True, accumulate_steps=1)
+    _eta_seconds(view, 0)
+    for _ in range(2):  # the epoch ends: the model's validation, then the EMA's, 3 s each
+        view.start_val()
+        clock.now += 3.0
+        view.end_val()
+    # In the last epoch, at step 2: 8 steps of 1 s and both validation passes.
+    assert _eta_seconds(view, 1) == pytest.approx(8 + 2 * 3.0)

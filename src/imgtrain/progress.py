@@ -73,15 +73,18 @@ class Eta:
     """Seconds left in the epoch and in the run, from the step time measured at print points.
 
     The step time is averaged from the epoch's first print point on, which leaves out the first
-    window's warm-up (compilation, cold caches, loader start-up). Validation is timed when it
-    runs; before the first one it is guessed as a third of a training step per batch (forward
-    only).
+    window's warm-up (compilation, cold caches, loader start-up). An epoch ends with
+    `val_passes` validation passes (two when the EMA's weights are evaluated too), each timed when
+    it runs; before the first one, a validation batch (one micro-batch: a step is
+    `micro_steps` of them) is guessed at a third of a training micro-step (forward only).
     """
 
-    def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int) -> None:
+    def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, val_passes: int = 1,
+                 micro_steps: int = 1) -> None:
         self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
+        self.val_passes, self.micro_steps = val_passes, micro_steps
         self.seconds_per_step: float | None = None
-        self.val_seconds: float | None = None
+        self.val_seconds: float | None = None  # the last validation pass's
         self._since: tuple[int, float] | None = None  # (step, time) of the epoch's first print point
 
     def start_epoch(self) -> None:
@@ -96,9 +99,11 @@ class Eta:
             self.seconds_per_step = (now - self._since[1]) / (step - self._since[0])
 
     def _val(self) -> float:
+        """An epoch's validation: all its passes."""
         if self.val_seconds is not None:
-            return self.val_seconds
-        return self.val_steps * (self.seconds_per_step or 0.0) / 3
+            return self.val_passes * self.val_seconds
+        per_batch = (self.seconds_per_step or 0.0) / self.micro_steps / 3
+        return self.val_passes * self.val_steps * per_batch
 
     def epoch_left(self, step: int) -> float | None:
         if self.seconds_per_step is None:
@@ -119,8 +124,8 @@ class Progress:
     """Rank 0's console view of training; `NullProgress` stands in on the other ranks."""
 
     def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, device: Any,
-                 print_freq: int = 1) -> None:
-        self.eta = Eta(epochs, steps_per_epoch, val_steps)
+                 print_freq: int = 1, val_passes: int = 1, micro_steps: int = 1) -> None:
+        self.eta = Eta(epochs, steps_per_epoch, val_steps, val_passes, micro_steps)
         self.print_freq = print_freq
         self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
         self.device = device
@@ -135,7 +140,9 @@ class Progress:
         if not trainer.world.is_main:
             return NullProgress()
         return cls(trainer.train_cfg["epochs"], trainer.steps_per_epoch, len(trainer.loaders.val),
-                   trainer.device, trainer.train_cfg["print_freq"])
+                   trainer.device, trainer.train_cfg["print_freq"],
+                   val_passes=1 if trainer.ema is None else 2,  # the EMA's weights are evaluated too
+                   micro_steps=trainer.loaders.accumulate_steps)
 
     # ---- the live display (terminals only) -----------------------------------------------
     def __enter__(self) -> "Progress":
