@@ -31,6 +31,8 @@ from imgtrain.throughput import Throughput
 def epoch_steps(loaders: Loaders, cap: int | None) -> int:
     """Optimizer steps per epoch: the loader's batches over train.accumulate_steps, capped by
     train.steps_per_epoch if set."""
+    if loaders.train is None:  # mode=eval reads no training data
+        return 0
     steps = len(loaders.train) // loaders.accumulate_steps
     return min(steps, cap) if cap else steps
 
