@@ -109,8 +109,9 @@ def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
     if resumed_from is None:
         resume = "no: a new run"
     else:
-        resume = (f"resuming from {resumed_from} (epoch {state.epoch + 1}, step "
-                  f"{state.step_in_epoch}; {state.global_step} of {total_steps} steps done)")
+        resume = (f"resumed from epoch {state.epoch + 1} step {state.step_in_epoch} (restart "
+                  f"{state.restarts}): {resumed_from}, {state.global_step} of {total_steps} "
+                  "steps done")
     return fitted([
         f"imgtrain: {cfg['mode']} {cfg['model']['arch']} on {describe(data, with_root=False)}",
         f"  model      {cfg['model']['arch']}, {params:.1f} M parameters",
