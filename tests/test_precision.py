@@ -177,6 +177,125 @@ def test_dynamic_scale_resumes_and_static_scale_comes_from_the_config():
     assert scale_of(static) == 1024.0
 
 
+# ---- overflow on an NPU in saturation mode ---------------------------------------------------
+class OverflowRegister:
+    """Stands for an Ascend 910/910A's overflow status register in saturation mode: an fp16
+    overflow saturates at the fp16 maximum (finite) and raises this flag; nothing becomes inf."""
+
+    def __init__(self) -> None:
+        self.flag = torch.zeros(())
+
+    def read_and_clear(self) -> torch.Tensor:
+        value = self.flag.clone()
+        self.flag.zero_()
+        return value
+
+
+class SaturationModeScaler(torch.amp.GradScaler):
+    """Stands for torch_npu's GradScaler (its dynamic mode, as imgtrain builds it) on such a chip.
+    Its check ignores the gradients' values: it reads the device's overflow register and clears
+    it (npu_get_float_status / npu_clear_float_status; aclrtGetOverflowStatus /
+    aclrtResetOverflowStatus on newer releases), then all-reduces the verdict across ranks
+    (_sync_dist_overflow_count, each device having its own register) and adds 1 to found_inf when
+    any rank overflowed. The unscaling itself is torch's."""
+
+    def __init__(self, register: OverflowRegister, init_scale: float) -> None:
+        super().__init__("cpu", init_scale=init_scale)
+        self.register = register
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        torch._foreach_mul_(grads, inv_scale)
+        found_inf.add_(self.register.read_and_clear())
+        any_rank = found_inf.clone()
+        if dist.is_initialized():
+            dist.all_reduce(any_rank)
+        if any_rank.item():
+            found_inf.add_(1.0)
+        return {found_inf.device: found_inf}
+
+
+def saturation_mode_o2(loss_scale: float | str, fused: bool, register: OverflowRegister):
+    """O2 float16 (as on the NPU) with the saturation-mode scaler, starting at 1024."""
+    precision = Precision("O2", torch.float16, loss_scale, CPU)
+    model, params = precision.prepare(small_net())
+    precision.scaler = SaturationModeScaler(register, init_scale=1024.0)
+    return precision, model, build_optimizer(params, {**SGD, "fused": fused}, CPU)
+
+
+def saturating_step(precision: Precision, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    register: OverflowRegister, overflow: bool) -> None:
+    """A training step; with `overflow`, what the device does when a gradient overflows: it
+    saturates at the fp16 maximum and the register rises."""
+    images, target = coloured_batch(seed=0, size=8)
+    loss = nn.functional.cross_entropy(model(images).float(), target)
+    model.zero_grad(set_to_none=True)
+    precision.backward(loss)
+    if overflow:
+        model[0].weight.grad[0, 0, 0, 0] = torch.finfo(torch.float16).max
+        register.flag.fill_(1.0)
+    precision.step(optimizer)
+
+
+def _saturated_steps(overflow: bool, loss_scale: float | str, fused: bool) -> dict:
+    """One step (overflowing where asked), then a clean one: what each left behind."""
+    register = OverflowRegister()
+    precision, model, optimizer = saturation_mode_o2(loss_scale, fused, register)
+    masters = [p for group in optimizer.param_groups for p in group["params"]]
+    before = weights(model) + [m.detach().clone() for m in masters]
+    saturating_step(precision, model, optimizer, register, overflow)
+    after = weights(model) + [m.detach().clone() for m in masters]
+    first = {"moved": not all(torch.equal(a, b) for a, b in zip(before, after)),
+             "scale": scale_of(precision)}
+    saturating_step(precision, model, optimizer, register, overflow=False)
+    return {**first, "clean_moved": not torch.equal(after[0], model[0].weight),
+            "clean_scale": scale_of(precision)}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("loss_scale, lowered", [("dynamic", 512.0), (1024.0, 1024.0)])
+def test_a_saturated_overflow_is_skipped_on_the_scalers_verdict(loss_scale, lowered, fused):
+    """The gradients stay finite, and the register is clear once the scaler has read it: only
+    the scaler's verdict knows. The step changes no weight and no master, a dynamic scale halves
+    (a static one stays), and the next clean step steps."""
+    result = _saturated_steps(overflow=True, loss_scale=loss_scale, fused=fused)
+    assert not result["moved"], "a saturated overflow was applied to the weights"
+    assert result["scale"] == lowered
+    assert result["clean_moved"] and result["clean_scale"] == lowered
+
+
+def _saturated_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of a 2-process gloo group: only rank 0's device overflows. Both ranks compute
+    the same gradients (DDP would all-reduce them; here they are equal already)."""
+    torch.set_num_threads(1)  # forked: as a DataLoader worker, away from the parent's thread pool
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results = {}
+        for fused in (False, True):
+            register = OverflowRegister()
+            precision, model, optimizer = saturation_mode_o2("dynamic", fused, register)
+            before = weights(model)
+            saturating_step(precision, model, optimizer, register, overflow=rank == 0)
+            results[fused] = {"moved": not all(torch.equal(a, b)
+                                               for a, b in zip(before, weights(model))),
+                              "scale": scale_of(precision)}
+        torch.save(results, Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_saturated_overflow_on_one_rank_is_skipped_on_every_rank(tmp_path: Path):
+    """Rank 1's own register stays clear: it skips on the verdict its scaler all-reduced, and
+    with torch's fused SGD too (rank 0's found_inf is 2 there: its own 1, plus 1 for the ranks)."""
+    mp.start_processes(_saturated_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    for rank in (0, 1):
+        for fused, result in torch.load(tmp_path / f"{rank}.pt").items():
+            assert not result["moved"], (rank, fused)
+            assert result["scale"] == 512.0, (rank, fused)
+
+
 @pytest.mark.parametrize("level, dtype, setting, expected", [
     ("O2", torch.float16, "auto", 1024.0),
     ("O1", torch.float16, "auto", "dynamic"),
@@ -316,3 +435,4 @@ def test_an_o0_checkpoint_resumes_under_o2(tmp_path: Path):
     assert len(after["state"]["history"]) == 2 and after["state"]["global_step"] == 4
     assert after["model"]["conv1.weight"].dtype == torch.float32  # O2's fp32 masters
     assert not torch.equal(before["model"]["conv1.weight"], after["model"]["conv1.weight"])
+

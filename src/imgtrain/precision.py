@@ -152,34 +152,56 @@ class Precision:
             if id(param) not in stepped:  # O2's half weights: copied into the masters' .grad
                 param.grad = None
 
-    def step(self, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None) -> None:
+    def step(self, optimizer: torch.optim.Optimizer,
+             clip_grad_norm: float | None = None) -> torch.Tensor | None:
         """Step (unless gradients overflowed), update the scale, and refresh O2's half weights.
 
-        With a loss scale, imgtrain checks the unscaled gradients itself and skips a step whose
-        gradients are not finite, whatever the scaler would do (torch_npu's static scaler applies
-        such a step). torch's fused SGD reads that verdict on the device, so the step costs no host
-        sync; other optimizers need one read of it on the host. `clip_grad_norm` clips the
-        gradients the optimizer steps (O2's fp32 masters), after unscaling and after that check.
+        With a loss scale, returns the step's verdict on the device (1.0: skipped for an overflow,
+        0.0: applied), read by no one on the host here; without one, None (nothing is skipped).
+        torch's fused SGD takes that verdict on the device, so the step costs no host sync; other
+        optimizers need one read of it on the host. `clip_grad_norm` clips the gradients the
+        optimizer steps (O2's fp32 masters), after unscaling and after the verdict.
         """
         self._grads_to_masters()
         if self.scaler is None:
             _clip(optimizer, clip_grad_norm)
             optimizer.step()
-        else:
-            self.scaler.unscale_(optimizer)
-            found_inf = _non_finite(optimizer)
-            _clip(optimizer, clip_grad_norm)
-            if getattr(optimizer, "_step_supports_amp_scaling", False):
-                # The GradScaler contract for fused optimizers: they skip the step on the device.
-                optimizer.grad_scale, optimizer.found_inf = None, found_inf
-                try:
-                    optimizer.step()
-                finally:
-                    del optimizer.grad_scale, optimizer.found_inf
-            elif not found_inf.item():
+            self._masters_to_model()
+            return None
+        self.scaler.unscale_(optimizer)
+        overflowed = self._overflow_verdict(optimizer)
+        _clip(optimizer, clip_grad_norm)
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            # The GradScaler contract for fused optimizers: they skip the step on the device.
+            optimizer.grad_scale, optimizer.found_inf = None, overflowed
+            try:
                 optimizer.step()
-            self.scaler.update(self.static_scale)  # a static scale is re-pinned; dynamic adapts
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf
+        elif not overflowed.item():
+            optimizer.step()
+        self.scaler.update(self.static_scale)  # a static scale is re-pinned; dynamic adapts
         self._masters_to_model()
+        return overflowed
+
+    def _overflow_verdict(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """1.0 on the device if this step's gradients overflowed, else 0.0; no host sync.
+
+        The scaler's own check, recorded by `unscale_` for this optimizer, decides: on an Ascend
+        910 in saturation mode an fp16 overflow saturates at the fp16 maximum instead of becoming
+        inf, and torch_npu's check reads the device's overflow status register and clears it, so
+        no later look at the (finite) values can see it. torch_npu also all-reduces that verdict
+        across ranks (each device has its own register) before recording it. imgtrain's own check
+        of the unscaled values is added for a scaler that does not look (torch_npu's static mode
+        applies overflowed steps): a step that either check finds overflowed is skipped.
+        """
+        recorded = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        device = self.scaler._scale.device
+        verdict = _non_finite(optimizer, device)
+        for found_inf in recorded.values():  # torch_npu's has shape (1,) on older releases
+            verdict = verdict + found_inf.to(device, non_blocking=True).reshape(())
+        # torch_npu adds 1 for the ranks' verdict to its own 1; fused SGD skips only on exactly 1.
+        return verdict.clamp(max=1.0)
 
     @property
     def loss_scale(self) -> torch.Tensor | None:
@@ -254,20 +276,17 @@ def keeps_gradient_views(optimizer: torch.optim.Optimizer) -> bool:
 
 
 @torch.no_grad()
-def _non_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """1.0 on the device if any gradient the optimizer steps holds an inf or a nan, else 0.0.
+def _non_finite(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """1.0 on `device` if any gradient the optimizer steps holds an inf or a nan, else 0.0.
 
     One fused pass per dtype (the kernel GradScaler unscales with, here with a scale of 1), no
-    host sync. A process drives one device, so every gradient is on the same one.
+    host sync. A process drives one device, so every gradient is on it.
     """
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for group in optimizer.param_groups:
         for param in group["params"]:
             if param.grad is not None:
                 by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    if not by_dtype:
-        return torch.zeros(())
-    device = next(iter(by_dtype.values()))[0].device
     found_inf = torch.zeros((), dtype=torch.float32, device=device)
     one = torch.ones((), dtype=torch.float32, device=device)
     for grads in by_dtype.values():
