@@ -14,7 +14,6 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from imgtrain.device import DeviceInfo
@@ -107,14 +106,18 @@ class Precision:
         return cls(amp_cfg["level"], dtype, scale, device)
 
     def prepare(self, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
-        """Make the model this level's shape; return it and the parameters the optimizer steps."""
+        """Make the model this level's shape; return it and the parameters the optimizer steps.
+
+        O2 copies its fp32 masters from the model's weights, so every rank must hold rank 0's
+        already (the worker broadcasts them first).
+        """
         if self.level != "O2":
             return model, [p for p in model.parameters() if p.requires_grad]
-        _sync_from_rank0(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         masters = [nn.Parameter(p.detach().clone().float()) for p in trainable]
-        # Frozen parameters get no master; checkpoints save their exact fp32 values from a CPU copy.
-        self._frozen_fp32 = {id(p): p.detach().float().cpu().clone()
+        # Frozen parameters get no master, but their exact fp32 values stay beside the half ones
+        # (on the device, where the EMA reads them): checkpoints and the EMA hold these.
+        self._frozen_fp32 = {id(p): p.detach().float().clone()
                              for p in model.parameters() if not p.requires_grad}
         _keep_batchnorm_fp32(model, self.dtype)
         # BatchNorm's fp32 parameters are their own masters: the optimizer steps them in place.
@@ -241,9 +244,9 @@ class Precision:
         return {key: value.cpu() for key, value in state.items()}
 
     def master_params(self, model: nn.Module) -> list[torch.Tensor]:
-        """Each parameter's true value, in the model's order: O2's fp32 master where it has one,
-        else the parameter itself."""
-        master_of = {id(half): master for half, master in self._pairs}
+        """Each parameter's true value, in the model's order: O2's fp32 master where it has one
+        (a frozen parameter's fp32 value where it has none), else the parameter itself."""
+        master_of = {**self._frozen_fp32, **{id(half): master for half, master in self._pairs}}
         return [master_of.get(id(p), p) for p in bare_model(model).parameters()]
 
     @torch.no_grad()
@@ -300,17 +303,6 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
     if max_norm is not None:
         torch.nn.utils.clip_grad_norm_(
             [p for group in optimizer.param_groups for p in group["params"]], max_norm)
-
-
-def _sync_from_rank0(model: nn.Module) -> None:
-    """Give every rank rank 0's fp32 weights before the masters are copied from them.
-
-    DDP broadcasts rank 0's weights only when it wraps the model, after `prepare`: ranks seeded
-    differently would otherwise keep different masters and drift apart from the first step.
-    """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor.data, src=0)
 
 
 def bare_model(model: nn.Module) -> nn.Module:
