@@ -3,7 +3,12 @@
 - O0: fp32 everything.
 - O1: per-op autocast; fp32 weights; GradScaler (dynamic by default with float16).
 - O2: half-precision weights and buffers, BatchNorm kept in fp32, inputs cast at the model's entry,
-      and the optimizer stepping on fp32 master copies (static loss scale 1024 by default, as apex).
+      and the optimizer stepping on fp32 master copies (static loss scale 1024 by default, as the
+      seed's apex run set it; apex's own O2 default is dynamic).
+
+With a loss scale, a step whose gradients overflowed is skipped, static scale or dynamic. apex
+with a static scale does not look for overflow and applies every step; docs/precision-and-npu.md
+says what that changes against the seed's run.
 
 The trainer only calls `autocast()`, `backward()`, `step()` and the state-dict methods, so it never
 branches on the level. docs/precision-and-npu.md maps each level onto apex's.
@@ -22,7 +27,7 @@ from imgtrain.errors import ConfigError
 LEVELS = ("O0", "O1", "O2")
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-# apex's default static scale for O2, which the seed's published numbers used.
+# The static scale the seed's apex run set (loss_scale=1024) for its published numbers.
 O2_STATIC_SCALE = 1024.0
 
 
