@@ -19,13 +19,14 @@ from typing import Callable, Iterator
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import REPO, TINY, read_results, start_cli
+from conftest import CONF, REPO, TINY, read_results, start_cli
+from hydra_plugins.imgtrain_slurm.launcher import ImgtrainSlurmLauncher
+from imgtrain import slurm as imgtrain_slurm  # also registers the config schema
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 from cluster import Cluster, why_not  # noqa: E402
-
-pytestmark = pytest.mark.slow
 
 STEPS = 8
 # resnet18 on 32 px synthetic images, one epoch of STEPS steps: a stop in the middle of the
@@ -79,11 +80,11 @@ def _step(run_dir: Path | None) -> int:
 
 
 def _slurm_job_of(sweep: Path, number: int) -> str | None:
-    """The SLURM job id of a sweep's job `number`: the .submitit folder whose log names its run."""
-    for log in sweep.glob(".submitit/*/*_0_log.out"):
-        if f"{sweep}/{number}_" in log.read_text(errors="replace"):
-            return log.parent.name
-    return None
+    """The SLURM job id of a sweep's job `number`: the launcher submits them in order, and SLURM
+    numbers jobs in the order they come (each has its folder in .submitit/)."""
+    ids = sorted((int(folder.name) for folder in sweep.glob(".submitit/*")
+                  if folder.name.isdigit()))
+    return str(ids[number]) if len(ids) > number else None
 
 
 def _sbatch_run_dir(root: Path) -> Path | None:
@@ -121,7 +122,7 @@ def submitted(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Sub
                                    lambda: _slurm_job_of(preempt, 0),
                                    ["--signal=USR2"], cluster),
         "cancel": lambda: _signal_at(runs, "cancel", _job_dir(preempt, 1),
-                                     lambda: _slurm_job_of(preempt, 1), [], cluster),
+                                     lambda: _slurm_job_of(preempt, 1), [], cluster, step=0),
         "usr1": lambda: _signal_at(runs, "usr1", _sbatch_run_dir(root), lambda: runs.sbatch_job,
                                    ["--signal=USR1", "--batch"], cluster),
     }
@@ -137,14 +138,15 @@ def submitted(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Sub
 
 
 def _signal_at(runs: Submitted, name: str, run_dir: Path | None, job: Callable[[], str | None],
-               scancel_args: list[str], cluster: Cluster) -> bool:
-    """`scancel <args> <job>` once the run has printed step 2 of STEPS (True: done)."""
-    step = _step(run_dir)
-    job_id = job() if step >= 2 else None
+               scancel_args: list[str], cluster: Cluster, step: int = 2) -> bool:
+    """`scancel <args> <job>` once the run has started and printed step `step` of STEPS
+    (True: done)."""
+    printed = _step(run_dir)
+    job_id = job() if run_dir is not None and printed >= step else None
     if not job_id:
         return False
     cluster.run("scancel", *scancel_args, job_id)
-    runs.events[name], runs.signalled_at_step[name] = time.time(), step
+    runs.events[name], runs.signalled_at_step[name] = time.time(), printed
     return True
 
 
@@ -173,6 +175,18 @@ def _slurm_state(cluster: Cluster, job: str) -> dict[str, str]:
     return dict(word.split("=", 1) for word in line.split() if "=" in word)
 
 
+def _final_state(cluster: Cluster, job: str) -> dict[str, str]:
+    """SLURM's record of `job` once it has ended (a finished job's result file may come a
+    moment before SLURM's state does)."""
+    deadline = time.time() + BOUND_S
+    state = _slurm_state(cluster, job)
+    while state["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED") and time.time() < deadline:
+        time.sleep(0.5)
+        state = _slurm_state(cluster, job)
+    return state
+
+
+@pytest.mark.slow
 def test_a_sweep_runs_each_point_as_a_slurm_job(submitted: Submitted) -> None:
     code, out, err = _finish(submitted, "plain")
     assert code == 0, out + err
@@ -184,13 +198,14 @@ def test_a_sweep_runs_each_point_as_a_slurm_job(submitted: Submitted) -> None:
     assert len({_slurm_job_of(sweep, n) for n in (0, 1)}) == 2
 
 
+@pytest.mark.slow
 def test_a_job_preempted_by_sigusr2_requeues_itself_and_resumes_exactly(
         submitted: Submitted, cluster: Cluster) -> None:
     code, out, err = _finish(submitted, "preempt")  # its other job was cancelled: exit 1
     run_dir = _job_dir(submitted.root / "preempt", 0)
     results = read_results(run_dir)
     assert results["status"] == "completed", results
-    state = _slurm_state(cluster, _slurm_job_of(submitted.root / "preempt", 0))
+    state = _final_state(cluster, _slurm_job_of(submitted.root / "preempt", 0))
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", state
     _assert_resumed_mid_epoch(run_dir, submitted.signalled_at_step["usr2"])
     reference = _job_dir(submitted.root / "plain", 0)
@@ -207,6 +222,7 @@ def _assert_resumed_mid_epoch(run_dir: Path, signalled_at: int) -> None:
     assert signalled_at <= int(resumed.group(1)) < STEPS, (signalled_at, log)
 
 
+@pytest.mark.slow
 def test_a_cancelled_sweep_job_is_reported_failed_while_the_other_completes(
         submitted: Submitted) -> None:
     code, out, err = _finish(submitted, "preempt")
@@ -227,13 +243,10 @@ def _reported_at(output: str) -> float:
     return time.mktime(time.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S"))
 
 
+@pytest.mark.slow
 def test_the_sbatch_template_requeues_on_sigusr1_and_resumes_the_same_run(
         submitted: Submitted, cluster: Cluster) -> None:
-    deadline = time.time() + BOUND_S
-    state = _slurm_state(cluster, submitted.sbatch_job)
-    while state["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED") and time.time() < deadline:
-        time.sleep(1)
-        state = _slurm_state(cluster, submitted.sbatch_job)
+    state = _final_state(cluster, submitted.sbatch_job)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", state
     runs = sorted((submitted.root / "sbatch" / "outputs").glob("*/*/results.json"))
     assert len(runs) == 1, runs  # the requeued job went on in the same run folder
@@ -244,11 +257,50 @@ def test_the_sbatch_template_requeues_on_sigusr1_and_resumes_the_same_run(
     assert _max_diff(_job_dir(submitted.root / "plain", 0), run_dir) == 0
 
 
+@pytest.mark.slow
 def test_a_two_node_job_takes_its_world_from_slurm(submitted: Submitted, cluster: Cluster) -> None:
     code, out, err = _finish(submitted, "two_nodes")
     assert code == 0, out + err
     sweep = submitted.root / "two_nodes"
     results = read_results(_job_dir(sweep, 0))
     assert results["status"] == "completed" and results["world_size"] == 2
-    state = _slurm_state(cluster, _slurm_job_of(sweep, 0))
-    assert state["NumNodes"] == "2" and state["NodeList"] == "n[1-2]", state
+    state = _final_state(cluster, _slurm_job_of(sweep, 0))
+    assert state["JobState"] == "COMPLETED" and state["NumNodes"] == "2" and state["NodeList"] == "n[1-2]", state
+
+
+def _sbatch_lines(tmp_path: Path, *overrides: str) -> set[str]:
+    """The #SBATCH lines hydra/launcher=slurm submits for a job of `overrides`."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True, overrides=[
+            "hydra/launcher=slurm", f"hydra.launcher.submitit_folder={tmp_path}", *overrides])
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    params.pop("_target_")
+    executor = ImgtrainSlurmLauncher(**params).executor(cfg)
+    text = executor._executor._make_submission_file_text("python -m submitit", "uid")
+    return {line for line in text.splitlines() if line.startswith("#SBATCH")}
+
+
+@pytest.mark.parametrize("overrides,asks", [
+    (["world=8p", "device=gpu"], {"--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=8"}),
+    (["world=8p", "world.nnodes=4", "device=npu"],
+     {"--nodes=4", "--ntasks-per-node=1", "--gres=npu:8"}),
+    (["world=8p", "device=npu", "world.gres=ascend910b"], {"--gres=ascend910b:8"}),
+    (["world.nproc_per_node=2", "device=gpu", "world.gres=gpu"], {"--gres=gpu:2"}),
+    (["world=1p", "device=cpu"], {"--nodes=1", "--ntasks-per-node=1"}),
+])
+def test_the_slurm_request_follows_world(tmp_path: Path, overrides: list[str],
+                                         asks: set[str]) -> None:
+    lines = _sbatch_lines(tmp_path, *overrides)
+    assert {f"#SBATCH {ask}" for ask in asks} <= lines, lines
+    assert "#SBATCH --requeue" in lines and "#SBATCH --signal=USR2@120" in lines
+    if "device=cpu" in overrides:
+        assert not any("gpu" in line or "gres" in line for line in lines), lines
+
+
+def test_the_launchers_own_settings_win_over_worlds_devices(tmp_path: Path) -> None:
+    lines = _sbatch_lines(tmp_path, "world=8p", "device=gpu", "hydra.launcher.gpus_per_node=4",
+                          "hydra.launcher.nodes=3")
+    assert "#SBATCH --gpus-per-node=4" in lines
+    assert "#SBATCH --nodes=1" in lines  # world.nnodes decides: the job's ranks depend on it

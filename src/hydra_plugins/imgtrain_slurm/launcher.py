@@ -29,17 +29,7 @@ RESULT_WAIT_S = 5
 class ImgtrainSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        import submitit
-
-        from imgtrain import slurm
-
         assert self.config is not None and self.hydra_context is not None
-        params = dict(self.params)
-        executor = submitit.AutoExecutor(folder=params.pop("submitit_folder"), cluster="slurm",
-                                         slurm_max_num_timeout=params.pop("max_num_timeout"))
-        generic = set(OmegaConf.structured(BaseQueueConf).keys())
-        params = {key if key in generic else f"slurm_{key}": value
-                  for key, value in params.items()}
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"SLURM sweep output dir: {sweep_dir}")
@@ -48,16 +38,34 @@ class ImgtrainSlurmLauncher(SlurmLauncher):
         for idx, overrides in enumerate(job_overrides, initial_job_idx):
             job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config,
                                                                          list(overrides))
-            executor.update_parameters(**_with_request(
-                params, slurm.request(job_cfg.world, job_cfg.device.name)))
-            job = executor.submit(self, list(overrides), "hydra.sweep.dir", idx,
-                                  f"job_id_for_{idx}", Singleton.get_state())
+            job = self.executor(job_cfg).submit(self, list(overrides), "hydra.sweep.dir", idx,
+                                                f"job_id_for_{idx}", Singleton.get_state())
             for each in (job, *job._sub_jobs):  # a job of several tasks waits on each task
                 each.watcher, each._results_timeout_s = watcher, RESULT_WAIT_S
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))} "
                      f"(SLURM job {job.job_id})")
             jobs.append(job)
         return _wait(jobs, job_overrides)
+
+    def executor(self, job_cfg: Any) -> Any:
+        """A submitit executor set up with hydra.launcher's settings and what the job's world
+        needs (imgtrain.slurm.request)."""
+        import submitit
+
+        from imgtrain import slurm
+
+        params = dict(self.params)
+        executor = submitit.AutoExecutor(folder=params.pop("submitit_folder"), cluster="slurm",
+                                         slurm_max_num_timeout=params.pop("max_num_timeout"))
+        generic = set(OmegaConf.structured(BaseQueueConf).keys())
+        params = {key if key in generic else f"slurm_{key}": value
+                  for key, value in params.items()}
+        if job_cfg.device.name == "auto":  # resolved here, on the login node: not the job's
+            log.warning("warning: device=auto: hydra/launcher=slurm asks for no GPU or NPU; "
+                        "set device=gpu or device=npu")
+        executor.update_parameters(**_with_request(
+            params, slurm.request(job_cfg.world, job_cfg.device.name)))
+        return executor
 
 
 def _with_request(params: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
