@@ -304,3 +304,23 @@ def test_the_launchers_own_settings_win_over_worlds_devices(tmp_path: Path) -> N
                           "hydra.launcher.nodes=3")
     assert "#SBATCH --gpus-per-node=4" in lines
     assert "#SBATCH --nodes=1" in lines  # world.nnodes decides: the job's ranks depend on it
+
+
+WORLD = {"nproc_per_node": 1, "nnodes": 2, "node_rank": 0, "master_addr": "127.0.0.1",
+         "master_port": None}
+
+
+@pytest.mark.parametrize("env,fragment", [
+    ({"SLURM_JOB_NUM_NODES": "1"}, "world.nnodes=2 but SLURM job 7 has 1 node(s)"),
+    ({"SLURM_JOB_NUM_NODES": "2"}, "start it with `srun --ntasks-per-node=1"),  # the batch shell
+])
+def test_a_several_node_world_needs_its_slurm_job_and_step(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], fragment: str) -> None:
+    from imgtrain.errors import ConfigError
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        imgtrain_slurm.job_world(WORLD)
+    assert imgtrain_slurm.job_world({**WORLD, "nnodes": 1}) == {**WORLD, "nnodes": 1}

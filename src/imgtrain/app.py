@@ -11,7 +11,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from imgtrain import device as devices, records, slurm
+from imgtrain import device as devices, records
 from imgtrain.config import lr_rule, unknown_keys
 from imgtrain.data import check_dataset
 from imgtrain.data.mixing import check_mixing
@@ -23,6 +23,7 @@ from imgtrain.models import check_arch, check_compile, check_freeze
 from imgtrain.optim import check_schedule
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import RESULTS, read as read_results, record_failure
+from imgtrain.slurm import job_world
 
 log = logging.getLogger("imgtrain")
 MODES = ("train", "eval", "bench_data", "predict", "export")
@@ -47,7 +48,7 @@ def resolve(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     config["overrides"] = overrides
     config["optim"]["lr_rule"] = lr_rule(cfg)
     config["device"]["resolved"] = devices.resolve_name(config["device"]["name"])
-    config["world"] = slurm.job_world(config["world"])  # a SLURM job's nodes, unless none
+    config["world"] = job_world(config["world"])  # a SLURM job's nodes, unless none
     return config
 
 
@@ -132,9 +133,6 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
         code = config["train"]["preempt_exit_code"]
         sys.stderr.write(f"preempted: {exc}; rerun the same command with hydra.run.dir={output_dir} "
                          f"to resume (exit code {code})\n")
-        requeued = slurm.requeue_self(config["train"].get("max_requeues", 10))
-        if requeued:
-            sys.stderr.write(requeued + "\n")
         sys.exit(code)
     except WorkerFailed as exc:
         if not exc.user_error and exc.traceback:  # a bug in a worker: show where

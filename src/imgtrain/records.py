@@ -37,7 +37,7 @@ def record_subdir(output_dir: str, node_rank: int = 0) -> str | None:
     from imgtrain import slurm
     from imgtrain.distributed import started_by_torchrun
 
-    if (int(node_rank) != 0 or slurm.node_rank() != 0
+    if (int(node_rank) != 0 or not slurm.first_task()
             or (started_by_torchrun() and os.environ["RANK"] != "0")):
         return None
     if output_dir not in _chosen:

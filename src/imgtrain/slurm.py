@@ -38,30 +38,30 @@ def request(world: Mapping[str, Any], device: str) -> dict[str, Any]:
 
 
 def job_world(world: dict[str, Any]) -> dict[str, Any]:
-    """`world` inside a job step across several nodes: node rank, node count and the first node's
-    address from SLURM, the port from the job id unless world.master_port is set. Unchanged
-    outside SLURM and in one-node jobs."""
-    env = os.environ
-    job_nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
-    if not in_job() or (job_nodes == 1 and int(world["nnodes"]) == 1):
+    """`world` inside a SLURM job step across world.nnodes > 1 nodes: node rank, node count and
+    the first node's address from SLURM, the port from the job id unless world.master_port is
+    set. Unchanged outside SLURM and for one node."""
+    env, nnodes = os.environ, int(world["nnodes"])
+    if not in_job() or nnodes == 1:
         return world
     job = env["SLURM_JOB_ID"]
-    if int(world["nnodes"]) != job_nodes:
-        raise ConfigError(f"world.nnodes={world['nnodes']} but SLURM job {job} has {job_nodes} "
-                          f"node(s); ask for world.nnodes nodes (hydra/launcher=slurm does)")
-    step_nodes = int(env.get("SLURM_STEP_NUM_NODES") or 0)
-    if step_nodes != job_nodes or int(env.get("SLURM_STEP_NUM_TASKS") or 0) != job_nodes:
-        raise ConfigError(f"world.nnodes={job_nodes} runs one task per node: start it with "
-                          f"`srun --ntasks-per-node=1 python run.py ...` in the job script")
+    job_nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+    if nnodes != job_nodes:
+        raise ConfigError(f"world.nnodes={nnodes} but SLURM job {job} has {job_nodes} node(s); "
+                          "ask for world.nnodes nodes (hydra/launcher=slurm does)")
+    step = (int(env.get("SLURM_STEP_NUM_NODES") or 0), int(env.get("SLURM_STEP_NUM_TASKS") or 0))
+    if step != (nnodes, nnodes):
+        raise ConfigError(f"world.nnodes={nnodes} runs one task on each of the job's nodes: "
+                          "start it with `srun --ntasks-per-node=1 python run.py ...`")
     first = hostnames(env["SLURM_JOB_NODELIST"])[0]
-    return {**world, "nnodes": job_nodes, "node_rank": int(env["SLURM_NODEID"]),
-            "master_addr": node_address(first),
+    return {**world, "node_rank": int(env["SLURM_NODEID"]), "master_addr": node_address(first),
             "master_port": world["master_port"] or job_port(job)}
 
 
-def node_rank() -> int:
-    """This process's node in its SLURM job step (0 outside SLURM)."""
-    return int(os.environ.get("SLURM_NODEID", 0)) if in_job() else 0
+def first_task() -> bool:
+    """Whether this process is its SLURM job step's first task (or runs outside SLURM): the
+    tasks on the other nodes of a several-node job leave the run's records to it."""
+    return int(os.environ.get("SLURM_PROCID", 0)) == 0 if in_job() else True
 
 
 def job_port(job_id: str) -> int:
@@ -93,7 +93,7 @@ def requeue_self(max_requeues: int) -> str | None:
     command again and resume. Done once per job (its first task). The line to print, or None
     outside a SLURM job and on its other tasks."""
     env = os.environ
-    if not in_job() or int(env.get("SLURM_PROCID", 0)) != 0:
+    if not in_job() or not first_task():
         return None
     job, restarts = env["SLURM_JOB_ID"], int(env.get("SLURM_RESTART_COUNT") or 0)
     if restarts >= max_requeues:
