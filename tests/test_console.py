@@ -324,5 +324,7 @@ def test_the_start_summary_fits_80_columns_and_says_whose_print_point_numbers_th
     assert max(map(len, lines)) <= 80, "\n".join(lines)
     text = "\n".join(lines)
     assert "  batch      2048 global (256 per device)\n" in text
-    assert "  schedule   cosine after 1 warm-up epoch\n" in text and "140 epochs x 625 steps = 87,500" in text
-    assert "  console    print-point loss and acc1: rank 0's; epoch lines: all 8 processes'" in lines
+    assert "  schedule   cosine after 1 warm-up epoch\n" in text
+    assert "  length     140 epochs x 625 steps = 87,500 steps\n" in text
+    assert "  console    print-point loss and acc1: rank 0's; epoch lines: all 8 processes'" \
+        in lines
