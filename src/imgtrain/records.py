@@ -21,8 +21,10 @@ from omegaconf import OmegaConf
 
 
 RECORD = ".hydra"
-# What a command writes once training has started (train.log only then: its handler opens lazily).
-TRAINING_OUTPUTS = ("results.json", "checkpoints", "train.log")
+# What a command writes once training has started: results.json says `running` before the first
+# step. train.log is not among them: its lines before that (a checkpoint's arch taken, a new fc)
+# belong to a start-up that failed, which leaves nothing (mode=predict and export included).
+TRAINING_OUTPUTS = ("results.json", "checkpoints")
 _chosen: dict[str, tuple[str, bool]] = {}  # run directory -> (record subdir, directory was new)
 _launch_time: list[datetime.datetime] = []
 
