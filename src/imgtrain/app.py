@@ -25,6 +25,7 @@ from imgtrain.models import check_arch, check_compile, check_freeze
 from imgtrain.optim import check_schedule
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import RESULTS, read as read_results, record_failure
+from imgtrain.slurm import job_world, requeue_self
 
 log = logging.getLogger("imgtrain")
 MODES = ("train", "eval", "bench_data", "predict", "export")
@@ -48,6 +49,7 @@ def resolve(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     config["overrides"] = overrides
     config["optim"]["lr_rule"] = lr_rule(cfg)
     config["device"]["resolved"] = devices.resolve_name(config["device"]["name"])
+    config["world"] = job_world(config["world"])  # a SLURM job's nodes, unless none
     return config
 
 
@@ -198,7 +200,7 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
         _record(config, output_dir, f"{type(exc).__name__}: {one_line(str(exc))}", started)
         raise
     if results is not None and results.get("status") in preemption.STOPPED:
-        sys.exit(results["exit_code"])  # rank 0 has said where it stopped and how to resume
+        _exit(config, results["status"], results["exit_code"])  # rank 0 said where it stopped
     return None if results is None else results.get("best_acc1")
 
 
@@ -215,6 +217,15 @@ def _stopped(config: dict[str, Any], output_dir: str, sig: int | None, started: 
             else f"(mode={config.get('mode')})"
         sys.stderr.write(f"{status} by {preemption.name(sig)} {when}; nothing to resume "
                          f"(exit code {code})\n")
+    _exit(config, status, code)
+
+
+def _exit(config: dict[str, Any], status: str, code: int) -> None:
+    """A preempted SLURM job goes back in the queue first, to run again and resume."""
+    if status == "preempted":
+        requeued = requeue_self(int(config.get("train", {}).get("max_requeues", 10)))
+        if requeued:
+            sys.stderr.write(requeued + "\n")
     sys.exit(code)
 
 

@@ -96,6 +96,7 @@ class WorldConfig:
     master_port: Optional[int] = None
     max_restarts: int = 0
     start_method: str = "spawn"  # torchrun's --start-method: spawn | fork | forkserver
+    gres: Optional[str] = None   # hydra/launcher=slurm: SLURM's name for a node's devices
 
 
 @dataclass

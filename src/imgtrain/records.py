@@ -36,9 +36,11 @@ def record_subdir(output_dir: str, node_rank: int = 0) -> str | None:
     """
     # Here, not at the top: distributed imports torch, which `python -m imgtrain.report` (it
     # imports this package) does not need, 3 s of its start.
+    from imgtrain import slurm
     from imgtrain.distributed import started_by_torchrun
 
-    if int(node_rank) != 0 or (started_by_torchrun() and os.environ["RANK"] != "0"):
+    if (int(node_rank) != 0 or not slurm.first_task()
+            or (started_by_torchrun() and os.environ["RANK"] != "0")):
         return None
     if output_dir not in _chosen:
         folder = Path(output_dir)

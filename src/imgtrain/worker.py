@@ -126,10 +126,15 @@ def _channels_last(cfg: dict[str, Any], device: devices.DeviceInfo) -> bool:
 
 def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
                    logger: RunLogger, loaders: Any, precision: Precision,
-                   model: torch.nn.Module, stop: preemption.StopSignals) -> Trainer:
+                   model: torch.nn.Module,
+                   stop: preemption.StopSignals | None = None) -> Trainer:
     channels_last = _channels_last(cfg, device)
     model = model.to(device.torch_device,
                      memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    # Every rank starts from rank 0's weights before anything copies them: the EMA (torchvision
+    # builds it from the DDP-synchronised model) and O2's fp32 masters. DDP's own broadcast comes
+    # only when it wraps the model, after both copies are made.
+    world.broadcast_from_main([t.detach() for t in (*model.parameters(), *model.buffers())])
     ema = _build_ema(cfg, model)  # before O2 halves the weights: the EMA holds fp32 ones
     kinds = parameter_kinds(model)  # one per trainable parameter, in the order prepare() steps them
     model, params = precision.prepare(model)
