@@ -4,12 +4,12 @@ The estimate runs one training step's forward and backward on the meta device, w
 but no data, and follows every storage the step makes from its creation to its release: the peak
 of what is alive together counts the activations autograd saves, the input, the gradients and the
 backward pass's own temporaries (a layer's input gradient beside its output gradient). It
-matches the allocator's own peak (torch.profiler's, on the CPU) to 1%, takes under two seconds of
-CPU time for ResNet-152 and allocates nothing. Two batch sizes separate what grows with the batch from what does not. The
-weights, the optimizer's state, O2's masters and the EMA's copy are counted from the parameter
-count; on the CPU the heap grows past the allocator's peak (CPU_HEAP_GROWTH, CPU_REORDERS), and
-an accelerator holds its runtime outside the allocator (RUNTIME_BYTES). benchmarks/memory_check.py
-measures the estimate against real runs.
+matches the allocator's own peak (torch.profiler's, on the CPU) to 1%, takes under two seconds
+of CPU time for ResNet-152 and allocates nothing. Two batch sizes separate what grows with the
+batch from what does not. The weights, the optimizer's state, O2's masters and the EMA's copy
+are counted from the parameter count; on the CPU the heap grows past the allocator's peak
+(CPU_HEAP_GROWTH, CPU_REORDERS), and an accelerator holds its runtime outside the allocator
+(RUNTIME_BYTES). benchmarks/memory_check.py measures the estimate against real runs.
 """
 from __future__ import annotations
 
