@@ -115,7 +115,11 @@ class Trainer(Checkpointing):
         sampler = self.loaders.train_sampler
         sampler.set_epoch(epoch)
         first_step = self.state.step_in_epoch
-        sampler.skip(first_step * self.loaders.per_rank_batch)  # not read, not decoded
+        # The steps already trained are not read, not decoded; this run's layout of the epoch's
+        # micro-batches is recorded, for a resume on another number of processes.
+        sampler.resume_at(first_step, self.state.epoch_layout)
+        self.state.epoch_layout = [*map(list, sampler.earlier_layouts),
+                                   [first_step, sampler.micro_batches_per_step]]
         micro_steps = self.loaders.accumulate_steps
         # Loss sum over the steps whose loss was finite, correct, samples behind that loss sum:
         # a step the loss scaler skipped for an fp16 overflow does not poison the epoch's loss.

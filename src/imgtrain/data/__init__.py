@@ -147,7 +147,8 @@ def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
                       prefetch_factor=int(data_cfg.get("prefetch_factor", 2)),
                       multiprocessing_context=worker_start_method())
     train_sampler = TrainSampler(len(train_set), rank, world_size, seed,
-                                 ra_reps=int(data_cfg.get("ra_reps", 1)))
+                                 ra_reps=int(data_cfg.get("ra_reps", 1)), micro_batch=micro_batch,
+                                 accumulate_steps=accumulate_steps)
     data_cfg = _with_pool_checked(data_cfg, common, micro_batch, train_set, local_world_size)
     # drop_last keeps every step's shape static (graph-compiling NPUs and torch.compile like that).
     train = _loader(train_set, data_cfg, common, batch_size=micro_batch, sampler=train_sampler,
