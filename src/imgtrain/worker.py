@@ -123,7 +123,7 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
     kinds = parameter_kinds(model)  # one per trainable parameter, in the order prepare() steps them
     model, params = precision.prepare(model)
     optimizer = build_optimizer(weight_decay_groups(kinds, params, cfg["optim"]), cfg["optim"],
-                                device)
+                                device, loss_scaled=precision.scaler is not None)
     scheduler = build_scheduler(optimizer, cfg["sched"], cfg["train"]["epochs"],
                                 epoch_steps(loaders, cfg["train"]["steps_per_epoch"]))
     eval_model = model  # never wrapped by DDP: see Trainer.eval_model
