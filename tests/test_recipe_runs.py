@@ -84,7 +84,7 @@ def test_a_sigkill_mid_epoch_resumes_to_the_same_weights_and_ema(
 
     resumed = run_cli(*args, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert re.search(rf"resuming from .*\(epoch {epoch}, step [1-5];", resumed.stdout)
+    assert re.search(rf"resumed from epoch {epoch} step [1-5] \(restart 1\)", resumed.stdout)
     straight, again = _saved(straight_run(world)), _saved(tmp_path)
     assert _max_diff(straight["model"], again["model"]) <= 1e-6
     assert _max_diff(straight["model_ema"], again["model_ema"]) <= 1e-6

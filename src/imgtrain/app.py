@@ -11,7 +11,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from imgtrain import device as devices, records
+from imgtrain import device as devices, preemption, records
 from imgtrain.config import lr_rule, unknown_keys
 from imgtrain.data import check_dataset
 from imgtrain.data.mixing import check_mixing
@@ -65,6 +65,7 @@ def check(config: dict[str, Any]) -> None:
         if int(config["train"][key]) < 1:
             raise ConfigError(f"train.{key}={config['train'][key]} must be at least 1")
     check_recipe(config)
+    check_requeues(config["train"])
     if config["train"]["on_checkpoint_error"] not in ("fail", "warn"):
         raise ConfigError("train.on_checkpoint_error must be fail or warn")
     if config["mode"] in NO_DATASET:
@@ -97,6 +98,15 @@ def check_recipe(config: dict[str, Any]) -> None:
     check_ema(config["ema"])
 
 
+def check_requeues(train: dict[str, Any]) -> None:
+    """A job that keeps dying would otherwise be requeued by its scheduler for ever."""
+    requeues, limit = preemption.requeue_count(), int(train["max_requeues"])
+    if requeues > limit:
+        raise ConfigError(f"this job has been requeued {requeues} times, more than "
+                          f"train.max_requeues={limit}; it stops here (look at train.log for why "
+                          "it keeps ending, or raise train.max_requeues)")
+
+
 def check_directory(config: dict[str, Any], output_dir: str) -> None:
     """A run directory belongs to the mode that made it: an eval never replaces a training run's
     results.json, nor a training run an eval's."""
@@ -127,11 +137,10 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
         results = launch(_worker_entry(), config, output_dir)
     except ConfigError as exc:
         return _fail(config, output_dir, one_line(str(exc)), started, multirun)
-    except Preempted as exc:
-        code = config["train"]["preempt_exit_code"]
-        sys.stderr.write(f"preempted: {exc}; rerun the same command with hydra.run.dir={output_dir} "
-                         f"to resume (exit code {code})\n")
-        sys.exit(code)
+    except Preempted as exc:  # the elastic agent caught the signal; its workers have stopped
+        _stopped(config, output_dir, exc.signal, started)
+    except KeyboardInterrupt:  # Ctrl-C before a worker's handlers were in place
+        _stopped(config, output_dir, preemption.CTRL_C, started)
     except WorkerFailed as exc:
         if not exc.user_error and exc.traceback:  # a bug in a worker: show where
             sys.stderr.write(exc.traceback.rstrip() + "\n")
@@ -139,7 +148,25 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
     except Exception as exc:  # a bug or a crash: keep its traceback, but record the failure first
         _record(config, output_dir, f"{type(exc).__name__}: {one_line(str(exc))}", started)
         raise
+    if results is not None and results.get("status") in preemption.STOPPED:
+        sys.exit(results["exit_code"])  # rank 0 has said where it stopped and how to resume
     return None if results is None else results.get("best_acc1")
+
+
+def _stopped(config: dict[str, Any], output_dir: str, sig: int | None, started: float) -> None:
+    """Exit after a stop signal. Rank 0 reports a stop during training; one before it (setup,
+    or a mode that does not train) has nothing to resume, and leaves nothing it started."""
+    status, code = preemption.outcome(sig, config.get("train", {}).get("preempt_exit_code", 143))
+    previous = read_results(Path(output_dir) / RESULTS)
+    reported = previous and previous.get("status") in preemption.STOPPED and \
+        (Path(output_dir) / RESULTS).stat().st_mtime >= started
+    if not reported:
+        records.discard_startup(output_dir, started, keep_error_record=False)
+        when = "before training started" if config.get("mode") == "train" \
+            else f"(mode={config.get('mode')})"
+        sys.stderr.write(f"{status} by {preemption.name(sig)} {when}; nothing to resume "
+                         f"(exit code {code})\n")
+    sys.exit(code)
 
 
 def _worker_entry() -> Any:

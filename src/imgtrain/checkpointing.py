@@ -34,6 +34,7 @@ class TrainState:
     timed_images: float = 0.0   # images/sec bookkeeping over the whole run
     timed_seconds: float = 0.0
     train_seconds: float = 0.0
+    restarts: int = 0           # how often the run has been resumed (preemption.restart_count)
 
 
 class Checkpointing:
@@ -55,7 +56,8 @@ class Checkpointing:
                       "best_acc1": s.best_acc1,
                       "best_ema_acc1": s.best_ema_acc1,
                       "history": s.history, "timed_images": s.timed_images,
-                      "timed_seconds": s.timed_seconds, "train_seconds": s.train_seconds},
+                      "timed_seconds": s.timed_seconds, "train_seconds": s.train_seconds,
+                      "restarts": s.restarts},
             "identity": {"arch": self.cfg["model"]["arch"],
                          "num_classes": self.loaders.num_classes,
                          "global_batch_size": self.global_batch,
@@ -171,11 +173,13 @@ class Checkpointing:
         seconds = self.save_checkpoint(f"step-{self.state.global_step}.pt") if due or stop else 0.0
         if stop:
             self.world.barrier()
-            raise Preempted(f"stopped by a signal at epoch {self.state.epoch + 1}, step {step}; "
+            raise Preempted(f"at epoch {self.state.epoch + 1} step {step}; "
                             f"{self._saved_or_not()}")
         return seconds
 
     def _saved_or_not(self) -> str:
+        if not self.checkpoints.enabled:
+            return "no checkpoint (train.save_checkpoints=false)"
         if self.checkpoints.last_written or not self.world.is_main:
             return "checkpoint saved"
         return "no checkpoint written now: resuming starts from the last one that was"

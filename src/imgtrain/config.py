@@ -34,6 +34,7 @@ class TrainConfig:
     save_checkpoints: bool = True
     on_checkpoint_error: str = "fail"
     preempt_exit_code: int = 143
+    max_requeues: int = 10               # a SLURM job requeued more often than this stops
     memory_check: bool = True  # estimate peak memory before training (memory.py)
     profile: bool = False
     profile_wait: int = 1

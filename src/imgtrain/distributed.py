@@ -21,10 +21,9 @@ import torch.distributed as dist
 
 from imgtrain.device import DeviceInfo, visible_count
 from imgtrain.errors import ConfigError, Preempted, one_line
+from imgtrain.preemption import AGENT_SIGNALS
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# The agent forwards these to the workers; SIGUSR1 is SLURM's usual advance warning of preemption.
-HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # How long workers get, after a signal, to reach a step boundary and checkpoint before SIGKILL.
 SHUTDOWN_SECONDS = 120
 
@@ -179,14 +178,15 @@ def _elastic_launch(entrypoint: Callable[[dict, str], Any], config: dict[str, An
         max_restarts=int(world_cfg["max_restarts"]), monitor_interval=0.5,
         start_method=world_cfg["start_method"],
         logs_specs=DefaultLogsSpecs(log_dir=agent_files),
-        **_supported(LaunchConfig, signals_to_handle=HANDLED_SIGNALS,
+        **_supported(LaunchConfig, signals_to_handle=AGENT_SIGNALS,
                      shutdown_timeout=SHUTDOWN_SECONDS))
     _quiet_elastic_logs()
     try:
         results = elastic_launch(launch_config, entrypoint)(config, output_dir)
     except SignalException as exc:
-        # The agent passed the signal on to the workers, which checkpoint at the next agreed step.
-        raise Preempted(f"stopped by {exc.sigval.name}") from None
+        # The agent passed the signal on to the workers, which checkpointed at the next agreed step
+        # (rank 0 said where) before it let them go.
+        raise Preempted(f"stopped by {exc.sigval.name}", signal=exc.sigval) from None
     except ChildFailedError as exc:
         message = _root_cause(exc.failures.values()).message
         if isinstance(message, dict):

@@ -15,7 +15,15 @@ class ConfigError(Exception):
 
 
 class Preempted(Exception):
-    """A SIGTERM/SIGUSR1 stopped the run after a checkpoint; it exits with train.preempt_exit_code."""
+    """A stop signal (preemption.py) stopped the run at an agreed step, after a checkpoint.
+
+    The Trainer raises it with where it stopped; the launcher with the signal its elastic agent
+    caught (`signal`), when the workers have said where.
+    """
+
+    def __init__(self, message: str, signal: int | None = None) -> None:
+        super().__init__(message)
+        self.signal = signal
 
 
 def one_line(message: str) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from imgtrain.checkpoint import write_json_atomic
+from imgtrain.preemption import job_id
 
 RESULTS = "results.json"
 
@@ -30,6 +31,7 @@ def run_results(cfg: dict[str, Any], trainer: Any) -> dict[str, Any]:
         "train_seconds": state.train_seconds,
         **({"ema_acc1": last.get("ema_acc1"), "best_ema_acc1": state.best_ema_acc1}
            if getattr(trainer, "ema", None) is not None else {}),
+        **({"resumed": trainer.resumed} if getattr(trainer, "resumed", None) else {}),
         "history": state.history,
     }
 
@@ -43,6 +45,7 @@ def identity(cfg: dict[str, Any]) -> dict[str, Any]:
         "amp": cfg["amp"]["level"], "torch_version": torch.__version__,
         "global_batch_size": cfg["train"]["batch_size"], "lr": cfg["optim"]["lr"],
         "overrides": cfg.get("overrides", []), "mode": cfg["mode"],
+        **({"slurm_job_id": job_id()} if job_id() else {}),
     }
 
 

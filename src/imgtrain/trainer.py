@@ -57,7 +57,8 @@ class Trainer(Checkpointing):
                  precision: Precision, loaders: Loaders, device: DeviceInfo, world: World,
                  logger: RunLogger, cfg: dict[str, Any], output_dir: Path,
                  channels_last: bool, eval_model: nn.Module | None = None,
-                 ema: WeightAverage | None = None) -> None:
+                 ema: WeightAverage | None = None,
+                 stop_signals: StopSignals | None = None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         # Evaluation runs the module without its DDP wrapper: DDP's forward broadcasts buffers, a
         # collective that a rank with no validation batch would never join.
@@ -72,7 +73,9 @@ class Trainer(Checkpointing):
         self.ema = ema
         self.global_batch = loaders.per_rank_batch * world.world_size
         self.steps_per_epoch = epoch_steps(loaders, self.train_cfg["steps_per_epoch"])
-        self.stop_signals = StopSignals()
+        # Installed by the worker from its start, so that a signal during setup is not lost.
+        self.stop_signals = stop_signals if stop_signals is not None else StopSignals()
+        self.resumed: dict[str, int] | None = None  # where a resume started: epoch, step, restart
         self.progress = Progress.for_trainer(self)  # rank 0's console; does nothing elsewhere
         self.profiler = build_profiler(self.train_cfg, output_dir, device, world)
 
@@ -234,8 +237,7 @@ class Trainer(Checkpointing):
                 self._end_epoch(epoch, train, val)
                 if epoch + 1 < epochs and self.world.any(self.stop_signals.requested,
                                                          self.device.torch_device):
-                    raise Preempted(f"stopped by a signal at the end of epoch {epoch + 1}; "
-                                    f"{self._saved_or_not()}")
+                    raise Preempted(f"at the end of epoch {epoch + 1}; {self._saved_or_not()}")
         return val
 
     def _end_epoch(self, epoch: int, train: dict[str, float], val: dict[str, float]) -> None:

@@ -1,6 +1,7 @@
 """One worker process: device and process group, then model, data, optimizer, precision, Trainer."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from imgtrain import checkpoint, device as devices, weights as model_weights
+from imgtrain import checkpoint, device as devices, preemption, weights as model_weights
 from imgtrain.data import build_loaders, cpu_cores
 from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, process_group,
                                   world_from_env)
@@ -38,9 +39,13 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
     device = devices.for_local_rank(cfg["device"]["resolved"], world.local_rank)
     device.apply_settings(cfg["device"])
     logger = RunLogger(out) if world.is_main else NullLogger()
-    with process_group(world, device):
+    # Training stops on a signal at an agreed step; from here on, so that one during setup (the
+    # whole process group gets it) is acted on at the first step rather than killing a rank.
+    stop = preemption.StopSignals()
+    with stop if cfg["mode"] == "train" else contextlib.nullcontext(), \
+            process_group(world, device):
         try:
-            return _run(cfg, out, world, device, logger)
+            return _run(cfg, out, world, device, logger, stop)
         except Exception as exc:
             if is_peer_loss(str(exc)):  # let the rank that crashed be the one reported
                 time.sleep(PEER_LOSS_GRACE_SECONDS)
@@ -58,7 +63,7 @@ def _share_cpu_threads(world: World) -> None:
 
 
 def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
-         logger: RunLogger) -> dict[str, Any] | None:
+         logger: RunLogger, stop: preemption.StopSignals) -> dict[str, Any] | None:
     _share_cpu_threads(world)
     torch.manual_seed(cfg["train"]["seed"] + world.rank)
     source = model_weights.for_mode(cfg)  # eval|predict|export: the checkpoint names its model
@@ -93,9 +98,12 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
         model_weights.load_into(model, source, cfg["model"]["arch"],
                                 allow_new_fc=cfg["mode"] == "train")
     freeze(model, cfg["model"]["freeze"])
-    trainer = _build_trainer(cfg, out, world, device, logger, loaders, precision, model)
+    trainer = _build_trainer(cfg, out, world, device, logger, loaders, precision, model, stop)
     if saved:
         trainer.load_state_dict(saved)
+        trainer.state.restarts = preemption.restart_count(trainer.state.restarts)
+        trainer.resumed = {"epoch": trainer.state.epoch + 1, "step": trainer.state.step_in_epoch,
+                           "restart": trainer.state.restarts}
     return _execute(cfg, trainer, logger, resumed_from=resume_from if saved else None, out=out)
 
 
@@ -115,7 +123,7 @@ def _channels_last(cfg: dict[str, Any], device: devices.DeviceInfo) -> bool:
 
 def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
                    logger: RunLogger, loaders: Any, precision: Precision,
-                   model: torch.nn.Module) -> Trainer:
+                   model: torch.nn.Module, stop: preemption.StopSignals) -> Trainer:
     channels_last = _channels_last(cfg, device)
     model = model.to(device.torch_device,
                      memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -135,7 +143,8 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
         eval_model = compile_model(eval_model, cfg["model"])
     return Trainer(model=model, optimizer=optimizer, scheduler=scheduler, precision=precision,
                    loaders=loaders, device=device, world=world, logger=logger, cfg=cfg,
-                   output_dir=out, channels_last=channels_last, eval_model=eval_model, ema=ema)
+                   output_dir=out, channels_last=channels_last, eval_model=eval_model, ema=ema,
+                   stop_signals=stop)
 
 
 def _build_ema(cfg: dict[str, Any], model: torch.nn.Module) -> WeightAverage | None:
@@ -172,15 +181,31 @@ def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed_f
     try:
         trainer.fit()
     except Preempted as exc:
-        logger.info("%s; exiting with code %d", exc,
-                    cfg["train"]["preempt_exit_code"])
-        logger.results({**run_results(cfg, trainer), "status": "preempted"})
-        raise
+        return _stopped(cfg, trainer, logger, str(exc), out)
     results = {**run_results(cfg, trainer), "status": "completed"}
     logger.results(results)
     for line in end_lines(results, time.time() - started, out):
         logger.info("%s", line)
     return results
+
+
+def _stopped(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, where: str,
+             out: Path) -> dict[str, Any]:
+    """A stop signal ended training at an agreed step: one line on where and how to resume, and
+    results.json's status; the launcher exits with the returned `exit_code`."""
+    sig = trainer.stop_signals.received
+    status, code = preemption.outcome(sig, cfg["train"]["preempt_exit_code"])
+    results = {**run_results(cfg, trainer), "status": status, "exit_code": code}
+    logger.results(results)
+    logger.info("%s by %s %s; %s (exit code %d)", status, preemption.name(sig), where,
+                resume_hint(cfg, out), code)
+    return results
+
+
+def resume_hint(cfg: dict[str, Any], out: Path) -> str:
+    if not cfg["train"]["save_checkpoints"]:
+        return "nothing to resume from"
+    return f"rerun the same command with hydra.run.dir={out} to resume"
 
 
 def override_keys(cfg: dict[str, Any]) -> list[str]:

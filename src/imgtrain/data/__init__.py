@@ -20,6 +20,7 @@ from imgtrain.data.imagefolder import JpegFolder, check_layout
 from imgtrain.data.samplers import ExactValSampler, TrainSampler
 from imgtrain.data.synthetic import Synthetic
 from imgtrain.errors import ConfigError
+from imgtrain.preemption import ignore_stop_signals
 
 DATASETS = ("imagenet", "cifar10", "synthetic")
 # Held in memory: a batch takes about a millisecond to make, not worth a worker process on the CPU.
@@ -109,6 +110,7 @@ def default_workers(dataset: str, world_size_on_node: int, accelerator: bool) ->
 
 
 def _seed_worker(worker_id: int) -> None:
+    ignore_stop_signals()  # the training process acts on them; see preemption.py
     # DataLoader already gives each worker torch seed base_seed + worker_id, derived from the
     # rank-specific generator below; numpy and random follow it so any library code is seeded too.
     worker_seed = torch.initial_seed() % 2**32
