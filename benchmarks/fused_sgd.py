@@ -2,7 +2,8 @@
 
 The task is small but made of real images: a generated ImageFolder of JPEG files (10 shape
 classes: disc, ring, square, frame, triangle, cross, stripes three ways, checkerboard), each shape
-at a random place and size, in a colour near its class's over a random background, plus noise. Each run is `python run.py` with the seed's recipe otherwise
+at a random place and size, in a colour near its class's over a random background, plus noise.
+Each run is `python run.py` with the seed's recipe otherwise
 (amp=O2, which is bfloat16 without a loss scale on the CPU; SGD 0.9 / 1e-4, cosine):
 
     dataset=imagenet dataset.image_size=32 model=resnet18 train.batch_size=64 optim.lr=0.1
@@ -151,7 +152,8 @@ def main() -> None:
     data = make_dataset(args.out / "shapes", args.per_class, args.val_per_class)
     started = time.time()
     results = run_all(args, data)
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
+    machine = platform.processor() or platform.machine()
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, "
           f"torch {__import__('torch').__version__}, {args.seeds} seeds, {args.epochs} epochs, "
           f"{args.per_class * 10} training images, {time.time() - started:.0f} s")
     print(table(results, args.seeds))

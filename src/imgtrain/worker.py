@@ -123,7 +123,7 @@ def _channels_last(cfg: dict[str, Any], device: devices.DeviceInfo) -> bool:
 
 def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
                    logger: RunLogger, loaders: Any, precision: Precision,
-                   model: torch.nn.Module, stop: preemption.StopSignals) -> Trainer:
+                   model: torch.nn.Module, stop: preemption.StopSignals | None = None) -> Trainer:
     channels_last = _channels_last(cfg, device)
     model = model.to(device.torch_device,
                      memory_format=torch.channels_last if channels_last else torch.preserve_format)
