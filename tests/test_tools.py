@@ -180,7 +180,7 @@ def test_predict_takes_one_path(fine_tuned: dict, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode, weights, failing, fragment", [
-    ("predict", "last.pt", "predict.inputs={tmp}/absent.jpg", "absent.jpg does not exist"),
+    ("predict", "last.pt", "predict.inputs=[{tmp}/absent.jpg]", "absent.jpg does not exist"),
     ("export", "last.pt", "export.batch=0", "export.batch=0"),
     ("export", "absent.pt", "export.batch=dynamic", "absent.pt"),
 ])
