@@ -151,7 +151,8 @@ def test_help_lists_groups_keys_and_commands() -> None:
     for key in ("dataset.root", "train.batch_size", "train.epochs", "optim.lr", "amp.level",
                 "train.memory_check", "model.weights"):
         assert re.search(rf"^\s+{re.escape(key)}\s+\S", text, re.MULTILINE), key
-    for command in ("python run.py experiment=quickstart", "python run.py -m optim.lr=0.1,0.2",
+    for command in ("python run.py experiment=quickstart",
+                    "python run.py -m experiment=quickstart optim.lr=0.002,0.1",
                     "tensorboard --logdir outputs", "python -m imgtrain.report"):
         assert command in text
     assert "powered by Hydra" not in text  # Hydra's generic help is replaced, not appended
@@ -324,5 +325,7 @@ def test_the_start_summary_fits_80_columns_and_says_whose_print_point_numbers_th
     assert max(map(len, lines)) <= 80, "\n".join(lines)
     text = "\n".join(lines)
     assert "  batch      2048 global (256 per device)\n" in text
-    assert "  schedule   cosine after 1 warm-up epoch\n" in text and "140 epochs x 625 steps = 87,500" in text
-    assert "  console    print-point loss and acc1: rank 0's; epoch lines: all 8 processes'" in lines
+    assert "  schedule   cosine after 1 warm-up epoch\n" in text
+    assert "  length     140 epochs x 625 steps = 87,500 steps\n" in text
+    assert "  console    print-point loss and acc1: rank 0's; epoch lines: all 8 processes'" \
+        in lines

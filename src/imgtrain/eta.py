@@ -31,7 +31,8 @@ class Eta:
         self.val_passes, self.micro_steps = val_passes, micro_steps
         self.seconds_per_step: float | None = None
         self.val_seconds: float | None = None  # the last validation pass's
-        self._since: tuple[int, float] | None = None  # (step, time) of the epoch's first print point
+        # (step, time) of the epoch's first print point
+        self._since: tuple[int, float] | None = None
 
     def start_epoch(self) -> None:
         self._since = None

@@ -101,7 +101,8 @@ class Progress:
             return NullProgress()
         return cls(trainer.train_cfg["epochs"], trainer.steps_per_epoch, len(trainer.loaders.val),
                    trainer.device, trainer.train_cfg["print_freq"],
-                   val_passes=1 if trainer.ema is None else 2,  # the EMA's weights are evaluated too
+                   # An epoch ends with the EMA's validation too, where there is one.
+                   val_passes=1 if trainer.ema is None else 2,
                    micro_steps=trainer.loaders.accumulate_steps)
 
     # ---- the live display (terminals only) -----------------------------------------------
