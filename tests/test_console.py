@@ -151,7 +151,8 @@ def test_help_lists_groups_keys_and_commands() -> None:
     for key in ("dataset.root", "train.batch_size", "train.epochs", "optim.lr", "amp.level",
                 "train.memory_check", "model.weights"):
         assert re.search(rf"^\s+{re.escape(key)}\s+\S", text, re.MULTILINE), key
-    for command in ("python run.py experiment=quickstart", "python run.py -m optim.lr=0.1,0.2",
+    for command in ("python run.py experiment=quickstart",
+                    "python run.py -m experiment=quickstart optim.lr=0.002,0.1",
                     "tensorboard --logdir outputs", "python -m imgtrain.report"):
         assert command in text
     assert "powered by Hydra" not in text  # Hydra's generic help is replaced, not appended

@@ -179,6 +179,25 @@ def test_an_overflowed_step_changes_nothing_whatever_the_scaler(compose, tmp_pat
         assert torch.equal(clean, after_overflow)
 
 
+def test_a_skipped_step_is_left_out_of_the_epochs_loss(compose, tmp_path: Path):
+    """The first of 6 steps has an inf gradient but a finite loss: the scaler skips it, and the
+    epoch's loss is the mean of the 5 steps applied (each of the same 8 images)."""
+    trainer = make_trainer(compose, tmp_path, "O2", torch.float16, 1024.0)
+    step, losses = trainer._train_step, []
+
+    def recorded(micro_batches, epoch):
+        result = step(micro_batches, epoch)
+        losses.append(result[0].item())  # the step's mean loss
+        return result
+
+    trainer._train_step = recorded
+    first = next(p for p in trainer.model.parameters())
+    first.register_hook(lambda grad: torch.full_like(grad, float("inf")) if not losses else grad)
+    metrics = trainer.train_epoch(0)
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+    assert metrics["loss"] == pytest.approx(sum(losses[1:]) / (STEPS - 1), rel=1e-6)
+
+
 # ---- optimizers that keep views of the gradients ----------------------------------------------
 class FlatBufferSGD(torch.optim.Optimizer):
     """Stands in for torch_npu.optim.NpuFusedSGD: on its first step it copies every gradient into
