@@ -251,8 +251,18 @@ class _Clock:
         return self.now
 
 
-def _progress_for(monkeypatch: pytest.MonkeyPatch, ema: bool, accumulate_steps: int):
-    """Rank 0's Progress as the trainer builds it: 2 epochs of 10 steps, 6 validation batches."""
+class _ValLoader(list):
+    """Stands for the validation DataLoader: its length and batch size."""
+
+    def __init__(self, batches: int, batch_size: int) -> None:
+        super().__init__([None] * batches)
+        self.batch_size = batch_size
+
+
+def _progress_for(monkeypatch: pytest.MonkeyPatch, ema: bool, accumulate_steps: int,
+                  val_batch: int | None = None):
+    """Rank 0's Progress as the trainer builds it: 2 epochs of 10 steps of 64 images per rank,
+    6 validation batches of one micro-batch (or `val_batch`: eval.batch_size's)."""
     from types import SimpleNamespace
 
     from imgtrain import eta, progress
@@ -264,7 +274,8 @@ def _progress_for(monkeypatch: pytest.MonkeyPatch, ema: bool, accumulate_steps: 
     trainer = SimpleNamespace(
         world=SimpleNamespace(is_main=True), train_cfg={"epochs": 2, "print_freq": 2},
         steps_per_epoch=10, device=DeviceInfo("cpu"), ema=object() if ema else None,
-        loaders=SimpleNamespace(val=[None] * 6, accumulate_steps=accumulate_steps))
+        loaders=SimpleNamespace(val=_ValLoader(6, val_batch or 64 // accumulate_steps),
+                                per_rank_batch=64, accumulate_steps=accumulate_steps))
     return progress.Progress.for_trainer(trainer), clock
 
 
@@ -285,6 +296,9 @@ def test_the_eta_guesses_validation_from_one_batch_not_a_whole_step(
     passes = 2 if ema else 1
     validation = passes * 6 * 0.25 / 3
     assert _eta_seconds(view, 0) == pytest.approx(8 + validation + 10 + validation)
+    # With eval.batch_size=128 on one device, a validation batch holds two steps' images.
+    view, _ = _progress_for(monkeypatch, ema=False, accumulate_steps=4, val_batch=128)
+    assert _eta_seconds(view, 0) == pytest.approx(8 + 6 * 2 / 3 + 10 + 6 * 2 / 3)
 
 
 def test_the_eta_counts_the_emas_validation_pass(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -83,8 +83,8 @@ class Progress:
     """Rank 0's console view of training; `NullProgress` stands in on the other ranks."""
 
     def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, device: Any,
-                 print_freq: int = 1, val_passes: int = 1, micro_steps: int = 1) -> None:
-        self.eta = Eta(epochs, steps_per_epoch, val_steps, val_passes, micro_steps)
+                 print_freq: int = 1, val_passes: int = 1, val_batch_share: float = 1.0) -> None:
+        self.eta = Eta(epochs, steps_per_epoch, val_steps, val_passes, val_batch_share)
         self.print_freq = print_freq
         self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
         self.device = device
@@ -103,7 +103,7 @@ class Progress:
                    trainer.device, trainer.train_cfg["print_freq"],
                    # An epoch ends with the EMA's validation too, where there is one.
                    val_passes=1 if trainer.ema is None else 2,
-                   micro_steps=trainer.loaders.accumulate_steps)
+                   val_batch_share=trainer.loaders.val.batch_size / trainer.loaders.per_rank_batch)
 
     # ---- the live display (terminals only) -----------------------------------------------
     def __enter__(self) -> "Progress":
