@@ -177,7 +177,7 @@ def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed_f
         return {**run_results(cfg, trainer), "status": "completed", "already_completed": True}
     for line in start_lines(cfg, trainer, out, resumed_from):
         logger.info("%s", line)
-    logger.hparams(hparam_values(cfg, trainer), first=override_keys(cfg))
+    logger.hparams(hparam_values(cfg, trainer))
     logger.results({**results, "status": "running"})
     started = time.time()
     try:
