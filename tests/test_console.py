@@ -91,8 +91,8 @@ def _live_rows(width: int, epochs: int, steps: int, val_steps: int, monkeypatch)
     view.console = Console(file=io.StringIO(), width=width, force_terminal=True)
     with view:
         view.start_epoch(0, 0)
-        values = {"train/loss": 2.2497, "train/acc1": 34.84, "train/images_per_sec": 1232.7,
-                  "train/lr": 0.05250}
+        values = {"train/loss": 2.2497, "accuracy/train_acc1": 34.84,
+                  "throughput/images_per_sec": 1232.7, "train/lr": 0.05250}
         view.train_update(0, 1230, values, seconds=1230 * 3.0, data_time=0.01)
         view.start_val()
         clock.now += 30.0
@@ -251,8 +251,18 @@ class _Clock:
         return self.now
 
 
-def _progress_for(monkeypatch: pytest.MonkeyPatch, ema: bool, accumulate_steps: int):
-    """Rank 0's Progress as the trainer builds it: 2 epochs of 10 steps, 6 validation batches."""
+class _ValLoader(list):
+    """Stands for the validation DataLoader: its length and batch size."""
+
+    def __init__(self, batches: int, batch_size: int) -> None:
+        super().__init__([None] * batches)
+        self.batch_size = batch_size
+
+
+def _progress_for(monkeypatch: pytest.MonkeyPatch, ema: bool, accumulate_steps: int,
+                  val_batch: int | None = None):
+    """Rank 0's Progress as the trainer builds it: 2 epochs of 10 steps of 64 images per rank,
+    6 validation batches of one micro-batch (or `val_batch`: eval.batch_size's)."""
     from types import SimpleNamespace
 
     from imgtrain import eta, progress
@@ -264,13 +274,14 @@ def _progress_for(monkeypatch: pytest.MonkeyPatch, ema: bool, accumulate_steps: 
     trainer = SimpleNamespace(
         world=SimpleNamespace(is_main=True), train_cfg={"epochs": 2, "print_freq": 2},
         steps_per_epoch=10, device=DeviceInfo("cpu"), ema=object() if ema else None,
-        loaders=SimpleNamespace(val=[None] * 6, accumulate_steps=accumulate_steps))
+        loaders=SimpleNamespace(val=_ValLoader(6, val_batch or 64 // accumulate_steps),
+                                per_rank_batch=64, accumulate_steps=accumulate_steps))
     return progress.Progress.for_trainer(trainer), clock
 
 
 def _eta_seconds(view, epoch: int) -> float:
     """The run's ETA at the epoch's first print point (step 2, 1 s a step), as logged."""
-    values = {"train/loss": 1.0, "train/acc1": 50.0, "train/images_per_sec": 10.0,
+    values = {"train/loss": 1.0, "accuracy/train_acc1": 50.0, "throughput/images_per_sec": 10.0,
               "train/lr": 0.1}
     view.start_epoch(epoch, 0)
     return view.train_update(epoch, 2, values, seconds=2.0, data_time=0.0)["time/eta_hours"] * 3600
@@ -285,6 +296,9 @@ def test_the_eta_guesses_validation_from_one_batch_not_a_whole_step(
     passes = 2 if ema else 1
     validation = passes * 6 * 0.25 / 3
     assert _eta_seconds(view, 0) == pytest.approx(8 + validation + 10 + validation)
+    # With eval.batch_size=128 on one device, a validation batch holds two steps' images.
+    view, _ = _progress_for(monkeypatch, ema=False, accumulate_steps=4, val_batch=128)
+    assert _eta_seconds(view, 0) == pytest.approx(8 + 6 * 2 / 3 + 10 + 6 * 2 / 3)
 
 
 def test_the_eta_counts_the_emas_validation_pass(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,7 @@ class TrainConfig:
     seed: int = 49
     print_freq: int = 10
     fps_warmup_steps: int = 5
+    log_images: bool = False  # TensorBoard's train/first_batch grid
     resume: Optional[str] = "auto"
     checkpoint_every_steps: Optional[int] = None
     checkpoint_every_minutes: Optional[float] = None
