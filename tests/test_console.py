@@ -2,6 +2,7 @@
 the start and end summaries, `--help`, and the memory check before training."""
 from __future__ import annotations
 
+import io
 import os
 import pty
 import re
@@ -21,14 +22,16 @@ PLAIN_LINE = re.compile(r"^epoch 1 \[(\d)/4\] loss [\d.]+ acc1 [\d.]+ img/s [\d.
                         r"data \d+% \| ETA epoch \d+:\d\d:\d\d run \d+:\d\d:\d\d$")
 SUMMARY_KEYS = ("model      resnet18", "data       synthetic: 256 train / 128 val images, 10 "
                 "classes, 32 px", "device     cpu x 1 process", "precision  amp=O0 (float32), "
-                "no loss scaling", "batch      64 global (64 per device), lr 0.1",
-                "length     1 epochs x 4 steps = 4 steps", "resume     no: a new run")
+                "no loss scaling", "batch      64 global (64 per device)", "lr         0.1 = ",
+                "schedule   cosine after 1 warm-up epoch", "length     1 epoch x 4 steps = 4 steps",
+                "resume     no: a new run")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def run_in_terminal(*overrides: str, timeout: float = 300) -> str:
-    """`python run.py ...` with stdout on a pseudo-terminal, as in an interactive shell."""
+def run_in_terminal(*overrides: str, columns: int, timeout: float = 300) -> str:
+    """`python run.py ...` with stdout on a pseudo-terminal of `columns`, as in a shell."""
     leader, follower = pty.openpty()
-    env = {"TERM": "xterm-256color", "COLUMNS": "160"}
+    env = {"TERM": "xterm-256color", "COLUMNS": str(columns)}
     if "NO_COLOR" in os.environ:
         env["NO_COLOR"] = ""  # empty: unset, for rich (the variable cannot be removed here)
     proc = start_cli(*overrides, env=env, terminal=os.ttyname(follower))
@@ -51,24 +54,71 @@ def run_in_terminal(*overrides: str, timeout: float = 300) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def test_terminal_shows_a_live_display_and_train_log_stays_plain(tmp_path: Path) -> None:
-    screen = run_in_terminal(*SHORT, f"hydra.run.dir={tmp_path}")
+def test_an_80_column_terminal_shows_the_essentials_and_train_log_stays_plain(
+        tmp_path: Path) -> None:
+    screen = run_in_terminal(*SHORT, f"hydra.run.dir={tmp_path}", columns=80)
     assert "\x1b[" in screen  # rich redraws the display in place
     # What the eye sees, frame by frame: styles and cursor moves out, each redraw on its own line.
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen).replace("\r", "\n")
+    text = ANSI.sub("", screen).replace("\r", "\n")
     for fragment in SUMMARY_KEYS:
         assert fragment in text, text
-    assert re.search(r"epoch 1/1 [━╺╸ ]+ 2/4 loss [\d.]+ acc1 [\d.]+ img/s [\d.]+ lr [\d.]+ "
-                     r"data \d+% \| ETA \d+:\d\d:\d\d epoch, \d+:\d\d:\d\d run", text), text
+    summary = text[text.index("imgtrain: train"):text.index("resume     no: a new run")]
+    assert max(map(len, summary.splitlines())) <= 80, summary
+    # Epoch, bar, step, loss and the run's ETA, whole; lr, data % and img/s make way for them.
+    live = re.findall(r"^epoch 1/1 +[━╺╸]{10,} 2/4 loss [\d.]+ .*\| ETA .*\d:\d\d run *$", text,
+                      re.MULTILINE)
+    assert live and max(map(len, live)) <= 80, text
+    assert not any(word in live[0] for word in ("lr ", "data ", "img/s ")), live
     assert re.search(r"validation [━╺╸ ]+ 2/2 ETA", text), text  # validation's own progress
     assert "epoch 1 done:" in text and "done in " in text
     # The display replaces the plain lines on the terminal...
     assert not re.search(r"^epoch 1 \[2/4\]", text, re.MULTILINE)
-    # ...but train.log keeps them, with no control character at all.
+    # ...but train.log keeps them whole, with no control character at all.
     log = (tmp_path / "train.log").read_text()
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", log), repr(log)
     steps = [PLAIN_LINE.match(line[24:]) for line in log.splitlines() if "] loss" in line]
     assert [match.group(1) for match in steps if match] == ["2", "4"], log
+
+
+def _live_rows(width: int, epochs: int, steps: int, val_steps: int, monkeypatch) -> list[str]:
+    """The live display's rows as rich draws them on a terminal of `width` columns, at the first
+    print point of a long run (4-digit steps, 3 s a step: an ETA of days), with validation's row
+    under it."""
+    from rich.console import Console
+    view, clock = _progress_for(monkeypatch, ema=False, accumulate_steps=1)
+    view.epochs, view.steps_per_epoch, view.val_steps = epochs, steps, val_steps
+    view.eta.epochs, view.eta.steps_per_epoch, view.eta.val_steps = epochs, steps, val_steps
+    view.console = Console(file=io.StringIO(), width=width, force_terminal=True)
+    with view:
+        view.start_epoch(0, 0)
+        values = {"train/loss": 2.2497, "accuracy/train_acc1": 34.84,
+                  "throughput/images_per_sec": 1232.7, "train/lr": 0.05250}
+        view.train_update(0, 1230, values, seconds=1230 * 3.0, data_time=0.01)
+        view.start_val()
+        clock.now += 30.0
+        view.val_update(390)  # half-way: redrawn every other batch
+        lines = view.console.render_lines(view._live.get_renderable(), pad=False)
+    return ["".join(segment.text for segment in line).rstrip() for line in lines]
+
+
+def test_every_width_from_60_columns_keeps_epoch_step_bar_loss_and_run_eta(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for width in range(60, 161):
+        train, val = _live_rows(width, 90, 5005, 782, monkeypatch)
+        assert len(train) <= width and len(val) <= width, (width, train, val)
+        match = re.match(r"epoch 1/90 +([━╺╸]+) 1230/5005 loss 2\.2497 (.*)\| ETA (.*) run$", train)
+        assert match, (width, train)
+        assert len(match.group(1)) >= 5 and match.group(3).endswith("16d 9:54:00"), (width, train)
+        assert re.match(r"validation +[━╺╸]+ 390/782 +ETA 0:00:30$", val), (width, val)
+        shown = match.group(2)
+        if width >= 80:
+            assert "acc1 34.84" in shown, (width, train)
+        # Given up in this order: lr first, then data %, then img/s.
+        order = ["img/s 1232.7" in shown, "data " in shown, "lr 0.05250" in shown]
+        assert order == sorted(order, reverse=True), (width, train)
+    wide, _ = _live_rows(160, 90, 5005, 782, monkeypatch)
+    assert re.search(r" [━╺╸]{30} 1230/5005 loss 2\.2497 acc1 34\.84 img/s 1232\.7 lr 0\.05250 "
+                     r"data 0% \| ETA 3:08:45 epoch, 16d 9:54:00 run$", wide), wide
 
 
 def test_without_a_terminal_each_print_point_is_a_plain_line_with_the_run_eta(
@@ -81,8 +131,9 @@ def test_without_a_terminal_each_print_point_is_a_plain_line_with_the_run_eta(
         assert any(fragment in line for line in lines), (fragment, proc.stdout)
     end = lines[lines.index(next(line for line in lines if line.startswith("done in "))):]
     assert re.match(r"done in \d+:\d\d:\d\d: best acc1 [\d.]+ \(epoch 1\), final acc1 [\d.]+ "
-                    r"acc5 [\d.]+, [\d.]+ img/s$", end[0]), end
-    assert end[1:] == [f"  results    {tmp_path / 'results.json'}",
+                    r"acc5 [\d.]+$", end[0]), end
+    assert re.match(r"  speed      [\d.]+ img/s$", end[1]), end
+    assert end[2:] == [f"  results    {tmp_path / 'results.json'}",
                        f"  best       {tmp_path / 'checkpoints' / 'best.pt'}"]
     assert (tmp_path / "train.log").read_text().count("] loss") == 2
 
@@ -100,7 +151,8 @@ def test_help_lists_groups_keys_and_commands() -> None:
     for key in ("dataset.root", "train.batch_size", "train.epochs", "optim.lr", "amp.level",
                 "train.memory_check", "model.weights"):
         assert re.search(rf"^\s+{re.escape(key)}\s+\S", text, re.MULTILINE), key
-    for command in ("python run.py experiment=quickstart", "python run.py -m optim.lr=0.1,0.2",
+    for command in ("python run.py experiment=quickstart",
+                    "python run.py -m experiment=quickstart optim.lr=0.002,0.1",
                     "tensorboard --logdir outputs", "python -m imgtrain.report"):
         assert command in text
     assert "powered by Hydra" not in text  # Hydra's generic help is replaced, not appended
@@ -240,3 +292,108 @@ def test_memory_scalars_read_the_device_module_or_the_host_rss() -> None:
     assert fake.resets == 1  # each print window reports its own peak
     host = memory.memory_scalars(DeviceInfo("cpu"))
     assert set(host) == {"memory/host_rss_gib"} and 0.01 < host["memory/host_rss_gib"] < 512
+
+
+# ---- the run's ETA ----------------------------------------------------------------------------
+class _Clock:
+    """time.perf_counter for the progress module: the test says how much time passes."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _ValLoader(list):
+    """Stands for the validation DataLoader: its length and batch size."""
+
+    def __init__(self, batches: int, batch_size: int) -> None:
+        super().__init__([None] * batches)
+        self.batch_size = batch_size
+
+
+def _progress_for(monkeypatch: pytest.MonkeyPatch, ema: bool, accumulate_steps: int,
+                  val_batch: int | None = None):
+    """Rank 0's Progress as the trainer builds it: 2 epochs of 10 steps of 64 images per rank,
+    6 validation batches of one micro-batch (or `val_batch`: eval.batch_size's)."""
+    from types import SimpleNamespace
+
+    from imgtrain import eta, progress
+    from imgtrain.device import DeviceInfo
+    clock = _Clock()
+    monkeypatch.setattr(eta.time, "perf_counter", clock)
+    monkeypatch.setattr(progress.time, "perf_counter", clock)
+    monkeypatch.setattr(progress, "live_console", lambda: None)
+    trainer = SimpleNamespace(
+        world=SimpleNamespace(is_main=True), train_cfg={"epochs": 2, "print_freq": 2},
+        steps_per_epoch=10, device=DeviceInfo("cpu"), ema=object() if ema else None,
+        loaders=SimpleNamespace(val=_ValLoader(6, val_batch or 64 // accumulate_steps),
+                                per_rank_batch=64, accumulate_steps=accumulate_steps))
+    return progress.Progress.for_trainer(trainer), clock
+
+
+def _eta_seconds(view, epoch: int) -> float:
+    """The run's ETA at the epoch's first print point (step 2, 1 s a step), as logged."""
+    values = {"train/loss": 1.0, "accuracy/train_acc1": 50.0, "throughput/images_per_sec": 10.0,
+              "train/lr": 0.1}
+    view.start_epoch(epoch, 0)
+    return view.train_update(epoch, 2, values, seconds=2.0, data_time=0.0)["time/eta_hours"] * 3600
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_the_eta_guesses_validation_from_one_batch_not_a_whole_step(
+        monkeypatch: pytest.MonkeyPatch, ema: bool) -> None:
+    # A step is 4 micro-batches of 1 s in all; a validation batch is one micro-batch, forward only:
+    # 0.25 s / 3. Left: 8 steps, this epoch's validation, 10 steps, the last validation.
+    view, _ = _progress_for(monkeypatch, ema=ema, accumulate_steps=4)
+    passes = 2 if ema else 1
+    validation = passes * 6 * 0.25 / 3
+    assert _eta_seconds(view, 0) == pytest.approx(8 + validation + 10 + validation)
+    # With eval.batch_size=128 on one device, a validation batch holds two steps' images.
+    view, _ = _progress_for(monkeypatch, ema=False, accumulate_steps=4, val_batch=128)
+    assert _eta_seconds(view, 0) == pytest.approx(8 + 6 * 2 / 3 + 10 + 6 * 2 / 3)
+
+
+def test_the_eta_counts_the_emas_validation_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    view, clock = _progress_for(monkeypatch, ema=True, accumulate_steps=1)
+    _eta_seconds(view, 0)
+    for _ in range(2):  # the epoch ends: the model's validation, then the EMA's, 3 s each
+        view.start_val()
+        clock.now += 3.0
+        view.end_val()
+    # In the last epoch, at step 2: 8 steps of 1 s and both validation passes.
+    assert _eta_seconds(view, 1) == pytest.approx(8 + 2 * 3.0)
+
+
+def test_the_start_summary_fits_80_columns_and_says_whose_print_point_numbers_they_are(
+        compose) -> None:
+    """world=8p's summary (long lr rule, recipe and paths) as rank 0 prints it, built from the
+    real config with the trainer's parts stood in by what the summary reads."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from imgtrain.summary import start_lines
+    cfg = OmegaConf.to_container(compose("world=8p", "sched.warmup_epochs=1",
+                                         "train.label_smoothing=0.1", "ema.decay=0.9999"),
+                                 resolve=True)
+    cfg["optim"]["lr_rule"] = ("optim.lr_base 0.1 x global batch 2048 / 256 (the seed's linear "
+                               "rule; set optim.lr to override)")
+    images = SimpleNamespace(dataset=[0] * 1281167)
+    trainer = SimpleNamespace(
+        loaders=SimpleNamespace(train=images, val=SimpleNamespace(dataset=[0] * 50000),
+                                num_classes=1000, accumulate_steps=1),
+        world=SimpleNamespace(world_size=8), state=None, global_batch=2048, steps_per_epoch=625,
+        model=torch.nn.Linear(2, 2), ema=SimpleNamespace(every_steps=32, decay=0.99),
+        device=SimpleNamespace(device_string="npu", backend="hccl"),
+        precision=SimpleNamespace(dtype=torch.float16, scaler=object(), static_scale=1024.0,
+                                  level="O2"))
+    lines = start_lines(cfg, trainer, Path("outputs/2026-12-03/10-00-00_world-8p"), None)
+    assert max(map(len, lines)) <= 80, "\n".join(lines)
+    text = "\n".join(lines)
+    assert "  batch      2048 global (256 per device)\n" in text
+    assert "  schedule   cosine after 1 warm-up epoch\n" in text
+    assert "  length     140 epochs x 625 steps = 87,500 steps\n" in text
+    assert "  console    print-point loss and acc1: rank 0's; epoch lines: all 8 processes'" \
+        in lines

@@ -120,7 +120,7 @@ def test_max_restarts_restarts_a_dead_worker_and_resumes(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert marker.exists()
     assert not list(temp.glob("torchelastic_*"))  # the agent's files went with the launch
-    assert "resuming from" in (run_dir / "train.log").read_text()
+    assert "resumed from epoch" in (run_dir / "train.log").read_text()
     results = read_results(run_dir)
     assert results["status"] == "completed" and results["epochs_completed"] == 2
 

@@ -1,6 +1,7 @@
 """Long runs: SIGTERM checkpoints, mid-epoch resume, retention, disk trouble, mismatched resumes."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -12,6 +13,7 @@ import torch
 
 from conftest import (CliProcess, assert_clean_error, read_results, run_cli, start_cli,
                       wait_for)
+from imgtrain import preemption
 from imgtrain.optim import lr_factor
 
 # A stable configuration (lr 0.05): equal weights then really mean the same computation was replayed.
@@ -67,26 +69,67 @@ def _wait_for_log(proc: CliProcess, run_dir: Path, pattern: str) -> None:
               f"no {pattern!r} in train.log")
 
 
-@pytest.mark.parametrize("workers,sig", [(0, signal.SIGTERM), (2, signal.SIGUSR1)])
+def _signal(proc: CliProcess, sig: signal.Signals, to_group: bool) -> None:
+    """To the run's process alone (`kill`), or to its whole process group: every rank and loader
+    worker, as SLURM signals a job step's processes and a terminal's Ctrl-C its foreground group."""
+    if to_group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+
+
+def _stop_line(stdout: str, status: str) -> str:
+    """The one line a stopped run ends with."""
+    lines = [line for line in stdout.splitlines() if line.startswith(f"{status} by ")]
+    assert len(lines) == 1, stdout[-3000:]
+    return lines[0]
+
+
+# USR2 is submitit's default preemption signal: sent to the group, it also reaches the loader
+# worker, which must ignore it (its default action would kill the worker and fail the next batch).
+@pytest.mark.parametrize("workers,sig,to_group", [(0, signal.SIGTERM, False),
+                                                  (1, signal.SIGUSR2, True)])
 def test_a_signal_mid_epoch_two_then_resume_gives_the_same_weights(
-        straight_run: Path, tmp_path: Path, workers: int, sig: signal.Signals) -> None:
+        straight_run: Path, tmp_path: Path, workers: int, sig: signal.Signals,
+        to_group: bool) -> None:
     args = [*RUN, f"dataset.workers={workers}"]
     straight, stopped = straight_run, tmp_path / "stopped"
 
     proc = _start(args, stopped)
     _wait_for_log(proc, stopped, r"epoch 2 \[4/10\]")
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
+    _signal(proc, sig, to_group)
+    stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
-    assert "preempted" in stderr and "Traceback" not in stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr
     saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
     # One process agrees with itself at every step: it stops at the next one, inside epoch 2.
     assert saved["state"]["epoch"] == 1 and 4 <= saved["state"]["step_in_epoch"] < 10
+    line = _stop_line(stdout, "preempted")
+    assert f"by {sig.name} at epoch 2 step {saved['state']['step_in_epoch']}" in line, line
+    assert "checkpoint saved" in line and "exit code 143" in line, line
     assert read_results(stopped)["status"] == "preempted"
 
     again = run_cli(*args, f"hydra.run.dir={stopped}")
     assert again.returncode == 0, again.stderr
+    resumed = f"resumed from epoch 2 step {saved['state']['step_in_epoch']} (restart 1)"
+    assert resumed in again.stdout
+    results = read_results(stopped)
+    assert results["status"] == "completed"
+    assert results["resumed"] == {"epoch": 2, "step": saved["state"]["step_in_epoch"],
+                                  "restart": 1}
     assert _max_diff(straight / "checkpoints/last.pt", stopped / "checkpoints/last.pt") <= 1e-6
+
+
+@pytest.mark.parametrize("sig", preemption.STOP_SIGNALS)
+def test_every_stop_signal_is_a_request_and_says_how_the_run_ends(sig: signal.Signals) -> None:
+    with preemption.StopSignals() as stop:
+        os.kill(os.getpid(), sig)  # handled before kill returns: the signal is to this thread
+        assert stop.received == sig
+        os.kill(os.getpid(), signal.SIGTERM)  # a second one changes nothing
+        assert stop.received == sig
+    expected = ("interrupted", 130) if sig == signal.SIGINT else ("preempted", 143)
+    assert preemption.outcome(sig, 143) == expected
+    assert sig.name in preemption.AGENT_SIGNALS  # the elastic agent forwards it to the ranks
 
 
 def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(straight_run: Path,
@@ -107,23 +150,29 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(straight_run:
     assert _max_diff(straight / "checkpoints/last.pt", killed / "checkpoints/last.pt") <= 1e-6
 
 
-def test_a_second_signal_during_the_save_changes_nothing(straight_run: Path,
-                                                         tmp_path: Path) -> None:
-    args = [*RUN, "dataset.workers=0"]
+def test_ctrl_c_twice_stops_at_a_step_and_the_save_stays_whole(straight_run: Path,
+                                                               tmp_path: Path) -> None:
+    """Ctrl-C as a terminal sends it (SIGINT to the foreground process group, the loader worker
+    included), and again while the checkpoint is being written."""
+    args = [*RUN, "dataset.workers=1"]
     straight, stopped = straight_run, tmp_path / "stopped"
     proc = _start(args, stopped)
     _wait_for_log(proc, stopped, r"epoch 2 \[2/10\]")
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)
     deadline = time.time() + 60
     while time.time() < deadline and not any(".tmp-" in p.name for p in
                                              (stopped / "checkpoints").glob(".*")):
-        time.sleep(0.001)  # until the preemption checkpoint is being written
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
-    assert "Traceback" not in stderr
+        time.sleep(0.001)  # until the stop's checkpoint is being written
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
     assert saved["state"]["epoch"] == 1 and saved["state"]["step_in_epoch"] > 0
+    line = _stop_line(stdout, "interrupted")
+    assert f"at epoch 2 step {saved['state']['step_in_epoch']}; checkpoint saved" in line, line
+    assert "to resume" in line and "exit code 130" in line, line
+    assert read_results(stopped)["status"] == "interrupted"
     assert run_cli(*args, f"hydra.run.dir={stopped}").returncode == 0
     assert _max_diff(straight / "checkpoints/last.pt", stopped / "checkpoints/last.pt") <= 1e-6
 
@@ -147,16 +196,51 @@ def test_weights_that_are_not_finite_are_never_checkpointed(tmp_path: Path) -> N
     assert read_results(tmp_path)["status"] == "failed"
 
 
+# Two processes, 8 steps an epoch of 32 images.
+TWO_PROC_RUN = [*RUN, *TWO_PROCS, "dataset.train_size=256", "train.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def straight_two_procs(module_dir: Path) -> Path:
+    """TWO_PROC_RUN trained without interruption (print points change no number)."""
+    run_dir = module_dir / "straight_two_procs"
+    proc = run_cli(*TWO_PROC_RUN, "dataset.workers=0", "train.print_freq=8",
+                   f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_usr2_to_every_process_of_a_two_process_run_stops_mid_epoch_then_resumes_exactly(
+        straight_two_procs: Path, tmp_path: Path) -> None:
+    """As `scancel --signal=USR2` does: the launcher (the elastic agent), both ranks and their
+    loader workers all get the signal; the ranks agree on a step (a print point), checkpoint
+    and exit with the preempt code."""
+    args = [*TWO_PROC_RUN, "dataset.workers=1", "train.print_freq=2"]
+    stopped = tmp_path / "stopped"
+    proc = _start(args, stopped)
+    _wait_for_log(proc, stopped, r"epoch 2 \[2/8\]")
+    os.killpg(proc.pid, signal.SIGUSR2)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "error" not in stderr, stderr[-3000:]
+    saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
+    assert saved["state"]["epoch"] == 1 and 0 < saved["state"]["step_in_epoch"] < 8  # mid-epoch
+    assert "by SIGUSR2 at epoch 2 step" in _stop_line(stdout, "preempted")
+    assert read_results(stopped)["status"] == "preempted"
+
+    again = run_cli(*args, f"hydra.run.dir={stopped}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _max_diff(straight_two_procs / "checkpoints/last.pt",
+                     stopped / "checkpoints/last.pt") <= 1e-6
+
+
 @pytest.mark.slow
 def test_a_stop_on_an_epochs_last_step_finishes_the_epoch_then_resumes_exactly(
-        tmp_path: Path) -> None:
+        straight_two_procs: Path, tmp_path: Path) -> None:
     # print_freq = the epoch's 8 steps: two processes agree on a stop only at the epoch's last step.
-    args = [*RUN, *TWO_PROCS, "dataset.train_size=256", "dataset.workers=0", "train.epochs=2",
-            "train.print_freq=8"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    proc = run_cli(*args, f"hydra.run.dir={straight}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-
+    args = [*TWO_PROC_RUN, "dataset.workers=0", "train.print_freq=8"]
+    straight, stopped = straight_two_procs, tmp_path / "stopped"
     proc = _start(args, stopped)
     _wait_for_running(proc, stopped)
     time.sleep(0.5)  # every rank's signal handlers are in place; the epoch takes seconds more

@@ -28,9 +28,13 @@ class TrainState:
     best_acc1: float = 0.0
     best_ema_acc1: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    # [first step, micro-batches per step] of each run that trained part of `epoch`: how
+    # repeated augmentation dealt those steps' images (data/samplers.py)
+    epoch_layout: list[list[int]] = field(default_factory=list)
     timed_images: float = 0.0   # images/sec bookkeeping over the whole run
     timed_seconds: float = 0.0
     train_seconds: float = 0.0
+    restarts: int = 0           # how often the run has been resumed (preemption.restart_count)
 
 
 class Checkpointing:
@@ -48,10 +52,12 @@ class Checkpointing:
             "scheduler": self.scheduler.state_dict(),
             "precision": self.precision.state_dict(),
             "state": {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch,
-                      "global_step": s.global_step, "best_acc1": s.best_acc1,
+                      "global_step": s.global_step, "epoch_layout": s.epoch_layout,
+                      "best_acc1": s.best_acc1,
                       "best_ema_acc1": s.best_ema_acc1,
                       "history": s.history, "timed_images": s.timed_images,
-                      "timed_seconds": s.timed_seconds, "train_seconds": s.train_seconds},
+                      "timed_seconds": s.timed_seconds, "train_seconds": s.train_seconds,
+                      "restarts": s.restarts},
             "identity": {"arch": self.cfg["model"]["arch"],
                          "num_classes": self.loaders.num_classes,
                          "global_batch_size": self.global_batch,
@@ -167,11 +173,13 @@ class Checkpointing:
         seconds = self.save_checkpoint(f"step-{self.state.global_step}.pt") if due or stop else 0.0
         if stop:
             self.world.barrier()
-            raise Preempted(f"stopped by a signal at epoch {self.state.epoch + 1}, step {step}; "
+            raise Preempted(f"at epoch {self.state.epoch + 1} step {step}; "
                             f"{self._saved_or_not()}")
         return seconds
 
     def _saved_or_not(self) -> str:
+        if not self.checkpoints.enabled:
+            return "no checkpoint (train.save_checkpoints=false)"
         if self.checkpoints.last_written or not self.world.is_main:
             return "checkpoint saved"
         return "no checkpoint written now: resuming starts from the last one that was"

@@ -31,6 +31,7 @@ class TrainConfig:
     seed: int = 49
     print_freq: int = 10
     fps_warmup_steps: int = 5
+    log_images: bool = False  # TensorBoard's train/first_batch grid
     resume: Optional[str] = "auto"
     checkpoint_every_steps: Optional[int] = None
     checkpoint_every_minutes: Optional[float] = None
@@ -38,6 +39,7 @@ class TrainConfig:
     save_checkpoints: bool = True
     on_checkpoint_error: str = "fail"
     preempt_exit_code: int = 143
+    max_requeues: int = 10               # a SLURM job requeued more often than this stops
     memory_check: bool = True  # estimate peak memory before training (memory.py)
     profile: bool = False
     profile_wait: int = 1
@@ -99,6 +101,7 @@ class WorldConfig:
     master_port: Optional[int] = None
     max_restarts: int = 0
     start_method: str = "spawn"  # torchrun's --start-method: spawn | fork | forkserver
+    gres: Optional[str] = None   # hydra/launcher=slurm: SLURM's name for a node's devices
 
 
 @dataclass
@@ -148,8 +151,14 @@ class EmaConfig:
 
 
 @dataclass
+class EvalConfig:
+    batch_size: Optional[int] = None  # global; null: train.batch_size's (a micro-step's)
+
+
+@dataclass
 class PredictConfig:
-    inputs: list[str] = field(default_factory=list)
+    # A list, or one path (predict.inputs=cat.jpg, the natural first try); predict.gather reads it.
+    inputs: Any = field(default_factory=list)
     topk: int = 5
 
 
@@ -173,6 +182,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -262,6 +272,15 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     """Keys in `cfg` that the schema lacks: what `+key=value` added (Hydra lets `+` add any key)."""
     return _extra(OmegaConf.to_container(cfg, resolve=False),
                   OmegaConf.to_container(OmegaConf.structured(Config), resolve=False), "")
+
+
+def schema_keys() -> list[str]:
+    """Every key of the schema, dotted (`optim.lr`, `train.batch_size`, ...)."""
+    def walk(node: Any, prefix: str) -> list[str]:
+        if not isinstance(node, dict):
+            return [prefix.rstrip(".")]
+        return [key for name, value in node.items() for key in walk(value, f"{prefix}{name}.")]
+    return walk(OmegaConf.to_container(OmegaConf.structured(Config), resolve=False), "")
 
 
 def _extra(actual: Any, schema: Any, prefix: str) -> list[str]:

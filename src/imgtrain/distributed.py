@@ -21,10 +21,9 @@ import torch.distributed as dist
 
 from imgtrain.device import DeviceInfo, visible_count
 from imgtrain.errors import ConfigError, Preempted, one_line
+from imgtrain.preemption import AGENT_SIGNALS
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# The agent forwards these to the workers; SIGUSR1 is SLURM's usual advance warning of preemption.
-HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # How long workers get, after a signal, to reach a step boundary and checkpoint before SIGKILL.
 SHUTDOWN_SECONDS = 120
 
@@ -105,8 +104,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def check_world(world_cfg: Any, device_name: str, global_batch: int) -> None:
-    """Everything about the world that can be wrong, checked before any process starts."""
+def check_world(world_cfg: Any, device_name: str, global_batch: int | None) -> None:
+    """Everything about the world that can be wrong, checked before any process starts.
+    `global_batch`: train.batch_size, None where the mode does not train (mode=eval)."""
     nproc, nnodes, node_rank = (int(world_cfg[k]) for k in ("nproc_per_node", "nnodes", "node_rank"))
     if nproc < 1 or nnodes < 1:
         raise ConfigError("world.nproc_per_node and world.nnodes must be at least 1")
@@ -118,9 +118,9 @@ def check_world(world_cfg: Any, device_name: str, global_batch: int) -> None:
         raise ConfigError(f"world.nproc_per_node={nproc} but only {available} {device_name.upper()}"
                           f"(s) are visible; set world.nproc_per_node={available}")
     world_size = planned_world_size(world_cfg)
-    if global_batch < 1:
+    if global_batch is not None and global_batch < 1:
         raise ConfigError(f"train.batch_size={global_batch} must be at least 1")
-    if global_batch % world_size:
+    if global_batch is not None and global_batch % world_size:
         raise ConfigError(f"train.batch_size={global_batch} does not divide across {world_size} "
                           f"processes; use a multiple of {world_size}")
     check_start_method(world_cfg["start_method"], device_name)
@@ -179,14 +179,15 @@ def _elastic_launch(entrypoint: Callable[[dict, str], Any], config: dict[str, An
         max_restarts=int(world_cfg["max_restarts"]), monitor_interval=0.5,
         start_method=world_cfg["start_method"],
         logs_specs=DefaultLogsSpecs(log_dir=agent_files),
-        **_supported(LaunchConfig, signals_to_handle=HANDLED_SIGNALS,
+        **_supported(LaunchConfig, signals_to_handle=AGENT_SIGNALS,
                      shutdown_timeout=SHUTDOWN_SECONDS))
     _quiet_elastic_logs()
     try:
         results = elastic_launch(launch_config, entrypoint)(config, output_dir)
     except SignalException as exc:
-        # The agent passed the signal on to the workers, which checkpoint at the next agreed step.
-        raise Preempted(f"stopped by {exc.sigval.name}") from None
+        # The agent passed the signal on to the workers, which checkpointed at the next agreed step
+        # (rank 0 said where) before it let them go.
+        raise Preempted(f"stopped by {exc.sigval.name}", signal=exc.sigval) from None
     except ChildFailedError as exc:
         message = _root_cause(exc.failures.values()).message
         if isinstance(message, dict):

@@ -1,35 +1,97 @@
-"""SIGTERM and SIGUSR1 (SLURM's warning before a time limit or preemption) as a flag.
+"""Stop signals: the one place that knows them by name.
 
-The handler only records the request: the Trainer acts on it at a step boundary all ranks agree
-on, after a checkpoint, and a second signal during that save just sets the flag again.
+SIGTERM, SIGUSR1 and SIGUSR2 are a scheduler's notice: SLURM's `--signal` (USR1 by custom),
+submitit's default preempt signal (USR2), and the TERM that precedes a kill. SIGINT is Ctrl-C.
+Each means the same stop: at a step all ranks agree on, after a checkpoint. What differs is how
+the run ends: `preempted` with train.preempt_exit_code, or `interrupted` with 130, as a shell
+expects of Ctrl-C. A handler only records the request, so a second signal during the save (or
+the same signal sent to the process group and forwarded by the elastic agent) changes nothing.
 """
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+CTRL_C = signal.SIGINT
+STOP_SIGNALS = (*PREEMPT_SIGNALS, CTRL_C)
+# What the elastic agent catches and forwards to the workers (then SIGKILL after a grace time);
+# SIGHUP and SIGQUIT as torchrun has them.
+AGENT_SIGNALS = ",".join(sig.name for sig in (*STOP_SIGNALS, signal.SIGHUP, signal.SIGQUIT))
+INTERRUPTED_EXIT_CODE = 128 + CTRL_C  # 130: what a shell reports for Ctrl-C
+STOPPED = ("preempted", "interrupted")  # results.json statuses of a run stopped by a signal
+
+
+def outcome(sig: int | None, preempt_exit_code: int) -> tuple[str, int]:
+    """results.json's status and the exit code of a run stopped by `sig` (None: another rank's
+    signal, which rank 0 only learnt of when the ranks agreed to stop)."""
+    if sig == CTRL_C:
+        return "interrupted", INTERRUPTED_EXIT_CODE
+    return "preempted", int(preempt_exit_code)
+
+
+def name(sig: int | None) -> str:
+    return signal.Signals(sig).name if sig else "a signal on another rank"
 
 
 class StopSignals:
-    """Within `with`: the stop signals set `requested` instead of ending the process."""
+    """Within `with`: the stop signals set `received` instead of ending the process. Entering
+    again (the Trainer inside the worker that installed it) keeps the outer installation."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.received: signal.Signals | None = None
         self._previous: dict[int, Any] = {}
+        self._depth = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
 
     def _request(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        if self.received is None:
+            self.received = signal.Signals(signum)
 
     def __enter__(self) -> "StopSignals":
-        for sig in STOP_SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._request)
-            except ValueError:  # not the main thread (e.g. a launcher's job thread): leave them
-                pass
+        self._depth += 1
+        if self._depth == 1:
+            for sig in STOP_SIGNALS:
+                try:
+                    self._previous[sig] = signal.signal(sig, self._request)
+                except ValueError:  # not the main thread (a launcher's job thread): leave them
+                    pass
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous.clear()
+
+
+def ignore_stop_signals() -> None:
+    """For DataLoader worker processes. A scheduler signals every process of a job step and a
+    terminal's Ctrl-C the whole foreground group: a loader worker that died of it (USR2's default
+    action, or Ctrl-C's KeyboardInterrupt) would fail the training process's next batch."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def restart_count(saved_restarts: int) -> int:
+    """Which restart a resumed run is: SLURM's count of its job's requeues when it runs in one
+    (the same across a requeued job's steps), else one more than the checkpoint's own count."""
+    slurm = os.environ.get("SLURM_RESTART_COUNT")
+    return int(slurm) if slurm and slurm.isdigit() else saved_restarts + 1
+
+
+def requeue_count() -> int:
+    """How often the scheduler has requeued this job (0 outside SLURM): what train.max_requeues
+    bounds. A person re-running a command is not a requeue."""
+    slurm = os.environ.get("SLURM_RESTART_COUNT", "")
+    return int(slurm) if slurm.isdigit() else 0
+
+
+def job_id() -> str | None:
+    """The SLURM job this process runs in: it stays the same when the job is requeued."""
+    return os.environ.get("SLURM_JOB_ID") or None

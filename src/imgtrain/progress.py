@@ -12,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+from imgtrain.eta import Eta, duration
 from imgtrain.memory import memory_scalars
 
 log = logging.getLogger("imgtrain")
@@ -58,74 +59,38 @@ def live_console() -> Any:
     return None
 
 
-def duration(seconds: float | None) -> str:
-    """0:04:05, or 1d 02:03:04 for runs of days; '?' before the first measurement."""
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    text = f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
-    return f"{days}d {text}" if days else text
+BAR_WIDTHS = (5, 10, 30)  # the live bar: its least, its least beside optional fields, its most
+# What a narrow terminal gives up first goes last: epoch, step, bar, loss and the run's ETA stay.
+OPTIONAL_FIELDS = ("acc1", "epoch ETA", "img/s", "data", "lr")
 
 
-class Eta:
-    """Seconds left in the epoch and in the run, from the step time measured at print points.
-
-    The step time is averaged from the epoch's first print point on, which leaves out the first
-    window's warm-up (compilation, cold caches, loader start-up). Validation is timed when it
-    runs; before the first one it is guessed as a third of a training step per batch (forward
-    only).
-    """
-
-    def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int) -> None:
-        self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
-        self.seconds_per_step: float | None = None
-        self.val_seconds: float | None = None
-        self._since: tuple[int, float] | None = None  # (step, time) of the epoch's first print point
-
-    def start_epoch(self) -> None:
-        self._since = None
-
-    def measure(self, step: int, window_steps: int, window_seconds: float) -> None:
-        now = time.perf_counter()
-        if self._since is None or step <= self._since[0]:
-            self.seconds_per_step = window_seconds / max(window_steps, 1)
-            self._since = (step, now)
-        else:
-            self.seconds_per_step = (now - self._since[1]) / (step - self._since[0])
-
-    def _val(self) -> float:
-        if self.val_seconds is not None:
-            return self.val_seconds
-        return self.val_steps * (self.seconds_per_step or 0.0) / 3
-
-    def epoch_left(self, step: int) -> float | None:
-        if self.seconds_per_step is None:
-            return None
-        return (self.steps_per_epoch - step) * self.seconds_per_step
-
-    def run_left(self, epoch: int, step: int) -> float | None:
-        """After `step` steps of `epoch` (0-based): this epoch, its validation, the later epochs."""
-        left = self.epoch_left(step)
-        if left is None:
-            return None
-        later = self.epochs - epoch - 1
-        return left + self._val() + later * (self.steps_per_epoch * self.seconds_per_step
-                                             + self._val())
+def fit_row(width: int, fixed: int, render: Any) -> tuple[int, str]:
+    """The bar's width and the text after it on a live row of `width` columns, `fixed` of which
+    the description, the step count and the gaps take. `render(kept)` writes the text with the
+    optional fields named in `kept`: they are kept in OPTIONAL_FIELDS' order while they leave the
+    bar BAR_WIDTHS[1] columns; what is left widens the bar."""
+    room = width - fixed
+    kept: set[str] = set()
+    for field in OPTIONAL_FIELDS:
+        if len(render(kept | {field})) + BAR_WIDTHS[1] > room:
+            break
+        kept.add(field)
+    text = render(kept)
+    return max(BAR_WIDTHS[0], min(BAR_WIDTHS[2], room - len(text))), text
 
 
 class Progress:
     """Rank 0's console view of training; `NullProgress` stands in on the other ranks."""
 
     def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, device: Any,
-                 print_freq: int = 1) -> None:
-        self.eta = Eta(epochs, steps_per_epoch, val_steps)
+                 print_freq: int = 1, val_passes: int = 1, val_batch_share: float = 1.0) -> None:
+        self.eta = Eta(epochs, steps_per_epoch, val_steps, val_passes, val_batch_share)
         self.print_freq = print_freq
         self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
         self.device = device
         self.console = live_console()
         self._live: Any = None
+        self._bar: Any = None
         self._train_task = self._val_task = None
         self._first_step = self._last_step = 0
         self._last_data_time = self._val_start = 0.0
@@ -135,7 +100,10 @@ class Progress:
         if not trainer.world.is_main:
             return NullProgress()
         return cls(trainer.train_cfg["epochs"], trainer.steps_per_epoch, len(trainer.loaders.val),
-                   trainer.device, trainer.train_cfg["print_freq"])
+                   trainer.device, trainer.train_cfg["print_freq"],
+                   # An epoch ends with the EMA's validation too, where there is one.
+                   val_passes=1 if trainer.ema is None else 2,
+                   val_batch_share=trainer.loaders.val.batch_size / trainer.loaders.per_rank_batch)
 
     # ---- the live display (terminals only) -----------------------------------------------
     def __enter__(self) -> "Progress":
@@ -143,7 +111,8 @@ class Progress:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Live,
                                        TextColumn)
             # No auto-refresh thread: the display changes only when the trainer reports.
-            self._live = Live(TextColumn("{task.description}"), BarColumn(bar_width=30),
+            self._bar = BarColumn(bar_width=BAR_WIDTHS[2])
+            self._live = Live(TextColumn("{task.description}"), self._bar,
                               MofNCompleteColumn(), TextColumn("{task.fields[text]}"),
                               console=self.console, auto_refresh=False, transient=True)
             self._live.start()
@@ -162,6 +131,18 @@ class Progress:
             self._live.update(task, completed=completed, text=text)
             self._live.refresh()
 
+    def _show_train(self, epoch: int, step: int, render: Any) -> None:
+        """The training row, fitted to the terminal's width as it is now: its description and
+        step count (and the validation row's, drawn with the same columns) stay whole."""
+        if self._live is None:
+            return
+        description = max(len(f"epoch {epoch + 1}/{self.epochs}"), len("validation"))
+        counts = 2 * len(str(max(self.steps_per_epoch, self.val_steps))) + 1
+        # Three gaps between the four columns, and the last column left free: a line that
+        # fills the terminal's width makes some terminals wrap.
+        self._bar.bar_width, text = fit_row(self.console.width, description + counts + 4, render)
+        self._show(self._train_task, step, text)
+
     # ---- training ------------------------------------------------------------------------
     def start_epoch(self, epoch: int, first_step: int) -> None:
         self.eta.start_epoch()
@@ -174,7 +155,8 @@ class Progress:
 
     def train_update(self, epoch: int, step: int, values: dict[str, float], seconds: float,
                      data_time: float) -> dict[str, float]:
-        """Show a print point's numbers; return the time/ and memory/ scalars to log with them.
+        """Show a print point's numbers; return the scalars to log with them: the wait for data,
+        the ETA and memory (as train/memory_*: logger.py says why tags are named so).
 
         `seconds` is the window since the last print point; `data_time` the mean seconds per step
         spent waiting for the loader, over this epoch's steps so far.
@@ -185,18 +167,26 @@ class Progress:
         self._last_step, self._last_data_time = step, data_time
         self.eta.measure(step, window_steps, seconds)
         epoch_left, run_left = self.eta.epoch_left(step), self.eta.run_left(epoch, step)
-        numbers = (f"loss {values['train/loss']:.4f} acc1 {values['train/acc1']:.2f} "
-                   f"img/s {values['train/images_per_sec']:.1f} lr {values['train/lr']:.5f} "
-                   f"data {data_percent:.0f}%")
-        line = (f"epoch {epoch + 1} [{step}/{self.steps_per_epoch}] {numbers} | "
+        fields = {"acc1": f"acc1 {values['accuracy/train_acc1']:.2f}",
+                  "img/s": f"img/s {values['throughput/images_per_sec']:.1f}",
+                  "lr": f"lr {values['train/lr']:.5f}", "data": f"data {data_percent:.0f}%"}
+
+        def numbers(kept: Any) -> str:
+            return " ".join([f"loss {values['train/loss']:.4f}"]
+                            + [fields[name] for name in ("acc1", "img/s", "lr", "data")
+                               if name in kept])
+
+        line = (f"epoch {epoch + 1} [{step}/{self.steps_per_epoch}] {numbers(fields)} | "
                 f"ETA epoch {duration(epoch_left)} run {duration(run_left)}")
         log.info(line, extra=FILE_ONLY if self._live is not None else None)
-        self._show(self._train_task, step, f"{numbers} | ETA {duration(epoch_left)} epoch, "
-                                           f"{duration(run_left)} run")
-        scalars = {"time/data_loading_percent": data_percent}
+        self._show_train(epoch, step, lambda kept: f"{numbers(kept)} | ETA " + (
+            f"{duration(epoch_left)} epoch, " if "epoch ETA" in kept else "")
+            + f"{duration(run_left)} run")
+        scalars = {"throughput/loader_wait_percent": data_percent}
         if run_left is not None:
             scalars["time/eta_hours"] = run_left / 3600
-        scalars.update(memory_scalars(self.device))
+        scalars.update({f"train/{tag.replace('/', '_')}": value
+                        for tag, value in memory_scalars(self.device).items()})
         return scalars
 
     # ---- validation ----------------------------------------------------------------------

@@ -8,8 +8,10 @@ from typing import Any
 import torch
 
 from imgtrain.checkpoint import write_json_atomic
+from imgtrain.preemption import job_id
 
 RESULTS = "results.json"
+WEIGHTS_ONLY = ("predict", "export")  # modes that read model.weights and no dataset
 
 
 def run_results(cfg: dict[str, Any], trainer: Any) -> dict[str, Any]:
@@ -30,12 +32,19 @@ def run_results(cfg: dict[str, Any], trainer: Any) -> dict[str, Any]:
         "train_seconds": state.train_seconds,
         **({"ema_acc1": last.get("ema_acc1"), "best_ema_acc1": state.best_ema_acc1}
            if getattr(trainer, "ema", None) is not None else {}),
+        **({"resumed": trainer.resumed} if getattr(trainer, "resumed", None) else {}),
         "history": state.history,
     }
 
 
 def identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What the run is, known before any process starts."""
+    """What the run is, known before any process starts. mode=predict and export record no
+    training settings: they use none (no AMP, batch or lr; one process)."""
+    if cfg["mode"] in WEIGHTS_ONLY:
+        return {"arch": cfg["model"]["arch"], "device": cfg["device"].get("resolved")
+                or cfg["device"]["name"], "weights": cfg["model"]["weights"],
+                "torch_version": torch.__version__, "overrides": cfg.get("overrides", []),
+                "mode": cfg["mode"]}
     return {
         "arch": cfg["model"]["arch"], "dataset": cfg["dataset"]["name"],
         "device": cfg["device"].get("resolved") or cfg["device"]["name"],
@@ -43,6 +52,7 @@ def identity(cfg: dict[str, Any]) -> dict[str, Any]:
         "amp": cfg["amp"]["level"], "torch_version": torch.__version__,
         "global_batch_size": cfg["train"]["batch_size"], "lr": cfg["optim"]["lr"],
         "overrides": cfg.get("overrides", []), "mode": cfg["mode"],
+        **({"slurm_job_id": job_id()} if job_id() else {}),
     }
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imgtrain.progress import duration
+from imgtrain.data import describe
+from imgtrain.eta import duration
 
 
 def _precision(precision: Any) -> str:
@@ -18,11 +19,52 @@ def _precision(precision: Any) -> str:
     return f"amp={precision.level} ({dtype}), {scale}"
 
 
+WIDTH = 80  # the summaries' lines fit a terminal of this width (and stay greppable in train.log)
+INDENT = " " * 13  # a wrapped value goes on under its value, past the key's column
+
+
+def counted(number: float, noun: str) -> str:
+    """`1 epoch`, `1,200 steps`, `1.5 warm-up epochs`: a whole float is written as an int."""
+    text = f"{int(number):,}" if number == int(number) else f"{number:g}"
+    return f"{text} {noun}{'s' * (number != 1)}"
+
+
 def _schedule(cfg: dict[str, Any]) -> str:
     sched = cfg["sched"]
     warmup = sched.get("warmup_epochs") or 0
-    return f"{sched['name']}" + (f" after {warmup} warm-up epoch{'s' * (warmup != 1)}"
-                                 if warmup else "")
+    return f"{sched['name']}" + (f" after {counted(warmup, 'warm-up epoch')}" if warmup else "")
+
+
+def _lr(cfg: dict[str, Any]) -> str:
+    rule = cfg["optim"].get("lr_rule") or "set by optim.lr"
+    lr = cfg["optim"]["lr"]
+    return f"{lr:g} ({rule})" if rule.startswith("set by") else f"{lr:g} = {rule}"
+
+
+def fitted(lines: list[str], width: int = WIDTH) -> list[str]:
+    """Each `  key        value` line wrapped at spaces to `width` columns, continued under its
+    value; a word longer than the line (a path) stays whole, beside its key."""
+    out = []
+    for line in lines:
+        head = len(INDENT) if line.startswith("  ") else 0  # the key's column is not split
+        words = line[head:].split(" ")
+        current = line[:head] + words[0]
+        for word in words[1:]:
+            if len(current) + 1 + len(word) > width:
+                out.append(current)
+                current = INDENT + word
+            else:
+                current += " " + word
+        out.append(current)
+    return out
+
+
+def _ranks_note(world_size: int) -> list[str]:
+    """Print points read rank 0's own numbers (no collective for the console): say so."""
+    if world_size == 1:
+        return []
+    return [f"  console    print-point loss and acc1: rank 0's; epoch lines: all {world_size} "
+            "processes'"]
 
 
 def _per_device(trainer: Any) -> str:
@@ -62,32 +104,33 @@ def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
     data, train = cfg["dataset"], cfg["train"]
     loaders, world, state = trainer.loaders, trainer.world, trainer.state
     params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
-    source = f" from {data['root']}" if data.get("root") else ""
     total_steps = train["epochs"] * trainer.steps_per_epoch
     ingredients = recipe(cfg, trainer)
     if resumed_from is None:
         resume = "no: a new run"
     else:
-        resume = (f"resuming from {resumed_from} (epoch {state.epoch + 1}, step "
-                  f"{state.step_in_epoch}; {state.global_step} of {total_steps} steps done)")
-    return [
-        f"imgtrain: {cfg['mode']} {cfg['model']['arch']} on {data['name']}",
+        resume = (f"resumed from epoch {state.epoch + 1} step {state.step_in_epoch} (restart "
+                  f"{state.restarts}): {resumed_from}, {state.global_step} of {total_steps} "
+                  "steps done")
+    return fitted([
+        f"imgtrain: {cfg['mode']} {cfg['model']['arch']} on {describe(data, with_root=False)}",
         f"  model      {cfg['model']['arch']}, {params:.1f} M parameters",
-        f"  data       {data['name']}{source}: {len(loaders.train.dataset):,} train / "
+        f"  data       {describe(data)}: {len(loaders.train.dataset):,} train / "
         f"{len(loaders.val.dataset):,} val images, {loaders.num_classes} classes, "
         f"{data['image_size']} px",
         f"  device     {trainer.device.device_string} x {world.world_size} "
         f"process{'es' * (world.world_size > 1)} ({trainer.device.backend})",
         f"  precision  {_precision(trainer.precision)}",
-        f"  batch      {trainer.global_batch} global ({_per_device(trainer)}), "
-        f"lr {cfg['optim']['lr']:g} ({cfg['optim'].get('lr_rule') or 'set by optim.lr'}), "
-        f"{_schedule(cfg)}",
-        f"  length     {train['epochs']} epochs x {trainer.steps_per_epoch} steps = "
-        f"{total_steps:,} steps",
+        f"  batch      {trainer.global_batch} global ({_per_device(trainer)})",
+        f"  lr         {_lr(cfg)}",
+        f"  schedule   {_schedule(cfg)}",
+        f"  length     {counted(train['epochs'], 'epoch')} x "
+        f"{counted(trainer.steps_per_epoch, 'step')} = {counted(total_steps, 'step')}",
         *([f"  recipe     {ingredients}"] if ingredients else []),
+        *_ranks_note(world.world_size),
         f"  run dir    {output_dir}",
         f"  resume     {resume}",
-    ]
+    ])
 
 
 def end_lines(results: dict[str, Any], wall_seconds: float, output_dir: Path) -> list[str]:
@@ -98,10 +141,10 @@ def end_lines(results: dict[str, Any], wall_seconds: float, output_dir: Path) ->
     lines = [
         f"done in {duration(wall_seconds)}: best acc1 {results['best_acc1']:.3f}"
         + (f" (epoch {best_epoch})" if best_epoch else "")
-        + f", final acc1 {results['final_acc1']:.3f} acc5 {results['final_acc5']:.3f}, "
-        f"{results['images_per_sec']:.1f} img/s",
+        + f", final acc1 {results['final_acc1']:.3f} acc5 {results['final_acc5']:.3f}",
+        f"  speed      {results['images_per_sec']:.1f} img/s",
         f"  results    {output_dir / 'results.json'}",
     ]
     if best.exists():
         lines.append(f"  best       {best}")
-    return lines
+    return fitted(lines)

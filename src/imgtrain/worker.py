@@ -1,6 +1,7 @@
 """One worker process: device and process group, then model, data, optimizer, precision, Trainer."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -11,8 +12,8 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from imgtrain import checkpoint, device as devices, weights as model_weights
-from imgtrain.data import build_loaders, cpu_cores
+from imgtrain import checkpoint, device as devices, preemption, weights as model_weights
+from imgtrain.data import build_loaders, cpu_cores, describe
 from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, process_group,
                                   world_from_env)
 from imgtrain.logger import NullLogger, RunLogger, close_logging, setup_logging
@@ -38,9 +39,13 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
     device = devices.for_local_rank(cfg["device"]["resolved"], world.local_rank)
     device.apply_settings(cfg["device"])
     logger = RunLogger(out) if world.is_main else NullLogger()
-    with process_group(world, device):
+    # Training stops on a signal at an agreed step; from here on, so that one during setup (the
+    # whole process group gets it) is acted on at the first step rather than killing a rank.
+    stop = preemption.StopSignals()
+    with stop if cfg["mode"] == "train" else contextlib.nullcontext(), \
+            process_group(world, device):
         try:
-            return _run(cfg, out, world, device, logger)
+            return _run(cfg, out, world, device, logger, stop)
         except Exception as exc:
             if is_peer_loss(str(exc)):  # let the rank that crashed be the one reported
                 time.sleep(PEER_LOSS_GRACE_SECONDS)
@@ -58,7 +63,7 @@ def _share_cpu_threads(world: World) -> None:
 
 
 def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
-         logger: RunLogger) -> dict[str, Any] | None:
+         logger: RunLogger, stop: preemption.StopSignals) -> dict[str, Any] | None:
     _share_cpu_threads(world)
     torch.manual_seed(cfg["train"]["seed"] + world.rank)
     source = model_weights.for_mode(cfg)  # eval|predict|export: the checkpoint names its model
@@ -68,10 +73,13 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
     if cfg["mode"] == "export":
         from imgtrain.export import export
         return export(cfg, out, source)
-    loaders = build_loaders(cfg["dataset"], cfg["train"]["batch_size"], world.rank,
-                            world.world_size, world.local_world_size, cfg["train"]["seed"],
-                            accelerator=device.is_accelerator,
-                            accumulate_steps=cfg["train"]["accumulate_steps"])
+    evaluating = cfg["mode"] == "eval"  # the val split alone, in batches of eval.batch_size
+    loaders = build_loaders(cfg["dataset"],
+                            cfg["eval"]["batch_size"] if evaluating else cfg["train"]["batch_size"],
+                            world.rank, world.world_size, world.local_world_size,
+                            cfg["train"]["seed"], accelerator=device.is_accelerator,
+                            accumulate_steps=1 if evaluating else cfg["train"]["accumulate_steps"],
+                            val_batch=cfg["eval"]["batch_size"], train=not evaluating)
     if cfg["mode"] == "bench_data":
         from imgtrain.bench import bench_loader
         return bench_loader(cfg, loaders, world, logger)
@@ -93,9 +101,12 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
         model_weights.load_into(model, source, cfg["model"]["arch"],
                                 allow_new_fc=cfg["mode"] == "train")
     freeze(model, cfg["model"]["freeze"])
-    trainer = _build_trainer(cfg, out, world, device, logger, loaders, precision, model)
+    trainer = _build_trainer(cfg, out, world, device, logger, loaders, precision, model, stop)
     if saved:
         trainer.load_state_dict(saved)
+        trainer.state.restarts = preemption.restart_count(trainer.state.restarts)
+        trainer.resumed = {"epoch": trainer.state.epoch + 1, "step": trainer.state.step_in_epoch,
+                           "restart": trainer.state.restarts}
     return _execute(cfg, trainer, logger, resumed_from=resume_from if saved else None, out=out)
 
 
@@ -115,17 +126,23 @@ def _channels_last(cfg: dict[str, Any], device: devices.DeviceInfo) -> bool:
 
 def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
                    logger: RunLogger, loaders: Any, precision: Precision,
-                   model: torch.nn.Module) -> Trainer:
+                   model: torch.nn.Module,
+                   stop: preemption.StopSignals | None = None) -> Trainer:
     channels_last = _channels_last(cfg, device)
     model = model.to(device.torch_device,
                      memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    # Every rank starts from rank 0's weights before anything copies them: the EMA (torchvision
+    # builds it from the DDP-synchronised model) and O2's fp32 masters. DDP's own broadcast comes
+    # only when it wraps the model, after both copies are made.
+    world.broadcast_from_main([t.detach() for t in (*model.parameters(), *model.buffers())])
     ema = _build_ema(cfg, model)  # before O2 halves the weights: the EMA holds fp32 ones
     kinds = parameter_kinds(model)  # one per trainable parameter, in the order prepare() steps them
     model, params = precision.prepare(model)
     optimizer = build_optimizer(weight_decay_groups(kinds, params, cfg["optim"]), cfg["optim"],
-                                device)
-    scheduler = build_scheduler(optimizer, cfg["sched"], cfg["train"]["epochs"],
-                                epoch_steps(loaders, cfg["train"]["steps_per_epoch"]))
+                                device, loss_scaled=precision.scaler is not None)
+    scheduler = None if loaders.train is None else build_scheduler(  # mode=eval: no steps
+        optimizer, cfg["sched"], cfg["train"]["epochs"],
+        epoch_steps(loaders, cfg["train"]["steps_per_epoch"]))
     eval_model = model  # never wrapped by DDP: see Trainer.eval_model
     if world.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -135,7 +152,8 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
         eval_model = compile_model(eval_model, cfg["model"])
     return Trainer(model=model, optimizer=optimizer, scheduler=scheduler, precision=precision,
                    loaders=loaders, device=device, world=world, logger=logger, cfg=cfg,
-                   output_dir=out, channels_last=channels_last, eval_model=eval_model, ema=ema)
+                   output_dir=out, channels_last=channels_last, eval_model=eval_model, ema=ema,
+                   stop_signals=stop)
 
 
 def _build_ema(cfg: dict[str, Any], model: torch.nn.Module) -> WeightAverage | None:
@@ -152,35 +170,65 @@ def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed_f
              out: Path) -> Any:
     results = run_results(cfg, trainer)
     if cfg["mode"] == "eval":
-        with trainer.progress:
-            val = trainer.evaluate()
-        logger.info("eval: loss %.4f acc1 %.3f acc5 %.3f (%d images)", val["loss"], val["acc1"],
-                    val["acc5"], val["samples"])
-        results.update(status="completed", final_acc1=val["acc1"], final_acc5=val["acc5"],
-                       best_acc1=val["acc1"], val_samples=val["samples"], val_loss=val["loss"])
-        logger.results(results)
-        return results
+        return _evaluate(cfg, trainer, logger, out, results)
     if trainer.state.epoch >= cfg["train"]["epochs"]:
         logger.info("run already completed %d epochs; nothing to train (results.json has its "
                     "results)", trainer.state.epoch)
         return {**run_results(cfg, trainer), "status": "completed", "already_completed": True}
     for line in start_lines(cfg, trainer, out, resumed_from):
         logger.info("%s", line)
-    logger.hparams(hparam_values(cfg, trainer), first=override_keys(cfg))
+    logger.hparams(hparam_values(cfg, trainer))
     logger.results({**results, "status": "running"})
     started = time.time()
     try:
         trainer.fit()
     except Preempted as exc:
-        logger.info("%s; exiting with code %d", exc,
-                    cfg["train"]["preempt_exit_code"])
-        logger.results({**run_results(cfg, trainer), "status": "preempted"})
-        raise
+        return _stopped(cfg, trainer, logger, str(exc), out)
     results = {**run_results(cfg, trainer), "status": "completed"}
     logger.results(results)
     for line in end_lines(results, time.time() - started, out):
         logger.info("%s", line)
     return results
+
+
+def _evaluate(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, out: Path,
+              results: dict[str, Any]) -> dict[str, Any]:
+    """mode=eval: the weights' loss and accuracy on the validation split, said with what was
+    evaluated, on what, and where the results are."""
+    weights = str(Path(cfg["model"]["weights"]).expanduser().resolve())
+    logger.info("eval: %s (%s) on %s, val split: %d images, batch %d", weights,
+                cfg["model"]["arch"], describe(cfg["dataset"]), len(trainer.loaders.val.dataset),
+                trainer.global_batch)
+    with trainer.progress:
+        val = trainer.evaluate()
+    results.update(status="completed", weights=weights, final_acc1=val["acc1"],
+                   final_acc5=val["acc5"], best_acc1=val["acc1"], val_samples=val["samples"],
+                   val_loss=val["loss"])
+    logger.results(results)
+    logger.info("eval done: loss %.4f acc1 %.3f acc5 %.3f (%d images)", val["loss"], val["acc1"],
+                val["acc5"], val["samples"])
+    logger.info("  weights    %s", weights)
+    logger.info("  results    %s", out / "results.json")
+    return results
+
+
+def _stopped(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, where: str,
+             out: Path) -> dict[str, Any]:
+    """A stop signal ended training at an agreed step: one line on where and how to resume, and
+    results.json's status; the launcher exits with the returned `exit_code`."""
+    sig = trainer.stop_signals.received
+    status, code = preemption.outcome(sig, cfg["train"]["preempt_exit_code"])
+    results = {**run_results(cfg, trainer), "status": status, "exit_code": code}
+    logger.results(results)
+    logger.info("%s by %s %s; %s (exit code %d)", status, preemption.name(sig), where,
+                resume_hint(cfg, out), code)
+    return results
+
+
+def resume_hint(cfg: dict[str, Any], out: Path) -> str:
+    if not cfg["train"]["save_checkpoints"]:
+        return "nothing to resume from"
+    return f"rerun the same command with hydra.run.dir={out} to resume"
 
 
 def override_keys(cfg: dict[str, Any]) -> list[str]:
