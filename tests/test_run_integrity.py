@@ -212,8 +212,9 @@ def _word_or_value_keys() -> list[str]:
 
 def test_every_key_that_takes_a_word_or_a_value_refuses_anything_else(compose: Any) -> None:
     keys = set(_word_or_value_keys())
-    # train.resume takes auto or a checkpoint path: any text may name a file.
-    assert keys - {"train.resume"} == set(WORD_OR_VALUE), keys
+    # Paths, checked where they are read (any text may name a file): train.resume (auto or a
+    # checkpoint), predict.inputs (a path or a list of them: predict.gather).
+    assert keys - {"train.resume", "predict.inputs"} == set(WORD_OR_VALUE), keys
     composed = compose("experiment=quickstart", "device=cpu", "amp=O0")
     for key, (accepted, refused, phrase) in WORD_OR_VALUE.items():
         for setting in accepted:
