@@ -93,16 +93,15 @@ def _sbatch_run_dir(root: Path) -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def submitted(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Submitted:
+def submitted(cluster: Cluster, module_dir: Path) -> Submitted:
     """Starts every run, then acts on them until each action is done (bounded):
     - `plain`: a 2-point sweep (optim.lr=0.1,0.2), left alone: the reference weights;
     - `preempt`: the same sweep; its lr=0.1 job gets SIGUSR2 mid-epoch (`scancel --signal=USR2`,
-      what submitit's --signal asks for), its lr=0.2 job is cancelled (`scancel`);
+      what submitit's --signal asks for), its lr=0.2 job is cancelled (`scancel`) mid-epoch;
     - the sbatch template running the lr=0.1 point, whose batch shell gets SIGUSR1 mid-epoch
       (`scancel --signal=USR1 --batch`: what --signal=B:USR1@N sends at its time);
     - `two_nodes`: world.nnodes=2 through hydra/launcher=slurm."""
-    root = tmp_path_factory.mktemp("runs")
-    env, started = _env(cluster), time.time()
+    root, env = module_dir, _env(cluster)
     runs = Submitted(root)
     for name in ("plain", "preempt"):
         runs.procs[name] = start_cli(*SLURM, *RUN, "optim.lr=0.1,0.2",
@@ -122,7 +121,7 @@ def submitted(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Sub
                                    lambda: _slurm_job_of(preempt, 0),
                                    ["--signal=USR2"], cluster),
         "cancel": lambda: _signal_at(runs, "cancel", _job_dir(preempt, 1),
-                                     lambda: _slurm_job_of(preempt, 1), [], cluster, step=0),
+                                     lambda: _slurm_job_of(preempt, 1), [], cluster, step=1),
         "usr1": lambda: _signal_at(runs, "usr1", _sbatch_run_dir(root), lambda: runs.sbatch_job,
                                    ["--signal=USR1", "--batch"], cluster),
     }
@@ -132,7 +131,6 @@ def submitted(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Sub
         assert "preempt" not in ended, ended["preempt"].communicate()
         actions = {name: act for name, act in actions.items() if not act()}
         time.sleep(0.2)
-    runs.events["submitted"] = started
     assert not actions, f"never reached the point to act: {sorted(actions)}"
     return runs
 
@@ -224,7 +222,7 @@ def _assert_resumed_mid_epoch(run_dir: Path, signalled_at: int) -> None:
 
 @pytest.mark.slow
 def test_a_cancelled_sweep_job_is_reported_failed_while_the_other_completes(
-        submitted: Submitted) -> None:
+        submitted: Submitted, cluster: Cluster) -> None:
     code, out, err = _finish(submitted, "preempt")
     assert code != 0
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -234,6 +232,9 @@ def test_a_cancelled_sweep_job_is_reported_failed_while_the_other_completes(
     reported = _reported_at(out + err)
     assert reported - submitted.events["cancel"] < 60, (reported, submitted.events)
     assert read_results(_job_dir(submitted.root / "preempt", 0))["status"] == "completed"
+    # scancel's SIGTERM checkpoints like any stop signal, but a cancelled job stays cancelled.
+    state = _final_state(cluster, _slurm_job_of(submitted.root / "preempt", 1))
+    assert (state["JobState"], state["Restarts"]) == ("CANCELLED", "0"), state
 
 
 def _reported_at(output: str) -> float:
@@ -267,7 +268,7 @@ def test_a_two_node_job_takes_its_world_from_slurm(submitted: Submitted, cluster
     results = read_results(_job_dir(sweep, 0))
     assert results["status"] == "completed" and results["world_size"] == 2
     state = _final_state(cluster, _slurm_job_of(sweep, 0))
-    assert state["JobState"] == "COMPLETED" and state["NumNodes"] == "2" and state["NodeList"] == "n[1-2]", state
+    assert (state["JobState"], state["NumNodes"], state["NodeList"]) == ("COMPLETED", "2", "n[1-2]")
 
 
 def _sbatch_lines(tmp_path: Path, *overrides: str) -> set[str]:

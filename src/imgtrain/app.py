@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from imgtrain import device as devices, preemption, records
-from imgtrain.config import lr_rule, unknown_keys
+from imgtrain.config import check_choices, lr_rule, unknown_keys
 from imgtrain.data import SPLITS, check_dataset, cpu_cores
 from imgtrain.data.mixing import check_mixing
 from imgtrain.data.transforms import val_sizes
@@ -46,6 +46,7 @@ def resolve(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     except OmegaConfBaseException as exc:  # e.g. optim.lr_base_size=0, or a mistyped ${...}
         raise ConfigError(config_error_line(exc)) from None
     config.pop("hydra", None)
+    check_choices(config)
     config["overrides"] = overrides
     config["optim"]["lr_rule"] = lr_rule(cfg)
     config["device"]["resolved"] = devices.resolve_name(config["device"]["name"])

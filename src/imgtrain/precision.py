@@ -6,9 +6,7 @@
       and the optimizer stepping on fp32 master copies (static loss scale 1024 by default, as the
       seed's apex run set it; apex's own O2 default is dynamic).
 
-With a loss scale, a step whose gradients overflowed is skipped, static scale or dynamic. apex
-with a static scale does not look for overflow and applies every step; docs/precision-and-npu.md
-says what that changes against the seed's run.
+An overflowed step is skipped under a static scale too, where apex applies it (see the docs).
 
 The trainer only calls `autocast()`, `backward()`, `step()` and the state-dict methods, so it never
 branches on the level. docs/precision-and-npu.md maps each level onto apex's.
@@ -164,11 +162,12 @@ class Precision:
              clip_grad_norm: float | None = None) -> torch.Tensor | None:
         """Step (unless gradients overflowed), update the scale, and refresh O2's half weights.
 
-        With a loss scale, returns the step's verdict on the device (1.0: skipped for an overflow,
-        0.0: applied), read by no one on the host here; without one, None (nothing is skipped).
-        torch's fused SGD takes that verdict on the device, so the step costs no host sync; other
-        optimizers need one read of it on the host. `clip_grad_norm` clips the gradients the
-        optimizer steps (O2's fp32 masters), after unscaling and after the verdict.
+        With a loss scale, returns the step's verdict as a device tensor (1.0: skipped for an
+        overflow, 0.0: applied), which the caller can use without a host sync; without one, None
+        (nothing is skipped). torch's fused SGD takes that verdict on the device, so the step costs
+        no host sync; other optimizers need one read of it on the host. `clip_grad_norm` clips
+        the gradients the optimizer steps (O2's fp32 masters), after unscaling and after the
+        verdict.
         """
         self._grads_to_masters()
         if self.scaler is None:

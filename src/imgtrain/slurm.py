@@ -90,8 +90,9 @@ def _fields(line: str) -> dict[str, str]:
 
 def requeue_self(max_requeues: int) -> str | None:
     """After a preemption's checkpoint: put this job back in SLURM's queue, to run the same
-    command again and resume. Done once per job (its first task). The line to print, or None
-    outside a SLURM job and on its other tasks."""
+    command again and resume. Done once per job (its first task), and only while the job is
+    running: `scontrol requeue` would also bring back a job that `scancel` is ending. The line
+    to print, or None outside a SLURM job and on its other tasks."""
     env = os.environ
     if not in_job() or not first_task():
         return None
@@ -100,6 +101,9 @@ def requeue_self(max_requeues: int) -> str | None:
         return (f"SLURM job {job} not requeued: it has restarted {restarts} time(s), "
                 f"train.max_requeues={max_requeues}")
     try:
+        state = job_states([job]).get(job, {}).get("State", "UNKNOWN")
+        if state != "RUNNING":
+            return f"SLURM job {job} not requeued: it is {state} (cancelled, or at its end)"
         _scontrol("requeue", job)
     except (OSError, subprocess.SubprocessError) as exc:
         reason = getattr(exc, "stderr", None) or str(exc)

@@ -139,7 +139,7 @@ def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices
     kinds = parameter_kinds(model)  # one per trainable parameter, in the order prepare() steps them
     model, params = precision.prepare(model)
     optimizer = build_optimizer(weight_decay_groups(kinds, params, cfg["optim"]), cfg["optim"],
-                                device)
+                                device, loss_scaled=precision.scaler is not None)
     scheduler = None if loaders.train is None else build_scheduler(  # mode=eval: no steps
         optimizer, cfg["sched"], cfg["train"]["epochs"],
         epoch_steps(loaders, cfg["train"]["steps_per_epoch"]))
@@ -177,7 +177,7 @@ def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed_f
         return {**run_results(cfg, trainer), "status": "completed", "already_completed": True}
     for line in start_lines(cfg, trainer, out, resumed_from):
         logger.info("%s", line)
-    logger.hparams(hparam_values(cfg, trainer), first=override_keys(cfg))
+    logger.hparams(hparam_values(cfg, trainer))
     logger.results({**results, "status": "running"})
     started = time.time()
     try:

@@ -166,7 +166,8 @@ class Cluster:
             return sorted(out[1::2]) == ["idle"] * len(self.nodes)
         self._wait(idle, "idle nodes in sinfo")
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, check: bool = True,
+            timeout: float = 30) -> subprocess.CompletedProcess:
         """A SLURM client command against this cluster."""
         return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout,
                               env={**os.environ, **self.env})

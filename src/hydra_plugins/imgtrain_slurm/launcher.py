@@ -14,9 +14,13 @@ from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf
+
+try:
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+except ImportError:  # not installed (the `launchers` extra): no hydra/launcher=slurm then, and
+    SlurmLauncher = object  # no warning from Hydra's plugin scan, which imports this module
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0

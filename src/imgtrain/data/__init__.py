@@ -163,7 +163,8 @@ def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
     train_sampler, train_loader = None, None
     if train_set is not None:
         train_sampler = TrainSampler(len(train_set), rank, world_size, seed,
-                                     ra_reps=int(data_cfg.get("ra_reps", 1)))
+                                     ra_reps=int(data_cfg.get("ra_reps", 1)),
+                                     micro_batch=micro_batch, accumulate_steps=accumulate_steps)
         # drop_last keeps every step's shape static (graph-compiling NPUs, torch.compile).
         train_loader = _loader(train_set, data_cfg, common, batch_size=micro_batch,
                                sampler=train_sampler, drop_last=True)
