@@ -218,41 +218,121 @@ def _rasampler(dataset_len: int, rank: int, world_size: int, seed: int, reps: in
     return indices[rank:total:world_size][:dataset_len // world_size]
 
 
-def _pairs(dataset_len: int, rank: int, reps: int, skip: int = 0, epoch: int = 2) -> list:
-    sampler = TrainSampler(dataset_len, rank, 2, seed=7, ra_reps=reps)
+def _pairs(dataset_len: int, rank: int, reps: int, world: int = 2, micro_batch: int = 1,
+           accumulate: int = 1, step: int = 0, earlier: tuple = (), epoch: int = 2) -> list:
+    sampler = TrainSampler(dataset_len, rank, world, seed=7, ra_reps=reps,
+                           micro_batch=micro_batch, accumulate_steps=accumulate)
     sampler.set_epoch(epoch)
-    sampler.skip(skip)
+    sampler.resume_at(step, earlier)
     pairs = list(sampler)
-    assert len(pairs) == len(sampler) == dataset_len // 2 - skip
+    assert len(pairs) == len(sampler)
     return pairs
 
 
-def test_repeated_augmentation_follows_torchvisions_sampler() -> None:
-    ranks = [_pairs(31, rank, reps=3) for rank in (0, 1)]
+def _micro_batches(dataset_len: int, reps: int, world: int, global_batch: int, accumulate: int,
+                   step: int = 0, earlier: tuple = (), steps: int | None = None) -> list[list]:
+    """Each optimizer step's micro-batches (every rank's, each micro-step's) as the loaders of
+    `world` processes with train.accumulate_steps=`accumulate` give them, from `step` on."""
+    micro_batch = global_batch // world // accumulate
+    per_rank = [_pairs(dataset_len, rank, reps, world, micro_batch, accumulate, step, earlier)
+                for rank in range(world)]
+    count = len(per_rank[0]) // (micro_batch * accumulate) if steps is None else steps
+    return [[pairs[start:start + micro_batch] for pairs in per_rank
+             for start in range(i * micro_batch * accumulate, (i + 1) * micro_batch * accumulate,
+                                micro_batch)]
+            for i in range(count)]
+
+
+def _no_micro_batch_holds_two_copies(steps: list[list]) -> None:
+    for step, batches in enumerate(steps):
+        for batch in batches:
+            indices = [index for index, _ in batch]
+            assert len(set(indices)) == len(indices), f"step {step}: two copies in {indices}"
+
+
+def _each_image_reps_times(steps: list[list], reps: int, images: int) -> None:
+    pairs = [pair for batches in steps for batch in batches for pair in batch]
+    assert len(set(pairs)) == len(pairs)  # no copy twice: each its own seed, its own crop
+    counts = Counter(index for index, _ in pairs)
+    assert len(counts) == images and set(counts.values()) == {reps}
+
+
+def test_repeated_augmentation_on_ra_reps_ranks_is_torchvisions_sampler() -> None:
+    """With a micro-batch per rank and at least ra_reps ranks, each rank's samples are
+    RASampler's: each copy on another rank, as in torchvision's 8-GPU recipe."""
+    ranks = [_pairs(31, rank, reps=3, world=4, micro_batch=2) for rank in range(4)]
     for rank, pairs in enumerate(ranks):
-        assert [index for index, _ in pairs] == _rasampler(31, rank, 2, seed=7 + 2, reps=3)
-    assert [i for i, _ in ranks[0]] != [i for i, _ in ranks[1]]
-    union = [pair for both in zip(*ranks) for pair in both]  # the repeated list, in its order
-    counts = Counter(index for index, _ in union)
-    assert sorted(counts.values())[1:] == [3] * (len(counts) - 1)  # the last may be cut short
-    assert len(set(union)) == len(union)  # no two copies share a seed: each its own crop
+        assert [i for i, _ in pairs] == _rasampler(31, rank, 4, seed=7 + 2, reps=3)[:len(pairs)]
+    union = [pair for step in zip(*ranks) for pair in step]  # the repeated list, in its order
     for index, seed in union:
         assert seed in {sample_seed(7, 2, index + 31 * repeat) for repeat in range(3)}
 
 
-def test_repeated_augmentation_skips_and_is_off_at_one() -> None:
-    assert _pairs(31, 1, reps=3, skip=4) == _pairs(31, 1, reps=3)[4:]
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("accumulate", [1, 8])
+def test_repeated_augmentation_puts_one_copy_of_an_image_in_a_micro_batch(
+        world: int, accumulate: int) -> None:
+    """ra_reps=4 on fewer than 4 ranks: an image's copies go to other micro-batches (other
+    ranks, other micro-steps, other steps), and each image still comes 4 times an epoch."""
+    steps = _micro_batches(512, reps=4, world=world, global_batch=64, accumulate=accumulate)
+    assert len(steps) == 512 // 64
+    _no_micro_batch_holds_two_copies(steps)
+    _each_image_reps_times(steps, reps=4, images=512 // 4)
+    if world * accumulate >= 4:  # enough micro-batches: the copies share their step
+        for batches in steps:
+            counts = Counter(index for batch in batches for index, _ in batch)
+            assert set(counts.values()) == {4}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("resumed_world", [1, 2, 4])
+@pytest.mark.parametrize("step", [1, 4])
+def test_repeated_augmentation_resumes_exactly_on_any_process_count(
+        world: int, resumed_world: int, step: int) -> None:
+    """A run stopped after `step` steps and resumed on `resumed_world` processes trains the
+    epoch's images ra_reps times each, one copy per micro-batch; on the same processes the
+    resumed steps are the uninterrupted run's."""
+    straight = _micro_batches(512, 4, world, 64, accumulate=1)
+    resumed = _micro_batches(512, 4, resumed_world, 64, accumulate=1, step=step,
+                             earlier=[(0, world)])
+    assert len(resumed) == len(straight) - step
+    if resumed_world == world:
+        assert resumed == straight[step:]
+        # A checkpoint that recorded no layout (older imgtrain): the steps were this run's.
+        assert _micro_batches(512, 4, world, 64, accumulate=1, step=step) == straight[step:]
+    if min(world, resumed_world) >= 4:  # torchvision's images in each step, on both
+        assert [sorted(p for b in batches for p in b) for batches in resumed] == \
+            [sorted(p for b in batches for p in b) for batches in straight[step:]]
+    _no_micro_batch_holds_two_copies(straight[:step] + resumed)
+    _each_image_reps_times(straight[:step] + resumed, reps=4, images=512 // 4)
+
+
+def test_a_second_resume_keeps_both_earlier_layouts() -> None:
+    first = _micro_batches(512, 4, 1, 64, accumulate=1, steps=1)
+    second = _micro_batches(512, 4, 2, 64, accumulate=1, step=1, earlier=[(0, 1)], steps=2)
+    third = _micro_batches(512, 4, 1, 64, accumulate=1, step=3, earlier=[(0, 1), (1, 2)])
+    _no_micro_batch_holds_two_copies(first + second + third)
+    _each_image_reps_times(first + second + third, reps=4, images=512 // 4)
+
+
+def test_without_repeated_augmentation_resume_skips_and_is_distributed_sampler() -> None:
     for rank in (0, 1):
         today = DistributedSampler(range(31), 2, rank, shuffle=True, seed=7, drop_last=True)
         today.set_epoch(2)
-        assert _pairs(31, rank, reps=1) == [(i, sample_seed(7, 2, i)) for i in today]
+        pairs = _pairs(31, rank, reps=1, micro_batch=3)
+        assert pairs == [(i, sample_seed(7, 2, i)) for i in today]
+        assert _pairs(31, rank, reps=1, micro_batch=3, step=2) == pairs[6:]
 
 
 def test_repeats_of_one_image_are_different_crops(cifar_root: Path) -> None:
     cfg = _data_cfg("cifar10", cifar_root, ra_reps=2, workers=0)
     loaders = build_loaders(cfg, 16, 0, 1, 1, seed=5, accelerator=False)
     assert loaders.train_sampler.ra_reps == 2
-    (index, seed0), (again, seed1) = list(loaders.train_sampler)[:2]
+    first, second = [batch for batch, _ in zip(loaders.train.batch_sampler, range(2))]
+    # One process, one micro-batch a step: a step's images are all different, and their second
+    # copies come in the next step.
+    assert len({index for index, _ in first}) == len(first) == 16
+    (index, seed0), (again, seed1) = first[0], second[0]
     assert index == again and seed0 != seed1
     dataset = loaders.train.dataset
     assert not torch.equal(dataset[(index, seed0)][0], dataset[(index, seed1)][0])

@@ -77,7 +77,7 @@ def test_corrupt_image_is_named_or_skipped_on_request(tmp_path: Path) -> None:
     proc = run_cli(*FOLDER_RUN, f"dataset.root={root}", "dataset.skip_bad_images=true",
                    f"hydra.run.dir={tmp_path / 'skip'}")
     assert proc.returncode == 0, proc.stderr
-    assert str(victim) in proc.stdout + proc.stderr  # logged as skipped
+    assert f"warning: skipped bad image file {victim}: " in proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +164,12 @@ def test_a_wrong_type_is_one_line_naming_the_key(tmp_path: Path) -> None:
 
 def test_unknown_key_or_group_option_fails(tmp_path: Path) -> None:
     proc = run_cli("experiment=quickstart", "train.epoch=3", f"hydra.run.dir={tmp_path}")
-    assert_clean_error(proc, "unknown config key train.epoch")
-    proc = run_cli("experiment=quickstart", "+optim.lrr=0.1", f"hydra.run.dir={tmp_path}")
-    assert_clean_error(proc, "unknown config key optim.lrr")
+    assert_clean_error(proc, "unknown config key train.epoch (did you mean train.epochs?)")
+    for override in ("optim.lrr=0.1", "+optim.lrr=0.1"):  # Hydra's refusal, and imgtrain's
+        proc = run_cli("experiment=quickstart", override, f"hydra.run.dir={tmp_path}")
+        assert_clean_error(proc, "unknown config key optim.lrr (did you mean optim.lr?)")
+    from imgtrain.errors import unknown_key_line
+    assert "did you mean" not in unknown_key_line("optim.zzz")  # nothing close: no guess
     proc = run_cli("experiment=quickstart", "model=resnet7", f"hydra.run.dir={tmp_path}")
     assert_clean_error(proc, "resnet7", "resnet18")
 
@@ -190,3 +193,29 @@ def test_a_file_that_is_not_an_image_is_named_without_python_internals(tmp_path:
     proc = run_cli(*FOLDER_RUN, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'run'}")
     assert_clean_error(proc, str(victim), "not an image format PIL can read")
     assert "BytesIO" not in proc.stdout + proc.stderr  # was: <_io.BytesIO object at 0x...>
+
+
+def test_start_warnings_print_as_every_other_line(tmp_path: Path) -> None:
+    """Said before the ranks start, without Hydra's `[date][HYDRA]` prefix: a warm-up as long as
+    the run, and more processes than CPU cores (here one more than this machine has: they start,
+    each finds model.weights missing, and the run ends)."""
+    import os
+
+    processes = len(os.sched_getaffinity(0)) + 1
+    if processes > 17:
+        pytest.skip(f"would start {processes} processes on this {processes - 1}-core machine")
+    proc = run_cli(*TINY, "dataset=synthetic", f"dataset.train_size={2 * processes}",
+                   "dataset.val_size=8", "dataset.image_size=32",
+                   f"train.batch_size={2 * processes}", "train.epochs=1", "sched.warmup_epochs=1", "world=8p",
+                   f"world.nproc_per_node={processes}", "world.start_method=fork",
+                   f"model.weights={tmp_path / 'absent.pt'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_clean_error(proc, "absent.pt")
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("warning: sched.warmup_epochs=1.0 is not shorter than train.epochs=1")
+    assert lines[1].startswith(f"warning: {processes} processes on {processes - 1} CPU cores are "
+                               "oversubscribed")
+    assert f"world.nproc_per_node={processes - 1} would" in lines[1]
+    assert lines[2] == f"starting {processes} processes (fork); the start summary follows once " \
+                       "all have joined"
+    assert "HYDRA" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -7,14 +7,19 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import TINY, assert_clean_error, read_results, run_cli
+from imgtrain.data import build_loaders
 from imgtrain.device import DeviceInfo
+from imgtrain.distributed import World
 from imgtrain.errors import ConfigError
+from imgtrain.logger import NullLogger
 from imgtrain.models import build_model
 from imgtrain.optim import build_optimizer
 from imgtrain.precision import Precision, resolve_dtype, resolve_loss_scale
+from imgtrain.worker import _build_trainer
 
 CPU = DeviceInfo("cpu")
 SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False,
@@ -108,23 +113,46 @@ def test_checkpoint_state_holds_the_fp32_masters_not_the_rounded_halves():
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
-def _masters_of_rank(rank: int, init_file: str, out_dir: str) -> None:
-    """One rank of a 2-process gloo group, seeded per rank as the worker seeds: save its masters."""
+def _first_weights_of_rank(rank: int, cfg: dict, init_file: str, out_dir: str) -> None:
+    """One rank of a 2-process gloo group, seeded per rank as the worker seeds, building its
+    Trainer as the worker does: save the model it started from, its EMA and its O2 masters."""
     torch.set_num_threads(1)  # forked: as a DataLoader worker, away from the parent's thread pool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        _, params = Precision("O2", torch.bfloat16, None, CPU).prepare(small_net(seed=rank))
-        torch.save([p.detach() for p in params], Path(out_dir) / f"{rank}.pt")
+        loaders = build_loaders(cfg["dataset"], 8, rank, 2, 2, cfg["train"]["seed"],
+                                accelerator=False)
+        torch.manual_seed(cfg["train"]["seed"] + rank)
+        model = small_net(seed=rank)
+        own = {k: v.clone() for k, v in model.state_dict().items()}
+        trainer = _build_trainer(cfg, Path(out_dir), World(rank, rank, 2, 2), CPU, NullLogger(),
+                                 loaders, Precision("O2", torch.bfloat16, None, CPU), model)
+        masters = [p.detach() for group in trainer.optimizer.param_groups for p in group["params"]]
+        torch.save({"own": own, "ema": trainer.ema.module.state_dict(), "masters": masters},
+                   Path(out_dir) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_o2_masters_start_equal_on_every_rank(tmp_path: Path):
-    mp.start_processes(_masters_of_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       start_method="fork")  # spawned, each rank would import torch again (~8 s)
+def test_every_rank_starts_its_ema_and_o2_masters_from_rank_0s_weights(compose, tmp_path: Path):
+    """Ranks are seeded differently, so each builds other weights; DDP would broadcast rank 0's
+    only when it wraps the model, after the EMA and the masters were copied. Before any update,
+    every rank's EMA and masters are rank 0's model (as torchvision's EMA, built from the
+    DDP-synchronised model)."""
+    cfg = OmegaConf.to_container(compose("device=cpu", "dataset=synthetic", "dataset.workers=0",
+                                         "dataset.image_size=8", "dataset.num_classes=4",
+                                         "dataset.train_size=16", "dataset.val_size=8",
+                                         "train.batch_size=8", "ema.decay=0.9"), resolve=True)
+    mp.start_processes(_first_weights_of_rank, args=(cfg, str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=2, start_method="fork")  # spawned, each would import torch (~8 s)
     rank0, rank1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
-    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))
-    assert not torch.equal(rank0[0], small_net(seed=1)[0].weight), "rank 1 started elsewhere"
+    assert not torch.equal(rank0["own"]["0.weight"], rank1["own"]["0.weight"]), \
+        "rank 1 started elsewhere"
+    names = [name for name, _ in small_net().named_parameters()]
+    for saved in (rank0, rank1):
+        for key, value in rank0["own"].items():
+            assert torch.equal(saved["ema"][key], value), key
+        for name, master in zip(names, saved["masters"]):
+            assert torch.equal(master, rank0["own"][name]), name
 
 
 # ---- loss scaling ----------------------------------------------------------------------------
@@ -175,6 +203,125 @@ def test_dynamic_scale_resumes_and_static_scale_comes_from_the_config():
     static.load_state_dict(saved)  # a loaded state must not break the first step
     train_step(static, model, optimizer)
     assert scale_of(static) == 1024.0
+
+
+# ---- overflow on an NPU in saturation mode ---------------------------------------------------
+class OverflowRegister:
+    """Stands for an Ascend 910/910A's overflow status register in saturation mode: an fp16
+    overflow saturates at the fp16 maximum (finite) and raises this flag; nothing becomes inf."""
+
+    def __init__(self) -> None:
+        self.flag = torch.zeros(())
+
+    def read_and_clear(self) -> torch.Tensor:
+        value = self.flag.clone()
+        self.flag.zero_()
+        return value
+
+
+class SaturationModeScaler(torch.amp.GradScaler):
+    """Stands for torch_npu's GradScaler (its dynamic mode, as imgtrain builds it) on such a chip.
+    Its check ignores the gradients' values: it reads the device's overflow register and clears
+    it (npu_get_float_status / npu_clear_float_status; aclrtGetOverflowStatus /
+    aclrtResetOverflowStatus on newer releases), then all-reduces the verdict across ranks
+    (_sync_dist_overflow_count, each device having its own register) and adds 1 to found_inf when
+    any rank overflowed. The unscaling itself is torch's."""
+
+    def __init__(self, register: OverflowRegister, init_scale: float) -> None:
+        super().__init__("cpu", init_scale=init_scale)
+        self.register = register
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        torch._foreach_mul_(grads, inv_scale)
+        found_inf.add_(self.register.read_and_clear())
+        any_rank = found_inf.clone()
+        if dist.is_initialized():
+            dist.all_reduce(any_rank)
+        if any_rank.item():
+            found_inf.add_(1.0)
+        return {found_inf.device: found_inf}
+
+
+def saturation_mode_o2(loss_scale: float | str, fused: bool, register: OverflowRegister):
+    """O2 float16 (as on the NPU) with the saturation-mode scaler, starting at 1024."""
+    precision = Precision("O2", torch.float16, loss_scale, CPU)
+    model, params = precision.prepare(small_net())
+    precision.scaler = SaturationModeScaler(register, init_scale=1024.0)
+    return precision, model, build_optimizer(params, {**SGD, "fused": fused}, CPU)
+
+
+def saturating_step(precision: Precision, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    register: OverflowRegister, overflow: bool) -> None:
+    """A training step; with `overflow`, what the device does when a gradient overflows: it
+    saturates at the fp16 maximum and the register rises."""
+    images, target = coloured_batch(seed=0, size=8)
+    loss = nn.functional.cross_entropy(model(images).float(), target)
+    model.zero_grad(set_to_none=True)
+    precision.backward(loss)
+    if overflow:
+        model[0].weight.grad[0, 0, 0, 0] = torch.finfo(torch.float16).max
+        register.flag.fill_(1.0)
+    precision.step(optimizer)
+
+
+def _saturated_steps(overflow: bool, loss_scale: float | str, fused: bool) -> dict:
+    """One step (overflowing where asked), then a clean one: what each left behind."""
+    register = OverflowRegister()
+    precision, model, optimizer = saturation_mode_o2(loss_scale, fused, register)
+    masters = [p for group in optimizer.param_groups for p in group["params"]]
+    before = weights(model) + [m.detach().clone() for m in masters]
+    saturating_step(precision, model, optimizer, register, overflow)
+    after = weights(model) + [m.detach().clone() for m in masters]
+    first = {"moved": not all(torch.equal(a, b) for a, b in zip(before, after)),
+             "scale": scale_of(precision)}
+    saturating_step(precision, model, optimizer, register, overflow=False)
+    return {**first, "clean_moved": not torch.equal(after[0], model[0].weight),
+            "clean_scale": scale_of(precision)}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("loss_scale, lowered", [("dynamic", 512.0), (1024.0, 1024.0)])
+def test_a_saturated_overflow_is_skipped_on_the_scalers_verdict(loss_scale, lowered, fused):
+    """The gradients stay finite, and the register is clear once the scaler has read it: only
+    the scaler's verdict knows. The step changes no weight and no master, a dynamic scale halves
+    (a static one stays), and the next clean step steps."""
+    result = _saturated_steps(overflow=True, loss_scale=loss_scale, fused=fused)
+    assert not result["moved"], "a saturated overflow was applied to the weights"
+    assert result["scale"] == lowered
+    assert result["clean_moved"] and result["clean_scale"] == lowered
+
+
+def _saturated_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of a 2-process gloo group: only rank 0's device overflows. Both ranks compute
+    the same gradients (DDP would all-reduce them; here they are equal already)."""
+    torch.set_num_threads(1)  # forked: as a DataLoader worker, away from the parent's thread pool
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results = {}
+        for fused in (False, True):
+            register = OverflowRegister()
+            precision, model, optimizer = saturation_mode_o2("dynamic", fused, register)
+            before = weights(model)
+            saturating_step(precision, model, optimizer, register, overflow=rank == 0)
+            results[fused] = {"moved": not all(torch.equal(a, b)
+                                               for a, b in zip(before, weights(model))),
+                              "scale": scale_of(precision)}
+        torch.save(results, Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_saturated_overflow_on_one_rank_is_skipped_on_every_rank(tmp_path: Path):
+    """Rank 1's own register stays clear: it skips on the verdict its scaler all-reduced, and
+    with torch's fused SGD too (rank 0's found_inf is 2 there: its own 1, plus 1 for the ranks)."""
+    mp.start_processes(_saturated_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    for rank in (0, 1):
+        for fused, result in torch.load(tmp_path / f"{rank}.pt").items():
+            assert not result["moved"], (rank, fused)
+            assert result["scale"] == 512.0, (rank, fused)
 
 
 @pytest.mark.parametrize("level, dtype, setting, expected", [
@@ -316,3 +463,30 @@ def test_an_o0_checkpoint_resumes_under_o2(tmp_path: Path):
     assert len(after["state"]["history"]) == 2 and after["state"]["global_step"] == 4
     assert after["model"]["conv1.weight"].dtype == torch.float32  # O2's fp32 masters
     assert not torch.equal(before["model"]["conv1.weight"], after["model"]["conv1.weight"])
+
+
+def test_o2_fine_tuning_a_frozen_backbone_keeps_its_exact_fp32_values_in_the_ema(tmp_path: Path):
+    """amp=O2 model.freeze=backbone with an EMA updated every step past the warm-up: the EMA
+    averages each frozen tensor's fp32 value, not its rounded bfloat16 copy, so it stays the
+    file's value bit for bit (and the average's second update finds matching dtypes)."""
+    model = build_model("resnet18", 10)
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        norm.running_mean.normal_()  # statistics bfloat16 would round too
+        norm.running_var.uniform_(0.5, 2.0)
+    source = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save({"model": source}, tmp_path / "pretrained.pt")
+    # Two steps of 4 images at 16 px: bfloat16 convolutions are slow on CPUs without native ones.
+    proc = run_cli(*SMALL, *FEW_STEPS, "dataset.train_size=8", "train.batch_size=4",
+                   "dataset.val_size=4", "dataset.image_size=16", "amp=O2",
+                   "model.freeze=backbone", "ema.decay=0.9", "ema.steps=1",
+                   f"model.weights={tmp_path / 'pretrained.pt'}",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert int(saved["model_ema"]["n_averaged"]) == 2  # a copy, then an average
+    frozen = [key for key in source if not key.startswith("fc.")]
+    assert any(not torch.equal(source[key], source[key].bfloat16().float()) for key in frozen)
+    for key in frozen:
+        assert torch.equal(saved["model_ema"][f"module.{key}"], source[key]), key
+        assert torch.equal(saved["model"][key], source[key]), key
+    assert not torch.equal(saved["model_ema"]["module.fc.weight"], source["fc.weight"])

@@ -86,7 +86,7 @@ def test_defaults_train_bit_for_bit_as_the_seeds_bare_step(compose: Any, tmp_pat
     reference.load_state_dict(trainer.model.state_dict())
     optim = trainer.cfg["optim"]
     optimizer = torch.optim.SGD(reference.parameters(), lr=optim["lr"], momentum=0.9,
-                                weight_decay=1e-4, fused=True)
+                                weight_decay=1e-4)  # the seed's: torch's plain loop on the CPU
     steps = trainer.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: seed_factor(step, steps, 2 * steps))  # quickstart: 1 warm-up epoch

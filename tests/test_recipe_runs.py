@@ -108,7 +108,7 @@ def test_the_ema_is_evaluated_logged_and_picked_by_weights_key(
     assert all(torch.equal(ema.state[k], saved["model_ema"][f"module.{k}"]) for k in ema.state)
     assert _max_diff(ema.state, saved["model"]) > 0  # the average, not the trained weights
     tags = set(EventAccumulator(str(run)).Reload().Tags()["scalars"])
-    assert {"val_ema/acc1", "val_ema/acc5", "val_ema/loss"} <= tags
+    assert {"accuracy/val_ema_acc1", "accuracy/val_ema_acc5", "val/ema_loss"} <= tags
 
     evaluated = run_cli(*V2_SMALL, *ONE_PROCESS, f"dataset.root={image_folder}", "mode=eval",
                         f"model.weights={run / 'checkpoints/last.pt'}", "model.weights_key=ema",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -184,7 +185,7 @@ def test_eval_runs_are_marked_as_such(tmp_path: Path, capsys: pytest.CaptureFixt
     assert evaluated[2:5] == ["78.500", "", "eval"]
 
 
-def test_the_table_fits_the_width_with_long_values_shortened(
+def test_the_table_fits_the_width_with_shared_columns_above_and_long_values_shortened(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     long_root = "/data/" + "very-long-folder-name/" * 6 + "imagenet"
     for job, lr in enumerate(("0.1", "0.2")):
@@ -195,18 +196,101 @@ def test_the_table_fits_the_width_with_long_values_shortened(
     _, wide, _ = report(capsys, str(tmp_path))
     assert max(map(len, wide.splitlines())) > 250  # what a pipe gets: every value whole
     assert long_root + "0" in wide
-    code, out, _ = report(capsys, str(tmp_path), "--width", "150")
+    code, out, _ = report(capsys, str(tmp_path), "--width", "100")
     assert code == 0
     lines = out.strip().splitlines()
-    assert max(map(len, lines)) <= 150, "\n".join(lines)
-    header, first, second = markdown_rows(out, run_column=True)
-    # The fixed columns stay whole; the shared train.epochs is not a column at all.
-    assert header[1:7] == ["DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type"]
-    assert first[1:7] == ["8p-NPU", "1.8.1", "79.102", "623.887", "137", "O2"]
-    assert not any("epochs" in name for name in header[7:])
-    # A path keeps its end, which tells the runs apart; the run and status keep their start.
-    root_column = header.index(next(name for name in header if name.endswith("root")))
-    assert first[root_column].startswith("…") and first[root_column].endswith("imagenet0")
-    assert second[root_column].endswith("imagenet1")
-    assert first[0].startswith("0_optim.lr=") and first[0].endswith("…")
-    assert first[-1].startswith("failed: a very") and first[-1].endswith("…")
+    assert max(map(len, lines)) <= 100, "\n".join(lines)
+    # The columns the same in both runs are said once above the table (long values shortened).
+    table = lines.index(next(line for line in lines if line.startswith("| Run")))
+    above = " ".join(line.strip() for line in lines[:table])
+    assert above.startswith("every run: DEVICE 8p-NPU, PyTorch 1.8.1, Acc@1 79.102, FPS 623.887, "
+                            "Epochs 137, AMP_Type O2, Status failed: a very long error"), above
+    assert above.endswith("…")
+    header, first, second = markdown_rows("\n".join(lines[table:]), run_column=True)
+    assert header == ["Run", "root", "weights", "lr"]  # keys by their last part
+    # A path keeps its end, which tells the runs apart; a run its start and end.
+    assert first[1].startswith("…") and first[1].endswith("imagenet0")
+    assert second[1].endswith("imagenet1")
+    assert first[0].startswith("0_lr=0.1,") and first[0].endswith("also-long") and "…" in first[0]
+    assert first[2:] == ["/checkpoints/run-0/best.pt", "0.1"]
+
+
+def _varied_runs(outputs: Path) -> list[str]:
+    """14 runs as a user's outputs/ holds them after a few days: single runs named
+    <date>/<time>_<overrides>, a sweep's jobs, other devices, precisions and statuses, and
+    overrides of many keys. Returns each run's distinguishing part."""
+    singles = [("2026-12-01", "09-12-44", ["experiment=quickstart"]),
+               ("2026-12-01", "10-03-10", ["experiment=quickstart", "train.epochs=10"]),
+               ("2026-12-01", "11-40-02", ["experiment=quickstart", "amp=O1", "device=gpu"]),
+               ("2026-12-02", "08-00-00", ["model=resnet50", "dataset.root=/data/imagenet",
+                                           "world=8p", "device=npu"]),
+               ("2026-12-02", "13-14-15", ["model=resnet50", "dataset.root=/data/flowers",
+                                           "model.weights=/ckpt/resnet50/best.pt",
+                                           "model.freeze=backbone"]),
+               ("2026-12-02", "17-30-00", ["experiment=resnet152_v2", "ema.decay=0.99998"]),
+               ("2026-12-03", "07-45-00", ["experiment=quickstart", "train.label_smoothing=0.1",
+                                           "dataset.image_size=64"]),
+               ("2026-12-03", "09-00-00", ["experiment=quickstart", "sched=step",
+                                           "train.batch_size=128"])]
+    folders = []
+    for number, (day, time, overrides) in enumerate(singles):
+        name = "+".join(o.replace("=", "-").replace("/", "_") for o in overrides)
+        folders.append((outputs / day / f"{time}_{name}", overrides, number))
+    for job, lr in enumerate(("0.05", "0.1", "0.2", "0.4", "0.8", "1.6")):
+        overrides = ["experiment=quickstart", "train.epochs=3", f"optim.lr={lr}"]
+        folders.append((outputs / "multirun" / "2026-12-03" / "10-00-00"
+                        / f"{job}_experiment-quickstart+train.epochs-3+optim.lr-{lr}", overrides,
+                        len(folders)))
+    for folder, overrides, number in folders:
+        device = next((o.split("=")[1] for o in overrides if o.startswith("device=")), "cpu")
+        status = {3: "preempted", 5: "running"}.get(number, "completed")
+        fields = dict(overrides=overrides, device=device, world_size=8 if "world=8p" in overrides
+                      else 1, amp="O1" if "amp=O1" in overrides else "O0",
+                      torch_version="2.5.1+cpu", best_acc1=10.0 + number * 5.123,
+                      images_per_sec=100.0 + number, epochs_completed=3, status=status)
+        if number == 9:
+            fields.update(status="failed", error="training diverged at epoch 2: loss is nan "
+                                                 "(lower optim.lr, or amp.loss_scale=dynamic)")
+        write_run(folder, **fields)
+    return [str(folder.relative_to(outputs)) for folder, _, _ in folders]
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_fourteen_varied_runs_fit_the_width_and_stay_told_apart(
+        tmp_path: Path, capsys: pytest.CaptureFixture, width: int) -> None:
+    folders = _varied_runs(tmp_path / "outputs")
+    _, wide, _ = report(capsys, str(tmp_path / "outputs"))
+    assert max(map(len, wide.splitlines())) > 200  # the whole table, as a pipe gets it
+    code, out, _ = report(capsys, str(tmp_path / "outputs"), "--width", str(width))
+    assert code == 0
+    lines = out.rstrip("\n").splitlines()
+    assert max(map(len, lines)) <= width, "\n".join(lines)
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("| Run")):]
+    assert not [line for line in lines[:-len(table)] if line.startswith("|")]
+    rows = markdown_rows("\n".join(table), run_column=True)
+    names = [row[0] for row in rows[1:]]
+    assert len(names) == 14 and len(set(names)) == 14, names
+    # Short names, not the date in front: what is left of each is taken from its own folder's
+    # name (rows in the folders' order), abbreviated: `experiment-quickstart` -> `quickstart`,
+    # `optim.lr-0.2` -> `lr-0.2`, overrides every run has left out.
+    assert not [name for name in names if name.startswith("2026-")], names
+    for name, folder in zip(names, folders):
+        job, rest = re.match(r"(\d+_)?(.*)$", name).groups()
+        assert Path(folder).name.startswith(job or ""), (name, folder)
+        assert all(part in folder for part in re.split(r"[…+]", rest)), (name, folder)
+    assert names[:3] == ["quickstart", "quickstart+epochs-10", "quickstart+O1+gpu"], names
+    assert [name.endswith(f"lr-{lr}") for name, lr in zip(names[8:], (
+        "0.05", "0.1", "0.2", "0.4", "0.8", "1.6"))] == [True] * 6, names
+    # What every run shares is said once, above the table, instead of a column.
+    assert "PyTorch 2.5.1" in out and "PyTorch" not in rows[0], out
+    assert "Acc@1" in rows[0] and "Status" in rows[0]
+    acc = [row[rows[0].index("Acc@1")] for row in rows[1:]]
+    assert acc[0] == "10.000" and acc[-1] == f"{10 + 13 * 5.123:.3f}"
+
+
+def test_the_whole_table_when_it_fits(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for job, lr in enumerate(("0.1", "0.2")):
+        write_run(tmp_path / f"{job}_optim.lr={lr}", overrides=[f"optim.lr={lr}"])
+    _, out, _ = report(capsys, str(tmp_path), "--width", "120")
+    header, *_ = markdown_rows(out, run_column=True)
+    assert header == ["Run", "DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type", "optim.lr"]

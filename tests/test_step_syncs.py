@@ -36,7 +36,11 @@ STEPS, PRINT_FREQ = 6, 3  # print points after steps 3 and 6
 
 
 def make_trainer(compose, tmp_path: Path, level: str, dtype: torch.dtype | None,
-                 loss_scale: float | str | None, *overrides: str, optimizer_class=None):
+                 loss_scale: float | str | None, *overrides: str, optimizer_class=None,
+                 device: DeviceInfo = CPU):
+    if dtype == torch.float16 and not any(o.startswith("optim.fused=") for o in overrides):
+        # What optim.fused=auto gives the GPU that these float16 CPU steps stand in for.
+        overrides = ("optim.fused=true", *overrides)
     cfg = OmegaConf.to_container(compose(
         "device=cpu", "dataset=synthetic", "dataset.image_size=8",
         "dataset.num_classes=4", "dataset.train_size=96", "dataset.val_size=8",
@@ -50,7 +54,8 @@ def make_trainer(compose, tmp_path: Path, level: str, dtype: torch.dtype | None,
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    trainer = _build_trainer(cfg, tmp_path, World(), CPU, NullLogger(), loaders, precision, model)
+    trainer = _build_trainer(cfg, tmp_path, World(), device, NullLogger(), loaders, precision,
+                             model)
     if optimizer_class is not None:
         trainer.optimizer = optimizer_class(
             [p for group in trainer.optimizer.param_groups for p in group["params"]])
@@ -158,7 +163,7 @@ def _weights_after(trainer, overflow_first: bool) -> list[torch.Tensor]:
     return [p.detach().clone() for p in trainer.model.parameters()]
 
 
-@pytest.mark.parametrize("fused", ["auto", "false"])
+@pytest.mark.parametrize("fused", ["true", "false"])
 @pytest.mark.parametrize("npu_like_scaler", [False, True])
 def test_an_overflowed_step_changes_nothing_whatever_the_scaler(compose, tmp_path: Path,
                                                                 fused: str, npu_like_scaler: bool):
@@ -177,6 +182,25 @@ def test_an_overflowed_step_changes_nothing_whatever_the_scaler(compose, tmp_pat
     for clean, after_overflow in zip(*results):
         assert torch.isfinite(after_overflow).all()
         assert torch.equal(clean, after_overflow)
+
+
+def test_a_skipped_step_is_left_out_of_the_epochs_loss(compose, tmp_path: Path):
+    """The first of 6 steps has an inf gradient but a finite loss: the scaler skips it, and the
+    epoch's loss is the mean of the 5 steps applied (each of the same 8 images)."""
+    trainer = make_trainer(compose, tmp_path, "O2", torch.float16, 1024.0)
+    step, losses = trainer._train_step, []
+
+    def recorded(micro_batches, epoch):
+        result = step(micro_batches, epoch)
+        losses.append(result[0].item())  # the step's mean loss
+        return result
+
+    trainer._train_step = recorded
+    first = next(p for p in trainer.model.parameters())
+    first.register_hook(lambda grad: torch.full_like(grad, float("inf")) if not losses else grad)
+    metrics = trainer.train_epoch(0)
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+    assert metrics["loss"] == pytest.approx(sum(losses[1:]) / (STEPS - 1), rel=1e-6)
 
 
 # ---- optimizers that keep views of the gradients ----------------------------------------------
@@ -240,9 +264,9 @@ def test_a_flat_buffer_optimizer_steps_each_steps_own_gradients(compose, tmp_pat
 
 
 def test_fused_sgd_starts_from_zero_momentum_and_matches_torchs_default(compose, tmp_path: Path):
-    """optim.fused=auto is torch's fused kernel on the CPU and GPU; its zero-initialised momentum
-    gives the same training as torch's default SGD."""
-    fused = make_trainer(compose, tmp_path, "O0", None, None)
+    """optim.fused=true is torch's fused kernel; its zero-initialised momentum gives the same
+    training as torch's default SGD."""
+    fused = make_trainer(compose, tmp_path, "O0", None, None, "optim.fused=true")
     assert fused.optimizer.param_groups[0]["fused"] is True
     assert all(torch.count_nonzero(s["momentum_buffer"]) == 0 for s in fused.optimizer.state.values())
     default = make_trainer(compose, tmp_path, "O0", None, None, "optim.fused=false")
@@ -250,3 +274,32 @@ def test_fused_sgd_starts_from_zero_momentum_and_matches_torchs_default(compose,
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert isinstance(build_optimizer(nn.Linear(2, 2).parameters(), fused.cfg["optim"], CPU),
                       torch.optim.SGD)
+
+
+class NamedGpu(DeviceInfo):
+    """A GPU by name only, which is all optim.fused=auto reads: its tensors stay on the CPU
+    (torch's fused SGD kernel runs there too)."""
+
+    torch_device = torch.device("cpu")
+
+
+@pytest.mark.parametrize("device, level, dtype, loss_scale, fused", [
+    (CPU, "O2", torch.bfloat16, None, False),              # the seed's defaults on the CPU
+    (NamedGpu("gpu", 0), "O2", torch.float16, 1024.0, True),  # ... and on a GPU
+    (NamedGpu("gpu", 0), "O2", torch.bfloat16, None, False),
+    (NamedGpu("gpu", 0), "O0", None, None, False)],
+    ids=["cpu-O2-bfloat16", "gpu-O2-float16-scaled", "gpu-O2-bfloat16", "gpu-O0"])
+def test_optim_fused_auto_is_fused_only_for_scaled_float16_on_a_gpu(
+        compose, tmp_path: Path, device: DeviceInfo, level, dtype, loss_scale, fused: bool):
+    """auto keeps torch's fused SGD only where it removes a host sync (it takes the loss scaler's
+    verdict on the device); elsewhere it is torch's default SGD, the plain loop on the CPU, the
+    kernel the seed's recipe ran (benchmarks/README.md: fused rounds differently on the CPU)."""
+    trainer = make_trainer(compose, tmp_path, level, dtype, loss_scale, "optim.fused=auto",
+                           device=device)
+    defaults = trainer.optimizer.defaults
+    assert type(trainer.optimizer) is torch.optim.SGD and bool(defaults["fused"]) is fused
+    assert not defaults["foreach"]  # None: torch's choice, the plain loop for CPU tensors
+    if device is CPU:  # what the seed's defaults give on the CPU: bfloat16 O2, no loss scale
+        cfg = OmegaConf.to_container(compose("device=cpu"), resolve=True)
+        assert (cfg["amp"]["level"], cfg["optim"]["fused"]) == ("O2", "auto")
+        assert Precision.from_config(cfg["amp"], CPU).scaler is None

@@ -1,7 +1,8 @@
 """What `tensorboard --logdir outputs` shows, read through the real TensorBoard server's HTTP API:
-the scalar tags, HParams (overrides first, metrics on existing tags), the layout, the image."""
+the landing page's tag groups, HParams over runs of different overrides, the layout, the image."""
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -20,23 +21,28 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from imgtrain.data import build_loaders
-from conftest import SHORT
+from conftest import SHORT, run_cli
 
-NEW_TAGS = {"time/data_loading_percent", "time/eta_hours", "memory/host_rss_gib"}
-OVERRIDES = ["dataset.image_size", "dataset.train_size", "dataset.val_size", "dataset.workers",
-             "device", "experiment", "train.epochs", "train.print_freq", "amp", "model"]
+NEW_TAGS = {"throughput/loader_wait_percent", "time/eta_hours", "train/memory_host_rss_gib"}
+# The second run: other override keys than the first's, a swept lr, and the image grid asked for.
+SECOND = ["optim.lr=0.2", "train.log_images=true", "train.steps_per_epoch=1"]
+MAIN_COLUMNS = {"model.arch", "dataset.name", "amp.level", "world_size", "train.batch_size",
+                "optim.lr", "train.epochs"}
 
 
 @pytest.fixture(scope="module")
 def server(plain_run: tuple[Path, subprocess.CompletedProcess]) -> Iterator[str]:
     run_dir, _ = plain_run
+    second = run_cli(*SHORT, *SECOND, f"hydra.run.dir={run_dir.parent / 'lr-0.2'}")
+    assert second.returncode == 0, second.stderr
     tensorboard = Path(sys.executable).with_name("tensorboard")
     proc = subprocess.Popen([str(tensorboard), "--logdir", str(run_dir.parent), "--host",
                              "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         url = _wait_for_url(proc)
-        _wait_for(lambda: "val/acc1" in get(url, "scalars/tags").get("run", {}))
+        _wait_for(lambda: all("accuracy/val_acc1" in get(url, "scalars/tags").get(run, {})
+                              for run in ("run", "lr-0.2")))
         yield url
     finally:
         proc.terminate()
@@ -70,50 +76,112 @@ def _wait_for_url(proc: subprocess.Popen) -> str:
     raise AssertionError("TensorBoard did not start")
 
 
+def _tensorboard_order(first: str, second: str) -> int:
+    """TensorBoard's tag order (its web app's compareTagNames): numbers by value, "/" and digits
+    before any other character."""
+    i = j = 0
+    while True:
+        if i == len(first):
+            return 0 if j == len(second) else -1
+        if j == len(second):
+            return 1
+        if first[i].isdigit() and second[j].isdigit():
+            a, b = re.match(r"\d+", first[i:]).group(), re.match(r"\d+", second[j:]).group()
+            if int(a) != int(b):
+                return -1 if int(a) < int(b) else 1
+            i, j = i + len(a), j + len(b)
+            continue
+        special_first, special_second = first[i] in "/0123456789", second[j] in "/0123456789"
+        if special_first != special_second:
+            return -1 if special_first else 1
+        if not special_first and first[i] != second[j]:
+            return -1 if first[i] < second[j] else 1
+        i, j = i + 1, j + 1
+
+
+def landing_page_groups(server: str, run: str) -> list[tuple[str, list[str]]]:
+    """Time Series' groups as its web app builds them from the tags: every tag (scalar or image)
+    in TensorBoard's order, grouped by its part before the first "/"; the first two open."""
+    index = get(server, "timeseries/tags")
+    tags = index["scalars"]["runTagInfo"].get(run, []) + [
+        tag for tag, runs in index["images"]["tagRunSampledInfo"].items() if run in runs]
+    groups: dict[str, list[str]] = {}
+    for tag in sorted(tags, key=functools.cmp_to_key(_tensorboard_order)):
+        groups.setdefault(tag.split("/", 1)[0], []).append(tag)
+    return list(groups.items())
+
+
+def test_the_landing_page_opens_on_accuracy_and_throughput(server: str) -> None:
+    groups = landing_page_groups(server, "run")
+    opened = dict(groups[:2])
+    assert list(opened) == ["accuracy", "throughput"], groups
+    assert opened["accuracy"] == ["accuracy/train_acc1", "accuracy/val_acc1", "accuracy/val_acc5"]
+    assert {"throughput/images_per_sec", "throughput/epoch_images_per_sec",
+            "throughput/loader_wait_percent"} <= set(opened["throughput"])
+    closed = {tag for _, tags in groups[2:] for tag in tags}
+    assert {"train/loss", "train/lr", "val/loss", "time/eta_hours",
+            "train/memory_host_rss_gib"} <= closed, groups
+    assert not [tag for _, tags in groups for tag in tags if "first_batch" in tag]  # opt-in
+
+
 def test_scalars_include_time_and_memory_and_no_single_point_hparams_tags(server: str) -> None:
     tags = set(get(server, "scalars/tags")["run"])
-    assert {"train/images_per_sec", "train/acc1", "val/acc1", "val/acc5", "train/epoch_loss",
-            "train/epoch_images_per_sec"} | NEW_TAGS <= tags, tags
+    assert {"throughput/images_per_sec", "accuracy/train_acc1", "accuracy/val_acc1",
+            "accuracy/val_acc5", "train/epoch_loss",
+            "throughput/epoch_images_per_sec"} | NEW_TAGS <= tags, tags
     assert not [tag for tag in tags if tag.startswith("hparams/")]
     query = urllib.parse.urlencode({"run": "run", "tag": "time/eta_hours"})
     eta = get(server, f"scalars/scalars?{query}")
     assert len(eta) == 2 and eta[-1][2] >= 0  # a point per print point (steps 2 and 4)
+    # One epoch: val/loss has it; the chart that leaves out the first epoch has nothing yet.
+    assert "val/loss" in tags and "val/loss_from_epoch_2" not in tags
 
 
-def test_hparams_lead_with_the_overrides_and_name_existing_tags(server: str) -> None:
+def test_hparams_show_every_runs_overrides_and_the_same_main_columns(server: str) -> None:
     experiment = get(server, "hparams/experiment", {"experimentName": ""})
-    names = [info["name"] for info in experiment["hparamInfos"]]
-    leading = names[:len(OVERRIDES)]
-    assert sorted(leading) == sorted(OVERRIDES), names  # every override key, before the rest
-    assert {"model.arch", "optim.lr", "train.batch_size", "amp.level"} <= set(names)
-    metrics = {info["name"]["tag"] for info in experiment["metricInfos"]}
-    assert metrics == {"val/acc1", "val/acc5", "val/loss", "train/images_per_sec"}
+    infos = {info["name"]: info for info in experiment["hparamInfos"]}
+    # Each run's own override keys (dataset.train_size only the first's, train.log_images only
+    # the second's), and the main columns of both.
+    assert {"dataset.train_size", "train.log_images", "train.steps_per_epoch", "experiment",
+            "optim.lr"} | MAIN_COLUMNS <= set(infos), sorted(infos)
+    # The swept lr differs, so TensorBoard lists (and its table shows) it among the first.
+    differing = [name for name, info in infos.items() if info.get("differs")]
+    assert "optim.lr" in differing and list(infos)[:len(differing)] == differing, infos
+    metrics = [info["name"]["tag"] for info in experiment["metricInfos"]]
+    assert metrics[:5] == ["accuracy/train_acc1", "accuracy/val_acc1", "accuracy/val_acc5",
+                           "throughput/epoch_images_per_sec", "throughput/images_per_sec"]
     groups = get(server, "hparams/session_groups", {
         "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
-        "colParams": [{"hparam": name} for name in names]
+        "colParams": [{"hparam": name} for name in infos]
         + [{"metric": {"tag": tag}} for tag in metrics], "startIndex": 0, "sliceSize": 10})
-    (group,) = groups["sessionGroups"]
-    assert group["hparams"]["dataset.train_size"] == 256
-    assert {value["name"]["tag"] for value in group["metricValues"]} == metrics
+    rows = {group["name"]: group for group in groups["sessionGroups"]}
+    assert len(rows) == 2
+    for group in rows.values():  # both runs fill the main columns and have their Acc@1
+        assert MAIN_COLUMNS <= set(group["hparams"]), group["hparams"]
+        assert "accuracy/val_acc1" in {value["name"]["tag"] for value in group["metricValues"]}
+    assert sorted(group["hparams"]["optim.lr"] for group in rows.values()) == [0.1, 0.2]
 
 
-def test_custom_scalars_layout_puts_throughput_and_accuracy_first(server: str) -> None:
+def test_custom_scalars_layout_puts_accuracy_and_throughput_first(server: str) -> None:
     layout = get(server, "custom_scalars/layout")
     titles = [category["title"] for category in layout["category"]]
-    assert titles[:2] == ["throughput", "accuracy"]
+    assert titles[:2] == ["accuracy", "throughput"]
     charts = {chart["title"]: chart["multiline"]["tag"]
               for category in layout["category"] for chart in category["chart"]}
     tags = set(get(server, "scalars/tags")["run"])
-    for regexes in charts.values():  # every chart draws tags that exist
-        assert all(any(re.search(regex, tag) for tag in tags) for regex in regexes), regexes
-    assert {"^train/images_per_sec$", "^time/data_loading_percent$", "^train/acc1$",
-            "^val/acc1$", "^val/acc5$"} <= {regex for regexes in charts.values()
-                                            for regex in regexes}
+    regexes = {regex for chart in charts.values() for regex in chart}
+    assert {"^throughput/images_per_sec$", "^throughput/loader_wait_percent$",
+            "^accuracy/train_acc1$", "^accuracy/val_acc1$", "^accuracy/val_acc5$"} <= regexes
+    for chart in charts.values():  # every chart draws tags that exist (val loss: from epoch 2)
+        assert any(re.search(regex, tag) for regex in chart for tag in tags), chart
+    assert charts["loss (train, and val from epoch 2)"] == ["^train/loss$",
+                                                             "^val/loss_from_epoch_2$"]
 
 
-def test_the_first_training_batch_is_an_image_grid(server: str, compose) -> None:
-    assert "images/train_batch" in get(server, "images/tags")["run"]
-    query = urllib.parse.urlencode({"run": "run", "tag": "images/train_batch", "sample": 0})
+def test_train_log_images_adds_the_first_training_batch_as_a_grid(server: str, compose) -> None:
+    assert "train/first_batch" not in get(server, "images/tags").get("run", {})  # default: off
+    assert "train/first_batch" in get(server, "images/tags")["lr-0.2"]
+    query = urllib.parse.urlencode({"run": "lr-0.2", "tag": "train/first_batch", "sample": 0})
     (entry,) = get(server, f"images/images?{query}")  # once per run
     assert entry["step"] == 0
     grid = Image.open(io.BytesIO(get(server, f"images/individualImage?{entry['query']}")))

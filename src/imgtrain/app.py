@@ -13,17 +13,20 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from imgtrain import device as devices, preemption, records, rundir
-from imgtrain.config import lr_rule, unknown_keys
-from imgtrain.data import check_dataset
+from imgtrain.config import check_choices, lr_rule, unknown_keys
+from imgtrain.data import SPLITS, check_dataset, cpu_cores
 from imgtrain.data.mixing import check_mixing
 from imgtrain.data.transforms import val_sizes
-from imgtrain.distributed import WorkerFailed, check_world, launch, planned_world_size
+from imgtrain.distributed import (WorkerFailed, check_world, launch, planned_world_size,
+                                  started_by_torchrun)
 from imgtrain.ema import check_ema
-from imgtrain.errors import ConfigError, Preempted, config_error_line, one_line
+from imgtrain.errors import (ConfigError, Preempted, config_error_line, one_line,
+                             unknown_key_line)
 from imgtrain.models import check_arch, check_compile, check_freeze
 from imgtrain.optim import check_schedule
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import RESULTS, read as read_results, record_failure
+from imgtrain.slurm import job_world, requeue_self
 
 log = logging.getLogger("imgtrain")
 MODES = ("train", "eval", "bench_data", "predict", "export")
@@ -38,16 +41,17 @@ def resolve(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """The config as plain data, with the device resolved once, for the workers."""
     extra = unknown_keys(cfg)
     if extra:
-        raise ConfigError(f"unknown config key {extra[0]} (added with +); python run.py --help "
-                          "lists the groups, and conf/ holds every key")
+        raise ConfigError(unknown_key_line(extra[0], added=True))
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as exc:  # e.g. optim.lr_base_size=0, or a mistyped ${...}
         raise ConfigError(config_error_line(exc)) from None
     config.pop("hydra", None)
+    check_choices(config)
     config["overrides"] = overrides
     config["optim"]["lr_rule"] = lr_rule(cfg)
     config["device"]["resolved"] = devices.resolve_name(config["device"]["name"])
+    config["world"] = job_world(config["world"])  # a SLURM job's nodes, unless none
     return config
 
 
@@ -61,11 +65,15 @@ def check(config: dict[str, Any]) -> None:
     device = devices.DeviceInfo(config["device"]["resolved"])
     dtype = resolve_dtype(config["amp"]["level"], str(config["amp"]["dtype"]), device)
     resolve_loss_scale(config["amp"]["level"], dtype, config["amp"]["loss_scale"])
-    check_world(config["world"], device.name, config["train"]["batch_size"])
+    evaluating = config["mode"] == "eval"  # its batch is its own, its data the val split alone
+    check_world(config["world"], device.name,
+                None if evaluating else config["train"]["batch_size"])
+    check_eval_batch(config)
     for key in ("epochs", "print_freq", "accumulate_steps"):
         if int(config["train"][key]) < 1:
             raise ConfigError(f"train.{key}={config['train'][key]} must be at least 1")
-    check_recipe(config)
+    if not evaluating:
+        check_recipe(config)
     check_requeues(config["train"])
     if config["train"]["on_checkpoint_error"] not in ("fail", "warn"):
         raise ConfigError("train.on_checkpoint_error must be fail or warn")
@@ -75,7 +83,24 @@ def check(config: dict[str, Any]) -> None:
             raise ConfigError(f"mode={config['mode']} runs in one process; drop world=8p")
         val_sizes(config["dataset"])  # predict's preprocessing, export's input size
         return
-    config["dataset"]["num_classes"] = check_dataset(config["dataset"])
+    config["dataset"]["num_classes"] = check_dataset(config["dataset"],
+                                                     ("val",) if evaluating else SPLITS)
+
+
+def check_eval_batch(config: dict[str, Any]) -> None:
+    """eval.batch_size, and mode=eval's batch resolved: eval.batch_size, else train.batch_size,
+    never checked against the training set (which mode=eval does not read)."""
+    batch = config["eval"]["batch_size"]
+    key = "eval.batch_size"
+    if batch is None:
+        if config["mode"] != "eval":
+            return  # training validates with its micro-step's batch
+        key, batch = "train.batch_size", config["train"]["batch_size"]
+    processes = planned_world_size(config["world"])
+    if batch < 1 or batch % processes:
+        raise ConfigError(f"{key}={batch} must be a positive multiple of the {processes} "
+                          "process(es)")
+    config["eval"]["batch_size"] = batch
 
 
 def check_recipe(config: dict[str, Any]) -> None:
@@ -124,17 +149,45 @@ def warn_about(config: dict[str, Any]) -> None:
     if config["mode"] == "train" and warmup >= epochs:
         log.warning("warning: sched.warmup_epochs=%s is not shorter than train.epochs=%s: the lr "
                     "never reaches optim.lr=%s", warmup, epochs, config["optim"]["lr"])
+    processes, cores = int(config["world"]["nproc_per_node"]), cpu_cores()
+    if (config["device"]["resolved"] == "cpu" and processes > cores
+            and not started_by_torchrun()):
+        log.warning("warning: %d processes on %d CPU cores are oversubscribed: each imports torch "
+                    "and trains on a share of a core, so they start slowly (minutes) and train "
+                    "slower than world.nproc_per_node=%d would", processes, cores, cores)
+
+
+def announce_launch(config: dict[str, Any]) -> None:
+    """Ranks take seconds each to start (each imports torch, then all rendezvous): a line says
+    what is starting before that silence."""
+    world = config["world"]
+    if planned_world_size(world) > 1 and not started_by_torchrun():
+        node = (f" on node {world['node_rank']} of {world['nnodes']}"
+                if int(world["nnodes"]) > 1 else "")
+        follows = "the start summary" if config["mode"] == "train" else "rank 0's output"
+        log.info("starting %s processes%s (%s); %s follows once all have joined",
+                 world["nproc_per_node"], node, world["start_method"], follows)
+
+
+def _console() -> None:
+    """This process's lines (warn_about's) print as the workers' do, `warning: ...`, not under the
+    `[date][HYDRA]` prefix of the root logger that Hydra sets up."""
+    if not log.handlers:
+        from imgtrain.logger import setup_logging
+        setup_logging(None, is_main=True)
 
 
 def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) -> float | None:
     """Run one job; return its best Acc@1 (what Optuna maximises)."""
     started = time.time()
     config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=False)  # for failure records
+    _console()
     try:
         config = resolve(cfg, overrides)
         check(config)
         check_directory(config, output_dir)
         warn_about(config)
+        announce_launch(config)
         config["run_dir_reason"] = rundir.reason(output_dir)  # for the start summary
         config["resume_hint"] = _resume_hint(config, output_dir, multirun)
         with rundir.hold(output_dir) if config["mode"] == "train" else contextlib.nullcontext():
@@ -153,7 +206,7 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
         _record(config, output_dir, f"{type(exc).__name__}: {one_line(str(exc))}", started)
         raise
     if results is not None and results.get("status") in preemption.STOPPED:
-        sys.exit(results["exit_code"])  # rank 0 has said where it stopped and how to resume
+        _exit(config, results["status"], results["exit_code"])  # rank 0 said where it stopped
     return None if results is None else results.get("best_acc1")
 
 
@@ -180,6 +233,15 @@ def _stopped(config: dict[str, Any], output_dir: str, sig: int | None, started: 
             else f"(mode={config.get('mode')})"
         sys.stderr.write(f"{status} by {preemption.name(sig)} {when}; nothing to resume "
                          f"(exit code {code})\n")
+    _exit(config, status, code)
+
+
+def _exit(config: dict[str, Any], status: str, code: int) -> None:
+    """A preempted SLURM job goes back in the queue first, to run again and resume."""
+    if status == "preempted":
+        requeued = requeue_self(int(config.get("train", {}).get("max_requeues", 10)))
+        if requeued:
+            sys.stderr.write(requeued + "\n")
     sys.exit(code)
 
 

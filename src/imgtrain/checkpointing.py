@@ -28,6 +28,9 @@ class TrainState:
     best_acc1: float = 0.0
     best_ema_acc1: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
+    # [first step, micro-batches per step] of each run that trained part of `epoch`: how
+    # repeated augmentation dealt those steps' images (data/samplers.py)
+    epoch_layout: list[list[int]] = field(default_factory=list)
     timed_images: float = 0.0   # images/sec bookkeeping over the whole run
     timed_seconds: float = 0.0
     train_seconds: float = 0.0
@@ -49,7 +52,8 @@ class Checkpointing:
             "scheduler": self.scheduler.state_dict(),
             "precision": self.precision.state_dict(),
             "state": {"epoch": s.epoch, "step_in_epoch": s.step_in_epoch,
-                      "global_step": s.global_step, "best_acc1": s.best_acc1,
+                      "global_step": s.global_step, "epoch_layout": s.epoch_layout,
+                      "best_acc1": s.best_acc1,
                       "best_ema_acc1": s.best_ema_acc1,
                       "history": s.history, "timed_images": s.timed_images,
                       "timed_seconds": s.timed_seconds, "train_seconds": s.train_seconds,

@@ -104,8 +104,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def check_world(world_cfg: Any, device_name: str, global_batch: int) -> None:
-    """Everything about the world that can be wrong, checked before any process starts."""
+def check_world(world_cfg: Any, device_name: str, global_batch: int | None) -> None:
+    """Everything about the world that can be wrong, checked before any process starts.
+    `global_batch`: train.batch_size, None where the mode does not train (mode=eval)."""
     nproc, nnodes, node_rank = (int(world_cfg[k]) for k in ("nproc_per_node", "nnodes", "node_rank"))
     if nproc < 1 or nnodes < 1:
         raise ConfigError("world.nproc_per_node and world.nnodes must be at least 1")
@@ -117,9 +118,9 @@ def check_world(world_cfg: Any, device_name: str, global_batch: int) -> None:
         raise ConfigError(f"world.nproc_per_node={nproc} but only {available} {device_name.upper()}"
                           f"(s) are visible; set world.nproc_per_node={available}")
     world_size = planned_world_size(world_cfg)
-    if global_batch < 1:
+    if global_batch is not None and global_batch < 1:
         raise ConfigError(f"train.batch_size={global_batch} must be at least 1")
-    if global_batch % world_size:
+    if global_batch is not None and global_batch % world_size:
         raise ConfigError(f"train.batch_size={global_batch} does not divide across {world_size} "
                           f"processes; use a multiple of {world_size}")
     check_start_method(world_cfg["start_method"], device_name)

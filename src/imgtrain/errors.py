@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import sys
 from typing import Any, Callable, Iterator
@@ -43,6 +44,17 @@ def one_line(message: str) -> str:
 
 
 
+def unknown_key_line(key: str, added: bool = False) -> str:
+    """The error for a key the schema lacks, with the nearest known key where one is close
+    (`optim.lrr` -> optim.lr, `train.epoch` -> train.epochs)."""
+    from imgtrain.config import schema_keys
+
+    close = difflib.get_close_matches(key, schema_keys(), n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]}?)" if close else " (added with +)" if added else ""
+    return (f"unknown config key {key}{hint}; python run.py --help lists the groups, and conf/ "
+            "holds every key")
+
+
 _HYDRA_DETAIL = ("full_key:", "reference_type=", "object_type=", "Set the environment variable",
                  "To append to your config")
 
@@ -55,8 +67,7 @@ def config_error_line(exc: BaseException) -> str:
     """
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     if "not in" in str(cause) and getattr(cause, "full_key", None):
-        return (f"unknown config key {cause.full_key}; python run.py --help lists the groups, and "
-                "conf/ holds every key")
+        return unknown_key_line(cause.full_key)
     texts = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ is not None else [])
     parts: list[str] = []
     options: list[str] = []

@@ -21,17 +21,19 @@ class Eta:
     The step time is averaged from the epoch's first print point on, which leaves out the first
     window's warm-up (compilation, cold caches, loader start-up). An epoch ends with
     `val_passes` validation passes (two when the EMA's weights are evaluated too), each timed when
-    it runs; before the first one, a validation batch (one micro-batch: a step is
-    `micro_steps` of them) is guessed at a third of a training micro-step (forward only).
+    it runs; before the first one, a validation batch is guessed from its images: a third of the
+    time a training step takes for as many (forward only). `val_batch_share` is a validation
+    batch's images over a training step's (1 / train.accumulate_steps, unless eval.batch_size).
     """
 
     def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, val_passes: int = 1,
-                 micro_steps: int = 1) -> None:
+                 val_batch_share: float = 1.0) -> None:
         self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
-        self.val_passes, self.micro_steps = val_passes, micro_steps
+        self.val_passes, self.val_batch_share = val_passes, val_batch_share
         self.seconds_per_step: float | None = None
         self.val_seconds: float | None = None  # the last validation pass's
-        self._since: tuple[int, float] | None = None  # (step, time) of the epoch's first print point
+        # (step, time) of the epoch's first print point
+        self._since: tuple[int, float] | None = None
 
     def start_epoch(self) -> None:
         self._since = None
@@ -48,7 +50,7 @@ class Eta:
         """An epoch's validation: all its passes."""
         if self.val_seconds is not None:
             return self.val_passes * self.val_seconds
-        per_batch = (self.seconds_per_step or 0.0) / self.micro_steps / 3
+        per_batch = (self.seconds_per_step or 0.0) * self.val_batch_share / 3
         return self.val_passes * self.val_steps * per_batch
 
     def epoch_left(self, step: int) -> float | None:

@@ -7,30 +7,53 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from imgtrain.checkpoint import write_json_atomic
 from imgtrain.progress import ConsoleHandler
 
 log = logging.getLogger("imgtrain")
-# HParams metrics name tags the run writes anyway: the table shows their last values.
-HPARAM_METRICS = ("val/acc1", "val/acc5", "val/loss", "train/images_per_sec")
-# The Custom Scalars tab's first screen: throughput and accuracy, whatever the Scalars tab's order.
+# TensorBoard's landing page (Time Series) groups the tags by their first part, in name order
+# (digits and "/" first), and opens only the first two groups. So accuracy/ and throughput/ come
+# first and open; the rest sort after them, closed: time/, train/ (loss, lr, loss scale, memory),
+# val/ (loss). The image grid, when asked for, is train/first_batch, not a group of its own.
+# HParams lists the same tags as metrics, in name order, and shows the first five: the
+# accuracies, then images/sec.
+LOSS_READABLE_FROM_EPOCH = 2  # val/loss_from_epoch_2: the layout's val loss leaves epoch 1 out
 LAYOUT = {
-    "throughput": {
-        "images/sec (train)": ["Multiline", [r"^train/images_per_sec$"]],
-        "data loading % of step time": ["Multiline", [r"^time/data_loading_percent$"]],
-    },
     "accuracy": {
-        "Acc@1 (train and val)": ["Multiline", [r"^train/acc1$", r"^val/acc1$"]],
-        "Acc@5 (val)": ["Multiline", [r"^val/acc5$"]],
+        "Acc@1 (train and val)": ["Multiline", [r"^accuracy/train_acc1$", r"^accuracy/val_acc1$",
+                                                r"^accuracy/val_ema_acc1$"]],
+        "Acc@5 (val)": ["Multiline", [r"^accuracy/val_acc5$", r"^accuracy/val_ema_acc5$"]],
+    },
+    "throughput": {
+        "images/sec (train)": ["Multiline", [r"^throughput/images_per_sec$"]],
+        "% of step time waiting for data": ["Multiline", [r"^throughput/loader_wait_percent$"]],
     },
     "loss and time": {
-        "loss (train and val)": ["Multiline", [r"^train/loss$", r"^val/loss$"]],
+        # The first epoch's val loss can be 100x the rest (BatchNorm statistics still settling
+        # under a warm-up lr) and would flatten the chart: val/loss has it, this chart not.
+        "loss (train, and val from epoch 2)": ["Multiline", [r"^train/loss$",
+                                                             r"^val/loss_from_epoch_2$"]],
         "hours left": ["Multiline", [r"^time/eta_hours$"]],
     },
 }
-GRID_IMAGES = 32  # images/train_batch shows at most this many of the first batch
+
+
+def epoch_scalars(epoch: int, train: dict[str, float], val: dict[str, Any]) -> dict[str, float]:
+    """The tags written at the end of `epoch` (0-based) from its train and val metrics."""
+    values = {"accuracy/val_acc1": val["acc1"], "accuracy/val_acc5": val["acc5"],
+              "val/loss": val["loss"], "train/epoch_loss": train["loss"],
+              "throughput/epoch_images_per_sec": train["images_per_sec"]}
+    if "ema_acc1" in val:
+        values.update({"accuracy/val_ema_acc1": val["ema_acc1"],
+                       "accuracy/val_ema_acc5": val["ema_acc5"], "val/ema_loss": val["ema_loss"]})
+    if epoch + 1 >= LOSS_READABLE_FROM_EPOCH:
+        values["val/loss_from_epoch_2"] = val["loss"]
+    return values
+
+
+GRID_IMAGES = 32  # train/first_batch shows at most this many of the first batch
 
 
 def setup_logging(output_dir: Path | None, is_main: bool) -> None:
@@ -80,33 +103,27 @@ class RunLogger:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
-    def hparams(self, params: dict[str, Any], first: Iterable[str] = ()) -> None:
-        """Declare this run's hyperparameters in its own event file (not add_hparams' sub-run),
-        with the metrics pointing at existing tags, and the Custom Scalars layout.
+    def hparams(self, params: dict[str, Any]) -> None:
+        """Declare this run's hyperparameters in its own event file (not add_hparams' sub-run).
 
-        TensorBoard orders the HParams columns by `differs`, then by name, and shows the first
-        few: the `first` keys (the run's overrides) are marked as differing so that they lead.
+        No experiment summary is written: TensorBoard would take the first run's as every run's
+        (its columns, which of them differ), hiding the keys of runs started otherwise. Without
+        one it gathers the columns of all the runs it shows, marks those whose values differ
+        (a sweep's keys) and shows them first; the metrics are the runs' scalar tags.
         """
-        from tensorboard.plugins.hparams import metadata, plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams
-        experiment, start, end = hparams(params, {tag: 0.0 for tag in HPARAM_METRICS})
-        value = experiment.value[0]
-        data = metadata.parse_experiment_plugin_data(value.metadata.plugin_data.content)
-        leading = set(first)
-        for info in data.hparam_infos:
-            info.differs = info.name in leading
-        value.metadata.plugin_data.content = metadata.create_summary_metadata(
-            plugin_data_pb2.HParamsPluginData(experiment=data)).plugin_data.content
-        for summary in (experiment, start, end):
+        _, start, end = hparams(params, {})
+        for summary in (start, end):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_custom_scalars(LAYOUT)
 
     def batch_grid(self, images: Any, step: int) -> None:
-        """images/train_batch: the first uint8 batch as the loader gives it, after augmentation
-        and before the device normalises it, so the colours and crops are the network's input."""
+        """train/first_batch (train.log_images): the first uint8 batch as the loader gives it,
+        after augmentation and before the device normalises it, so the colours and crops are the
+        network's input."""
         from torchvision.utils import make_grid
         grid = make_grid(images[:GRID_IMAGES].detach().cpu(), nrow=8, padding=2)
-        self.writer.add_image("images/train_batch", grid, step)
+        self.writer.add_image("train/first_batch", grid, step)
 
     def results(self, data: dict[str, Any]) -> None:
         write_json_atomic(self.results_path, data)
@@ -133,7 +150,7 @@ class NullLogger(RunLogger):
     def scalars(self, step: int, values: dict[str, float]) -> None:
         pass
 
-    def hparams(self, params: dict[str, Any], first: Iterable[str] = ()) -> None:
+    def hparams(self, params: dict[str, Any]) -> None:
         pass
 
     def batch_grid(self, images: Any, step: int) -> None:

@@ -16,9 +16,10 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
                nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 
 
-def build_optimizer(params: Iterable[Any], optim_cfg: Any,
-                    device: DeviceInfo) -> torch.optim.Optimizer:
-    """SGD over `params`: parameters, or the parameter groups of `weight_decay_groups`."""
+def build_optimizer(params: Iterable[Any], optim_cfg: Any, device: DeviceInfo,
+                    loss_scaled: bool = False) -> torch.optim.Optimizer:
+    """SGD over `params`: parameters, or the parameter groups of `weight_decay_groups`.
+    `loss_scaled`: the precision has a loss scaler (float16), whose verdict fused SGD takes."""
     if optim_cfg["name"] != "sgd":
         raise ConfigError(f"unknown optim.name {optim_cfg['name']!r}; choose sgd")
     params = list(params)
@@ -26,7 +27,7 @@ def build_optimizer(params: Iterable[Any], optim_cfg: Any,
     # (the Ascend port and pytorch/examples); optim.norm/bias_weight_decay make groups.
     kwargs = dict(lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
                   weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"])
-    fused = resolve_fused(optim_cfg.get("fused", "auto"), device)
+    fused = resolve_fused(optim_cfg.get("fused", "auto"), device, loss_scaled)
     if fused and device.fused_sgd_class() is not None:
         return device.fused_sgd_class()(params, **kwargs)
     if not fused:  # torch's choice: foreach kernels on accelerators, the plain loop on the CPU
@@ -67,15 +68,19 @@ def weight_decay_groups(kinds: list[tuple[bool, bool]], params: list[Any],
             for kind, members in groups.items()]
 
 
-def resolve_fused(setting: Any, device: DeviceInfo) -> bool:
-    """optim.fused=auto|true|false: auto is torch's fused SGD wherever torch has one (GPU, CPU).
+def resolve_fused(setting: Any, device: DeviceInfo, loss_scaled: bool = False) -> bool:
+    """optim.fused=auto|true|false: auto is torch's fused SGD only for scaled float16 on a GPU.
 
-    torch's fused kernel takes the loss scaler's found_inf on the device and skips an overflowed
-    step there, so scaled fp16 steps need no host sync; on the CPU it also steps 1.5-2.5x faster
-    than the plain loop. The NPU's fused SGD (torch_npu's NpuFusedSGD) stays opt-in.
+    There the fused kernel takes the loss scaler's found_inf on the device and skips an
+    overflowed step itself: no host sync a step. Elsewhere auto is torch's default SGD (the
+    plain loop on the CPU, foreach kernels on accelerators), the kernel the seed's recipe ran:
+    torch's CPU fused kernel rounds differently in each tensor's last elements (it computes
+    momentum x buffer + gradient with one fused multiply-add there), and on the recipe's unstable
+    small runs that changes the outcome (benchmarks/README.md, "Fused SGD on the CPU"). The
+    NPU's fused SGD (torch_npu's NpuFusedSGD) stays opt-in.
     """
     if setting == "auto":
-        return device.fused_sgd_class() is None
+        return device.name == "gpu" and loss_scaled
     if isinstance(setting, bool):
         return setting
     raise ConfigError(f"optim.fused={setting!r}: use auto, true or false")

@@ -3,7 +3,10 @@
 - O0: fp32 everything.
 - O1: per-op autocast; fp32 weights; GradScaler (dynamic by default with float16).
 - O2: half-precision weights and buffers, BatchNorm kept in fp32, inputs cast at the model's entry,
-      and the optimizer stepping on fp32 master copies (static loss scale 1024 by default, as apex).
+      and the optimizer stepping on fp32 master copies (static loss scale 1024 by default, as the
+      seed's apex run set it; apex's own O2 default is dynamic).
+
+An overflowed step is skipped under a static scale too, where apex applies it (see the docs).
 
 The trainer only calls `autocast()`, `backward()`, `step()` and the state-dict methods, so it never
 branches on the level. docs/precision-and-npu.md maps each level onto apex's.
@@ -14,7 +17,6 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from imgtrain.device import DeviceInfo
@@ -23,7 +25,7 @@ from imgtrain.errors import ConfigError
 LEVELS = ("O0", "O1", "O2")
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-# apex's default static scale for O2, which the seed's published numbers used.
+# The static scale the seed's apex run set (loss_scale=1024) for its published numbers.
 O2_STATIC_SCALE = 1024.0
 
 
@@ -107,14 +109,18 @@ class Precision:
         return cls(amp_cfg["level"], dtype, scale, device)
 
     def prepare(self, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
-        """Make the model this level's shape; return it and the parameters the optimizer steps."""
+        """Make the model this level's shape; return it and the parameters the optimizer steps.
+
+        O2 copies its fp32 masters from the model's weights, so every rank must hold rank 0's
+        already (the worker broadcasts them first).
+        """
         if self.level != "O2":
             return model, [p for p in model.parameters() if p.requires_grad]
-        _sync_from_rank0(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
         masters = [nn.Parameter(p.detach().clone().float()) for p in trainable]
-        # Frozen parameters get no master; checkpoints save their exact fp32 values from a CPU copy.
-        self._frozen_fp32 = {id(p): p.detach().float().cpu().clone()
+        # Frozen parameters get no master, but their exact fp32 values stay beside the half ones
+        # (on the device, where the EMA reads them): checkpoints and the EMA hold these.
+        self._frozen_fp32 = {id(p): p.detach().float().clone()
                              for p in model.parameters() if not p.requires_grad}
         _keep_batchnorm_fp32(model, self.dtype)
         # BatchNorm's fp32 parameters are their own masters: the optimizer steps them in place.
@@ -152,34 +158,57 @@ class Precision:
             if id(param) not in stepped:  # O2's half weights: copied into the masters' .grad
                 param.grad = None
 
-    def step(self, optimizer: torch.optim.Optimizer, clip_grad_norm: float | None = None) -> None:
+    def step(self, optimizer: torch.optim.Optimizer,
+             clip_grad_norm: float | None = None) -> torch.Tensor | None:
         """Step (unless gradients overflowed), update the scale, and refresh O2's half weights.
 
-        With a loss scale, imgtrain checks the unscaled gradients itself and skips a step whose
-        gradients are not finite, whatever the scaler would do (torch_npu's static scaler applies
-        such a step). torch's fused SGD reads that verdict on the device, so the step costs no host
-        sync; other optimizers need one read of it on the host. `clip_grad_norm` clips the
-        gradients the optimizer steps (O2's fp32 masters), after unscaling and after that check.
+        With a loss scale, returns the step's verdict as a device tensor (1.0: skipped for an
+        overflow, 0.0: applied), which the caller can use without a host sync; without one, None
+        (nothing is skipped). torch's fused SGD takes that verdict on the device, so the step costs
+        no host sync; other optimizers need one read of it on the host. `clip_grad_norm` clips
+        the gradients the optimizer steps (O2's fp32 masters), after unscaling and after the
+        verdict.
         """
         self._grads_to_masters()
         if self.scaler is None:
             _clip(optimizer, clip_grad_norm)
             optimizer.step()
-        else:
-            self.scaler.unscale_(optimizer)
-            found_inf = _non_finite(optimizer)
-            _clip(optimizer, clip_grad_norm)
-            if getattr(optimizer, "_step_supports_amp_scaling", False):
-                # The GradScaler contract for fused optimizers: they skip the step on the device.
-                optimizer.grad_scale, optimizer.found_inf = None, found_inf
-                try:
-                    optimizer.step()
-                finally:
-                    del optimizer.grad_scale, optimizer.found_inf
-            elif not found_inf.item():
+            self._masters_to_model()
+            return None
+        self.scaler.unscale_(optimizer)
+        overflowed = self._overflow_verdict(optimizer)
+        _clip(optimizer, clip_grad_norm)
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            # The GradScaler contract for fused optimizers: they skip the step on the device.
+            optimizer.grad_scale, optimizer.found_inf = None, overflowed
+            try:
                 optimizer.step()
-            self.scaler.update(self.static_scale)  # a static scale is re-pinned; dynamic adapts
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf
+        elif not overflowed.item():
+            optimizer.step()
+        self.scaler.update(self.static_scale)  # a static scale is re-pinned; dynamic adapts
         self._masters_to_model()
+        return overflowed
+
+    def _overflow_verdict(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """1.0 on the device if this step's gradients overflowed, else 0.0; no host sync.
+
+        The scaler's own check, recorded by `unscale_` for this optimizer, decides: on an Ascend
+        910 in saturation mode an fp16 overflow saturates at the fp16 maximum instead of becoming
+        inf, and torch_npu's check reads the device's overflow status register and clears it, so
+        no later look at the (finite) values can see it. torch_npu also all-reduces that verdict
+        across ranks (each device has its own register) before recording it. imgtrain's own check
+        of the unscaled values is added for a scaler that does not look (torch_npu's static mode
+        applies overflowed steps): a step that either check finds overflowed is skipped.
+        """
+        recorded = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        device = self.scaler._scale.device
+        verdict = _non_finite(optimizer, device)
+        for found_inf in recorded.values():  # torch_npu's has shape (1,) on older releases
+            verdict = verdict + found_inf.to(device, non_blocking=True).reshape(())
+        # torch_npu adds 1 for the ranks' verdict to its own 1; fused SGD skips only on exactly 1.
+        return verdict.clamp(max=1.0)
 
     @property
     def loss_scale(self) -> torch.Tensor | None:
@@ -219,9 +248,9 @@ class Precision:
         return {key: value.cpu() for key, value in state.items()}
 
     def master_params(self, model: nn.Module) -> list[torch.Tensor]:
-        """Each parameter's true value, in the model's order: O2's fp32 master where it has one,
-        else the parameter itself."""
-        master_of = {id(half): master for half, master in self._pairs}
+        """Each parameter's true value, in the model's order: O2's fp32 master where it has one
+        (a frozen parameter's fp32 value where it has none), else the parameter itself."""
+        master_of = {**self._frozen_fp32, **{id(half): master for half, master in self._pairs}}
         return [master_of.get(id(p), p) for p in bare_model(model).parameters()]
 
     @torch.no_grad()
@@ -254,20 +283,17 @@ def keeps_gradient_views(optimizer: torch.optim.Optimizer) -> bool:
 
 
 @torch.no_grad()
-def _non_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """1.0 on the device if any gradient the optimizer steps holds an inf or a nan, else 0.0.
+def _non_finite(optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+    """1.0 on `device` if any gradient the optimizer steps holds an inf or a nan, else 0.0.
 
     One fused pass per dtype (the kernel GradScaler unscales with, here with a scale of 1), no
-    host sync. A process drives one device, so every gradient is on the same one.
+    host sync. A process drives one device, so every gradient is on it.
     """
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for group in optimizer.param_groups:
         for param in group["params"]:
             if param.grad is not None:
                 by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    if not by_dtype:
-        return torch.zeros(())
-    device = next(iter(by_dtype.values()))[0].device
     found_inf = torch.zeros((), dtype=torch.float32, device=device)
     one = torch.ones((), dtype=torch.float32, device=device)
     for grads in by_dtype.values():
@@ -281,17 +307,6 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
     if max_norm is not None:
         torch.nn.utils.clip_grad_norm_(
             [p for group in optimizer.param_groups for p in group["params"]], max_norm)
-
-
-def _sync_from_rank0(model: nn.Module) -> None:
-    """Give every rank rank 0's fp32 weights before the masters are copied from them.
-
-    DDP broadcasts rank 0's weights only when it wraps the model, after `prepare`: ranks seeded
-    differently would otherwise keep different masters and drift apart from the first step.
-    """
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor.data, src=0)
 
 
 def bare_model(model: nn.Module) -> nn.Module:

@@ -29,12 +29,18 @@ BATCH = 32  # images decoded and classified at a time: bounds memory for large f
 _BAD_IMAGE = (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError)
 
 
-def gather(inputs: Any) -> tuple[list[Path], list[str]]:
+def gather(inputs: Any) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The image files named by predict.inputs (files, or folders searched recursively), and the
     problems found: missing paths and folders without images."""
-    items = [inputs] if isinstance(inputs, str) else list(inputs or [])
+    if inputs is None or isinstance(inputs, (list, tuple)):
+        items = list(inputs or [])
+    elif isinstance(inputs, dict):
+        raise ConfigError(f"predict.inputs={inputs}: give a path or a list of paths")
+    else:  # one path; Hydra reads predict.inputs=2024 as a number
+        items = [inputs]
     if not items:
-        raise ConfigError("mode=predict needs predict.inputs='[image.jpg,folder/]'")
+        raise ConfigError("mode=predict needs predict.inputs=image.jpg or "
+                          "predict.inputs='[image.jpg,folder/]'")
     files, problems = [], []
     for item in items:
         path = Path(str(item)).expanduser()
@@ -43,16 +49,16 @@ def gather(inputs: Any) -> tuple[list[Path], list[str]]:
                            if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
             files += found
             if not found:
-                problems.append(f"{path} has no image files")
+                problems.append((path, "has no image files"))
         elif path.is_file():
             files.append(path)
         else:
-            problems.append(f"{path} does not exist")
+            problems.append((path, "does not exist"))
     return files, problems
 
 
 def _decoded(files: list[Path], sizes: tuple[int, int],
-             problems: list[str]) -> Iterator[tuple[list[Path], torch.Tensor]]:
+             problems: list[tuple[Path, str]]) -> Iterator[tuple[list[Path], torch.Tensor]]:
     """Batches of (paths, uint8 images); unreadable files are added to `problems` and skipped.
 
     sizes: validation's (resize, crop), see transforms.val_sizes."""
@@ -64,7 +70,7 @@ def _decoded(files: list[Path], sizes: tuple[int, int],
             images.append(val_image(data, jpeg_size(data), crop, resize))
             paths.append(path)
         except _BAD_IMAGE as exc:
-            problems.append(f"{path} is not a readable image ({type(exc).__name__})")
+            problems.append((path, f"is not a readable image ({type(exc).__name__})"))
         if len(paths) == BATCH:
             yield paths, torch.stack(images)
             paths, images = [], []
@@ -99,9 +105,10 @@ def predict(cfg: dict[str, Any], out: Path, device: DeviceInfo,
                 rows += [(str(path), rank, i, label, p) for rank, (i, label, p)
                          in enumerate(zip(indices, labels, values), start=1)]
     if not rows:
-        raise ConfigError("nothing to predict: " + "; ".join(problems))
-    for problem in problems:
-        log.warning("warning: skipped %s", problem)
+        raise ConfigError("nothing to predict: " + "; ".join(f"{path} {reason}"
+                                                              for path, reason in problems))
+    for path, reason in problems:
+        log.warning("warning: skipped %s: %s", path, reason)
     _write_csv(out / "predictions.csv", rows)
     images = len({row[0] for row in rows})
     log.info("predictions for %d images in %s", images, out / "predictions.csv")

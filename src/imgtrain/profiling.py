@@ -8,6 +8,7 @@ operators by self device time (self CPU time on the CPU).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,25 @@ from imgtrain.errors import ConfigError
 
 log = logging.getLogger("imgtrain")
 TOP_OPERATORS = 15
+
+
+def profiled_activities(device: DeviceInfo) -> list[ProfilerActivity]:
+    """The CPU, and the device's own activity where it has one: never CUDA's off a GPU."""
+    if device.name == "gpu":
+        return [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    if device.name == "npu":  # torch_npu registers the NPU as the PrivateUse1 backend
+        return [ProfilerActivity.CPU, ProfilerActivity.PrivateUse1]
+    return [ProfilerActivity.CPU]
+
+
+def _quiet_kineto() -> None:
+    """Off a GPU, silence kineto (torch.profiler's tracer) unless the user set its level.
+
+    A CUDA build of torch asks for the GPUs' properties when it writes a trace, whatever the
+    activities, and logs `ERROR: ... gpuGetDeviceCount failed` where there is none, besides its
+    `USDT: profiler_start`/`profiler_stop` lines: noise under a run that went well. Kineto reads
+    the level when the process's first profiler starts (6: above its highest, USDT)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
 class NoProfiler:
@@ -41,11 +61,9 @@ class StepProfiler(NoProfiler):
                  active: int) -> None:
         self.folder, self.rank, self.device = folder, rank, device
         self.steps_left = wait + warmup + active
-        activities = [ProfilerActivity.CPU]
-        if device.name == "gpu":
-            activities.append(ProfilerActivity.CUDA)
-        elif device.name == "npu":  # torch_npu registers the NPU as the PrivateUse1 backend
-            activities.append(ProfilerActivity.PrivateUse1)
+        activities = profiled_activities(device)
+        if ProfilerActivity.CUDA not in activities:
+            _quiet_kineto()
         self.sort_by = "self_cpu_time_total" if device.name == "cpu" else "self_device_time_total"
         self.profiler: profile | None = profile(
             activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=active,

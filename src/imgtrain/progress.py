@@ -83,8 +83,8 @@ class Progress:
     """Rank 0's console view of training; `NullProgress` stands in on the other ranks."""
 
     def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, device: Any,
-                 print_freq: int = 1, val_passes: int = 1, micro_steps: int = 1) -> None:
-        self.eta = Eta(epochs, steps_per_epoch, val_steps, val_passes, micro_steps)
+                 print_freq: int = 1, val_passes: int = 1, val_batch_share: float = 1.0) -> None:
+        self.eta = Eta(epochs, steps_per_epoch, val_steps, val_passes, val_batch_share)
         self.print_freq = print_freq
         self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
         self.device = device
@@ -101,8 +101,9 @@ class Progress:
             return NullProgress()
         return cls(trainer.train_cfg["epochs"], trainer.steps_per_epoch, len(trainer.loaders.val),
                    trainer.device, trainer.train_cfg["print_freq"],
-                   val_passes=1 if trainer.ema is None else 2,  # the EMA's weights are evaluated too
-                   micro_steps=trainer.loaders.accumulate_steps)
+                   # An epoch ends with the EMA's validation too, where there is one.
+                   val_passes=1 if trainer.ema is None else 2,
+                   val_batch_share=trainer.loaders.val.batch_size / trainer.loaders.per_rank_batch)
 
     # ---- the live display (terminals only) -----------------------------------------------
     def __enter__(self) -> "Progress":
@@ -154,7 +155,8 @@ class Progress:
 
     def train_update(self, epoch: int, step: int, values: dict[str, float], seconds: float,
                      data_time: float) -> dict[str, float]:
-        """Show a print point's numbers; return the time/ and memory/ scalars to log with them.
+        """Show a print point's numbers; return the scalars to log with them: the wait for data,
+        the ETA and memory (as train/memory_*: logger.py says why tags are named so).
 
         `seconds` is the window since the last print point; `data_time` the mean seconds per step
         spent waiting for the loader, over this epoch's steps so far.
@@ -165,8 +167,8 @@ class Progress:
         self._last_step, self._last_data_time = step, data_time
         self.eta.measure(step, window_steps, seconds)
         epoch_left, run_left = self.eta.epoch_left(step), self.eta.run_left(epoch, step)
-        fields = {"acc1": f"acc1 {values['train/acc1']:.2f}",
-                  "img/s": f"img/s {values['train/images_per_sec']:.1f}",
+        fields = {"acc1": f"acc1 {values['accuracy/train_acc1']:.2f}",
+                  "img/s": f"img/s {values['throughput/images_per_sec']:.1f}",
                   "lr": f"lr {values['train/lr']:.5f}", "data": f"data {data_percent:.0f}%"}
 
         def numbers(kept: Any) -> str:
@@ -180,10 +182,11 @@ class Progress:
         self._show_train(epoch, step, lambda kept: f"{numbers(kept)} | ETA " + (
             f"{duration(epoch_left)} epoch, " if "epoch ETA" in kept else "")
             + f"{duration(run_left)} run")
-        scalars = {"time/data_loading_percent": data_percent}
+        scalars = {"throughput/loader_wait_percent": data_percent}
         if run_left is not None:
             scalars["time/eta_hours"] = run_left / 3600
-        scalars.update(memory_scalars(self.device))
+        scalars.update({f"train/{tag.replace('/', '_')}": value
+                        for tag, value in memory_scalars(self.device).items()})
         return scalars
 
     # ---- validation ----------------------------------------------------------------------

@@ -21,8 +21,10 @@ from omegaconf import OmegaConf
 
 
 RECORD = ".hydra"
-# What a command writes once training has started (train.log only then: its handler opens lazily).
-TRAINING_OUTPUTS = ("results.json", "checkpoints", "train.log")
+# What a command writes once training has started: results.json says `running` before the first
+# step. train.log is not among them: its lines before that (a checkpoint's arch taken, a new fc)
+# belong to a start-up that failed, which leaves nothing (mode=predict and export included).
+TRAINING_OUTPUTS = ("results.json", "checkpoints")
 _chosen: dict[str, tuple[str, bool]] = {}  # run directory -> (record subdir, directory was new)
 _launch_time: list[datetime.datetime] = []
 
@@ -34,9 +36,11 @@ def record_subdir(output_dir: str, node_rank: int = 0) -> str | None:
     """
     # Here, not at the top: distributed imports torch, which `python -m imgtrain.report` (it
     # imports this package) does not need, 3 s of its start.
+    from imgtrain import slurm
     from imgtrain.distributed import started_by_torchrun
 
-    if int(node_rank) != 0 or (started_by_torchrun() and os.environ["RANK"] != "0"):
+    if (int(node_rank) != 0 or not slurm.first_task()
+            or (started_by_torchrun() and os.environ["RANK"] != "0")):
         return None
     if output_dir not in _chosen:
         folder = Path(output_dir)

@@ -3,8 +3,8 @@
 Reads every results.json below the paths (default outputs/) and prints one row per run: the run's
 folder, the seed's Table 2 (DEVICE | PyTorch | Acc@1 | FPS | Epochs | AMP_Type), the overrides
 that differ between the runs and, when any run did not complete, its status. Runs that failed
-before training started are left out unless --all is given. On a terminal the table is fitted to
-its width by shortening long cells.
+before training started are left out unless --all is given. On a terminal (or with --width) the
+table is fitted to the width: see report_fit.
 """
 from __future__ import annotations
 
@@ -18,10 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-RUN = "Run"
-FIXED_COLUMNS = ("DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type")
-STATUS = "Status"
-MIN_WIDTH = 10  # a shortened cell keeps at least this many characters
+from imgtrain.report_fit import FIXED_COLUMNS, RUN, STATUS, fit
+
 # Override keys the fixed columns already show, or that only say where files went.
 _SHOWN_ELSEWHERE = {"amp", "amp.level"}
 _LOCATION_PREFIXES = ("hydra.", "hydra/")
@@ -138,50 +136,6 @@ def _sortable(cell: str) -> tuple[int, float, str]:
         return (1, 0.0, cell)
 
 
-def shorten(text: str, width: int, keep: str = "middle") -> str:
-    """At most `width` characters, cut at the end (keep="start"), the start (keep="end"), or in
-    the middle."""
-    if len(text) <= width:
-        return text
-    if keep == "start":
-        return text[:width - 1] + "…"
-    if keep == "end":
-        return "…" + text[-(width - 1):]
-    head = (width - 1) // 2
-    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
-
-
-def _shorten_cell(column: str, cell: str, width: int, is_header: bool) -> str:
-    if is_header and "." in cell and len(cell) > width:
-        cell = cell.rsplit(".", 1)[1]  # optim.lr -> lr: the key's own name says most
-    if column in (RUN, STATUS):  # job numbers and the error's first words matter most
-        return shorten(cell, width, "start")
-    return shorten(cell, width, "end" if "/" in cell else "middle")
-
-
-def fit(header: list[str], rows: list[list[str]],
-        width: int) -> tuple[list[str], list[list[str]]]:
-    """Header and rows whose Markdown lines fit `width` characters: the widest shrinkable column
-    (run, overrides, status) loses a character at a time, down to 8; the fixed columns stay
-    whole."""
-    fixed = set(FIXED_COLUMNS)
-    limits = [max([len(name)] + [len(row[i]) for row in rows]) for i, name in enumerate(header)]
-
-    def line_length() -> int:
-        return sum(limits) + 3 * len(limits) + 1
-
-    while line_length() > width:
-        shrinkable = [i for i, name in enumerate(header) if name not in fixed
-                      and limits[i] > MIN_WIDTH]
-        if not shrinkable:
-            break
-        widest = max(shrinkable, key=lambda i: limits[i])
-        limits[widest] -= 1
-    return ([_shorten_cell(name, name, limit, True) for name, limit in zip(header, limits)],
-            [[_shorten_cell(name, cell, limit, False) for name, cell, limit in
-              zip(header, row, limits)] for row in rows])
-
-
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table with aligned columns (readable as it is on a terminal)."""
     escaped = [[cell.replace("|", "\\|") for cell in row] for row in [header, *rows]]
@@ -236,7 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(to_csv(header, rows))
         return 0
     width = args.width or (shutil.get_terminal_size().columns if sys.stdout.isatty() else None)
-    print(markdown(*fit(header, rows, width)) if width else markdown(header, rows))
+    if width:
+        notes, header, rows = fit(header, rows, width)
+        print("\n".join([*notes, markdown(header, rows)]))
+    else:
+        print(markdown(header, rows))
     return 0
 
 

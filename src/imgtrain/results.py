@@ -11,6 +11,7 @@ from imgtrain.checkpoint import write_json_atomic
 from imgtrain.preemption import job_id
 
 RESULTS = "results.json"
+WEIGHTS_ONLY = ("predict", "export")  # modes that read model.weights and no dataset
 
 
 def run_results(cfg: dict[str, Any], trainer: Any) -> dict[str, Any]:
@@ -37,7 +38,13 @@ def run_results(cfg: dict[str, Any], trainer: Any) -> dict[str, Any]:
 
 
 def identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What the run is, known before any process starts."""
+    """What the run is, known before any process starts. mode=predict and export record no
+    training settings: they use none (no AMP, batch or lr; one process)."""
+    if cfg["mode"] in WEIGHTS_ONLY:
+        return {"arch": cfg["model"]["arch"], "device": cfg["device"].get("resolved")
+                or cfg["device"]["name"], "weights": cfg["model"]["weights"],
+                "torch_version": torch.__version__, "overrides": cfg.get("overrides", []),
+                "mode": cfg["mode"]}
     return {
         "arch": cfg["model"]["arch"], "dataset": cfg["dataset"]["name"],
         "device": cfg["device"].get("resolved") or cfg["device"]["name"],

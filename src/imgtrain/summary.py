@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from imgtrain.data import describe
 from imgtrain.eta import duration
 
 
@@ -103,7 +104,6 @@ def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
     data, train = cfg["dataset"], cfg["train"]
     loaders, world, state = trainer.loaders, trainer.world, trainer.state
     params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
-    source = f" from {data['root']}" if data.get("root") else ""
     total_steps = train["epochs"] * trainer.steps_per_epoch
     ingredients = recipe(cfg, trainer)
     if resumed_from is None:
@@ -114,9 +114,9 @@ def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
                   f"{state.restarts}), {state.global_step} of {total_steps} steps done: "
                   + (f"{output_dir}, {why}" if why else str(resumed_from)))
     return fitted([
-        f"imgtrain: {cfg['mode']} {cfg['model']['arch']} on {data['name']}",
+        f"imgtrain: {cfg['mode']} {cfg['model']['arch']} on {describe(data, with_root=False)}",
         f"  model      {cfg['model']['arch']}, {params:.1f} M parameters",
-        f"  data       {data['name']}{source}: {len(loaders.train.dataset):,} train / "
+        f"  data       {describe(data)}: {len(loaders.train.dataset):,} train / "
         f"{len(loaders.val.dataset):,} val images, {loaders.num_classes} classes, "
         f"{data['image_size']} px",
         f"  device     {trainer.device.device_string} x {world.world_size} "

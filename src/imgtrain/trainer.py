@@ -19,7 +19,7 @@ from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
 from imgtrain.ema import WeightAverage
 from imgtrain.errors import Preempted
-from imgtrain.logger import RunLogger
+from imgtrain.logger import RunLogger, epoch_scalars
 from imgtrain.precision import Precision, bare_model
 from imgtrain.preemption import StopSignals
 from imgtrain.profiling import build_profiler
@@ -31,6 +31,8 @@ from imgtrain.throughput import Throughput
 def epoch_steps(loaders: Loaders, cap: int | None) -> int:
     """Optimizer steps per epoch: the loader's batches over train.accumulate_steps, capped by
     train.steps_per_epoch if set."""
+    if loaders.train is None:  # mode=eval reads no training data
+        return 0
     steps = len(loaders.train) // loaders.accumulate_steps
     return min(steps, cap) if cap else steps
 
@@ -81,8 +83,9 @@ class Trainer(Checkpointing):
 
     # ---- training -------------------------------------------------------------------------
     def _train_step(self, micro_batches: tuple[tuple[torch.Tensor, torch.Tensor], ...],
-                    epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over its micro-batches; the mean loss and the correct count."""
+                    epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over its micro-batches; the mean loss, the correct count and the
+        loss scaler's verdict (see Precision.step), all on the device."""
         self.precision.zero_grad(self.model, self.optimizer)
         loss_sum, correct = 0.0, 0
         for i, (images, target) in enumerate(micro_batches):
@@ -90,12 +93,12 @@ class Trainer(Checkpointing):
                 loss, hits = self._forward_backward(*self._to_device(images, target),
                                                     len(micro_batches))
             loss_sum, correct = loss_sum + loss, correct + hits
-        self.precision.step(self.optimizer, self.train_cfg["clip_grad_norm"])
+        overflowed = self.precision.step(self.optimizer, self.train_cfg["clip_grad_norm"])
         self.scheduler.step()
         if self.ema is not None and self.ema.due(self.state.global_step + 1):
             self.ema.update(epoch, self.precision.master_params(self.model),
                             bare_model(self.model).buffers())
-        return loss_sum / len(micro_batches), correct
+        return loss_sum / len(micro_batches), correct, overflowed
 
     def _forward_backward(self, images: torch.Tensor, target: torch.Tensor,
                           micro_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +121,14 @@ class Trainer(Checkpointing):
         sampler = self.loaders.train_sampler
         sampler.set_epoch(epoch)
         first_step = self.state.step_in_epoch
-        sampler.skip(first_step * self.loaders.per_rank_batch)  # not read, not decoded
+        # The steps already trained are not read, not decoded; this run's layout of the epoch's
+        # micro-batches is recorded, for a resume on another number of processes.
+        sampler.resume_at(first_step, self.state.epoch_layout)
+        self.state.epoch_layout = [*map(list, sampler.earlier_layouts),
+                                   [first_step, sampler.micro_batches_per_step]]
         micro_steps = self.loaders.accumulate_steps
-        # Loss sum over the steps whose loss was finite, correct, samples behind that loss sum:
-        # a step the loss scaler skipped for an fp16 overflow does not poison the epoch's loss.
+        # Loss sum over the steps applied with a finite loss, correct, samples behind that loss
+        # sum: a step skipped for an fp16 overflow is left out of the epoch's loss.
         sums = torch.zeros(3, device=self.device.torch_device)
         window = torch.zeros(3, device=self.device.torch_device)
         throughput = Throughput(self.device, self.train_cfg["fps_warmup_steps"], self.global_batch)
@@ -135,14 +142,15 @@ class Trainer(Checkpointing):
         for step, micro_batches in enumerate(_grouped(batches, micro_steps), start=first_step):
             data_time += time.perf_counter() - end
             self._fault_injection(step)
-            if self.state.global_step == 0:  # once per run: what the network sees (host memory)
+            if self.state.global_step == 0 and self.train_cfg["log_images"]:
+                # once per run, when asked for: what the network sees (host memory)
                 self.logger.batch_grid(micro_batches[0][0], self.state.global_step)
-            loss, correct = self._train_step(micro_batches, epoch)
-            finite = loss.isfinite()
+            loss, correct, overflowed = self._train_step(micro_batches, epoch)
+            counted = loss.isfinite() if overflowed is None else loss.isfinite() & (overflowed == 0)
             # A host number: multiplying by it needs no device copy.
             samples = sum(target.shape[0] for _, target in micro_batches)
-            batch = torch.stack([torch.where(finite, loss, 0.0) * samples, correct.float(),
-                                 finite.float() * samples])
+            batch = torch.stack([torch.where(counted, loss, 0.0) * samples, correct.float(),
+                                 counted.float() * samples])
             sums += batch
             window += batch
             window_steps += 1
@@ -182,11 +190,13 @@ class Trainer(Checkpointing):
         lr = self.optimizer.param_groups[0]["lr"]
         loss = loss_sum / finite_samples if finite_samples else float("nan")
         acc1 = 100.0 * correct / max(samples, 1)
-        values = {"train/loss": loss, "train/acc1": acc1, "train/images_per_sec": images_per_sec,
-                  "train/lr": lr, "train/data_time": data_time}
+        # Tags named for TensorBoard's first screen: logger.py says why.
+        values = {"train/loss": loss, "accuracy/train_acc1": acc1,
+                  "throughput/images_per_sec": images_per_sec, "train/lr": lr,
+                  "throughput/loader_wait_seconds": data_time}
         values.update(self.progress.train_update(epoch, step, values, seconds, data_time))
         if self.precision.loss_scale is not None:
-            values["amp/loss_scale"] = float(self.precision.loss_scale.item())
+            values["train/loss_scale"] = float(self.precision.loss_scale.item())
         self.logger.scalars(self.state.global_step, values)
 
     # ---- evaluation -----------------------------------------------------------------------
@@ -251,10 +261,7 @@ class Trainer(Checkpointing):
                          val["loss"], val["acc1"], val["acc5"], val["samples"],
                          f" | ema acc1 {ema['ema_acc1']:.3f} acc5 {ema['ema_acc5']:.3f}"
                          if ema else "", train["images_per_sec"])
-        self.logger.scalars(self.state.global_step, {
-            "val/loss": val["loss"], "val/acc1": val["acc1"], "val/acc5": val["acc5"],
-            **{f"val_ema/{key.removeprefix('ema_')}": value for key, value in ema.items()},
-            "train/epoch_loss": train["loss"], "train/epoch_images_per_sec": train["images_per_sec"]})
+        self.logger.scalars(self.state.global_step, epoch_scalars(epoch, train, val))
         self.save_checkpoint(f"epoch-{epoch + 1}.pt", best=is_best)
         self.logger.results({**run_results(self.cfg, self), "status": "running"})
         self.logger.flush()

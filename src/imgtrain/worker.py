@@ -13,7 +13,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from imgtrain import checkpoint, device as devices, preemption, weights as model_weights
-from imgtrain.data import build_loaders, cpu_cores
+from imgtrain.data import build_loaders, cpu_cores, describe
 from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, process_group,
                                   world_from_env)
 from imgtrain.logger import NullLogger, RunLogger, close_logging, setup_logging
@@ -73,10 +73,13 @@ def _run(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInf
     if cfg["mode"] == "export":
         from imgtrain.export import export
         return export(cfg, out, source)
-    loaders = build_loaders(cfg["dataset"], cfg["train"]["batch_size"], world.rank,
-                            world.world_size, world.local_world_size, cfg["train"]["seed"],
-                            accelerator=device.is_accelerator,
-                            accumulate_steps=cfg["train"]["accumulate_steps"])
+    evaluating = cfg["mode"] == "eval"  # the val split alone, in batches of eval.batch_size
+    loaders = build_loaders(cfg["dataset"],
+                            cfg["eval"]["batch_size"] if evaluating else cfg["train"]["batch_size"],
+                            world.rank, world.world_size, world.local_world_size,
+                            cfg["train"]["seed"], accelerator=device.is_accelerator,
+                            accumulate_steps=1 if evaluating else cfg["train"]["accumulate_steps"],
+                            val_batch=cfg["eval"]["batch_size"], train=not evaluating)
     if cfg["mode"] == "bench_data":
         from imgtrain.bench import bench_loader
         return bench_loader(cfg, loaders, world, logger)
@@ -123,17 +126,23 @@ def _channels_last(cfg: dict[str, Any], device: devices.DeviceInfo) -> bool:
 
 def _build_trainer(cfg: dict[str, Any], out: Path, world: World, device: devices.DeviceInfo,
                    logger: RunLogger, loaders: Any, precision: Precision,
-                   model: torch.nn.Module, stop: preemption.StopSignals) -> Trainer:
+                   model: torch.nn.Module,
+                   stop: preemption.StopSignals | None = None) -> Trainer:
     channels_last = _channels_last(cfg, device)
     model = model.to(device.torch_device,
                      memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    # Every rank starts from rank 0's weights before anything copies them: the EMA (torchvision
+    # builds it from the DDP-synchronised model) and O2's fp32 masters. DDP's own broadcast comes
+    # only when it wraps the model, after both copies are made.
+    world.broadcast_from_main([t.detach() for t in (*model.parameters(), *model.buffers())])
     ema = _build_ema(cfg, model)  # before O2 halves the weights: the EMA holds fp32 ones
     kinds = parameter_kinds(model)  # one per trainable parameter, in the order prepare() steps them
     model, params = precision.prepare(model)
     optimizer = build_optimizer(weight_decay_groups(kinds, params, cfg["optim"]), cfg["optim"],
-                                device)
-    scheduler = build_scheduler(optimizer, cfg["sched"], cfg["train"]["epochs"],
-                                epoch_steps(loaders, cfg["train"]["steps_per_epoch"]))
+                                device, loss_scaled=precision.scaler is not None)
+    scheduler = None if loaders.train is None else build_scheduler(  # mode=eval: no steps
+        optimizer, cfg["sched"], cfg["train"]["epochs"],
+        epoch_steps(loaders, cfg["train"]["steps_per_epoch"]))
     eval_model = model  # never wrapped by DDP: see Trainer.eval_model
     if world.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -161,21 +170,14 @@ def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed_f
              out: Path) -> Any:
     results = run_results(cfg, trainer)
     if cfg["mode"] == "eval":
-        with trainer.progress:
-            val = trainer.evaluate()
-        logger.info("eval: loss %.4f acc1 %.3f acc5 %.3f (%d images)", val["loss"], val["acc1"],
-                    val["acc5"], val["samples"])
-        results.update(status="completed", final_acc1=val["acc1"], final_acc5=val["acc5"],
-                       best_acc1=val["acc1"], val_samples=val["samples"], val_loss=val["loss"])
-        logger.results(results)
-        return results
+        return _evaluate(cfg, trainer, logger, out, results)
     if trainer.state.epoch >= cfg["train"]["epochs"]:
         logger.info("run already completed %d epochs; nothing to train (results.json has its "
                     "results)", trainer.state.epoch)
         return {**run_results(cfg, trainer), "status": "completed", "already_completed": True}
     for line in start_lines(cfg, trainer, out, resumed_from):
         logger.info("%s", line)
-    logger.hparams(hparam_values(cfg, trainer), first=override_keys(cfg))
+    logger.hparams(hparam_values(cfg, trainer))
     logger.results({**results, "status": "running"})
     started = time.time()
     try:
@@ -186,6 +188,27 @@ def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed_f
     logger.results(results)
     for line in end_lines(results, time.time() - started, out):
         logger.info("%s", line)
+    return results
+
+
+def _evaluate(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, out: Path,
+              results: dict[str, Any]) -> dict[str, Any]:
+    """mode=eval: the weights' loss and accuracy on the validation split, said with what was
+    evaluated, on what, and where the results are."""
+    weights = str(Path(cfg["model"]["weights"]).expanduser().resolve())
+    logger.info("eval: %s (%s) on %s, val split: %d images, batch %d", weights,
+                cfg["model"]["arch"], describe(cfg["dataset"]), len(trainer.loaders.val.dataset),
+                trainer.global_batch)
+    with trainer.progress:
+        val = trainer.evaluate()
+    results.update(status="completed", weights=weights, final_acc1=val["acc1"],
+                   final_acc5=val["acc5"], best_acc1=val["acc1"], val_samples=val["samples"],
+                   val_loss=val["loss"])
+    logger.results(results)
+    logger.info("eval done: loss %.4f acc1 %.3f acc5 %.3f (%d images)", val["loss"], val["acc1"],
+                val["acc5"], val["samples"])
+    logger.info("  weights    %s", weights)
+    logger.info("  results    %s", out / "results.json")
     return results
 
 

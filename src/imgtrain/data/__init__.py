@@ -27,22 +27,36 @@ DATASETS = ("imagenet", "cifar10", "synthetic")
 IN_MEMORY = ("cifar10", "synthetic")
 
 
+SPLITS = ("train", "val")
+
+
 @dataclass
 class Loaders:
-    train: DataLoader
+    train: DataLoader | None  # None for mode=eval, which reads only the validation split
     val: DataLoader
-    train_sampler: TrainSampler
+    train_sampler: TrainSampler | None
     num_classes: int
     per_rank_batch: int                    # samples per rank per optimizer step
     class_names: list[str] | None = None  # saved in checkpoints for predict and export
     accumulate_steps: int = 1             # loader batches per optimizer step
 
 
-def check_dataset(data_cfg: Any) -> int:
-    """Validate the dataset's files without reading images; return the number of classes."""
+def describe(data_cfg: Any, with_root: bool = True) -> str:
+    """The data as the console names it: `imagefolder <root>` (dataset=imagenet reads any
+    ImageFolder tree, ImageNet or not), `cifar10 <root>`, or `synthetic`."""
+    name = data_cfg["name"]
+    label = "imagefolder" if name == "imagenet" else name
+    if not with_root or name == "synthetic" or not data_cfg.get("root"):
+        return label
+    return f"{label} {data_cfg['root']}"
+
+
+def check_dataset(data_cfg: Any, splits: tuple[str, ...] = SPLITS) -> int:
+    """Validate the dataset's files without reading images; return the number of classes.
+    `splits`: the ones the mode reads (mode=eval: val alone)."""
     name = data_cfg["name"]
     if name == "imagenet":
-        inferred = len(check_layout(data_cfg["root"]))
+        inferred = len(check_layout(data_cfg["root"], splits))
     elif name == "cifar10":
         find_root(data_cfg["root"], data_cfg.get("download", False))
         inferred = Cifar10.num_classes
@@ -54,7 +68,7 @@ def check_dataset(data_cfg: Any) -> int:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     wanted = data_cfg.get("num_classes")
     if name == "imagenet" and wanted not in (None, inferred):
-        raise ConfigError(f"dataset.num_classes={wanted} but {data_cfg['root']}/train has "
+        raise ConfigError(f"dataset.num_classes={wanted} but {data_cfg['root']}/{splits[0]} has "
                           f"{inferred} class folders")
     check_augmentation(data_cfg)
     return inferred
@@ -72,23 +86,25 @@ def check_augmentation(data_cfg: Any) -> None:
     T.val_sizes(data_cfg)
 
 
-def build_datasets(data_cfg: Any, seed: int) -> tuple[Dataset, Dataset]:
+def build_datasets(data_cfg: Any, seed: int,
+                   train: bool = True) -> tuple[Dataset | None, Dataset]:
+    """The training (None unless `train`) and validation sets."""
     name, size = data_cfg["name"], data_cfg["image_size"]
     augment = build_augment(data_cfg)  # training only: validation never augments
     if name == "imagenet":
         skip = data_cfg.get("skip_bad_images", False)
         val_resize, val_crop = T.val_sizes(data_cfg)
-        return (JpegFolder(data_cfg["root"], "train", size, True, skip, augment),
-                JpegFolder(data_cfg["root"], "val", val_crop, False, skip,
-                           val_resize_size=val_resize))
+        return (JpegFolder(data_cfg["root"], "train", size, True, skip, augment) if train
+                else None, JpegFolder(data_cfg["root"], "val", val_crop, False, skip,
+                                      val_resize_size=val_resize))
     if name == "cifar10":
         download = data_cfg.get("download", False)
-        return (Cifar10(data_cfg["root"], True, download, augment),
+        return (Cifar10(data_cfg["root"], True, download, augment) if train else None,
                 Cifar10(data_cfg["root"], False))
     common = dict(image_size=size, num_classes=data_cfg["num_classes"], seed=seed,
                   noise=data_cfg["noise"])
-    return (Synthetic(data_cfg["train_size"], train=True, augment=augment, **common),
-            Synthetic(data_cfg["val_size"], train=False, **common))
+    return (Synthetic(data_cfg["train_size"], train=True, augment=augment, **common) if train
+            else None, Synthetic(data_cfg["val_size"], train=False, **common))
 
 
 def cpu_cores() -> int:
@@ -127,38 +143,53 @@ def worker_start_method() -> str | None:
 
 def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
                   local_world_size: int, seed: int, accelerator: bool,
-                  accumulate_steps: int = 1) -> Loaders:
+                  accumulate_steps: int = 1, val_batch: int | None = None,
+                  train: bool = True) -> Loaders:
     """Loaders whose training batches are one micro-step's: `accumulate_steps` of them make the
-    global batch of one optimizer step."""
-    num_classes = check_dataset(data_cfg)
+    global batch of one optimizer step. Validation's global batch is `val_batch` if given, else a
+    micro-step's. Without `train` (mode=eval) only the validation split is read or checked, and
+    `global_batch` is evaluation's."""
+    num_classes = check_dataset(data_cfg, SPLITS if train else ("val",))
     per_rank_batch = global_batch // world_size
     micro_batch = per_rank_batch // accumulate_steps
-    train_set, val_set = build_datasets(data_cfg, seed)
-    if len(train_set) < global_batch:
+    train_set, val_set = build_datasets(data_cfg, seed, train)
+    if train_set is not None and len(train_set) < global_batch:
         raise ConfigError(f"train.batch_size={global_batch} is larger than the training set "
                           f"({len(train_set)} images)")
+    common = _loader_settings(data_cfg, local_world_size, accelerator,
+                              torch.Generator().manual_seed(seed + 1000 * rank))
+    data_cfg = _with_pool_checked(data_cfg, common, micro_batch, train_set or val_set,
+                                  local_world_size)
+    train_sampler, train_loader = None, None
+    if train_set is not None:
+        train_sampler = TrainSampler(len(train_set), rank, world_size, seed,
+                                     ra_reps=int(data_cfg.get("ra_reps", 1)),
+                                     micro_batch=micro_batch, accumulate_steps=accumulate_steps)
+        # drop_last keeps every step's shape static (graph-compiling NPUs, torch.compile).
+        train_loader = _loader(train_set, data_cfg, common, batch_size=micro_batch,
+                               sampler=train_sampler, drop_last=True)
+    val = _loader(val_set, data_cfg, common,
+                  batch_size=val_batch // world_size if val_batch else micro_batch,
+                  sampler=ExactValSampler(len(val_set), rank, world_size), drop_last=False)
+    return Loaders(train_loader, val, train_sampler, num_classes, per_rank_batch,
+                   class_names=getattr(val_set, "classes", None),
+                   accumulate_steps=accumulate_steps)
+
+
+def _loader_settings(data_cfg: Any, local_world_size: int, accelerator: bool,
+                     generator: torch.Generator) -> dict[str, Any]:
+    """The DataLoader arguments both loaders share: workers, pinning, seeding."""
     workers = data_cfg["workers"]
     workers = (default_workers(data_cfg["name"], local_world_size, accelerator)
                if workers in ("auto", None) else int(workers))
     pin_memory = accelerator and bool(data_cfg.get("pin_memory", True))
-    generator = torch.Generator().manual_seed(seed + 1000 * rank)
     common: dict[str, Any] = dict(num_workers=workers, pin_memory=pin_memory,
                                   worker_init_fn=_seed_worker, generator=generator)
     if workers > 0:
         common.update(persistent_workers=bool(data_cfg.get("persistent_workers", True)),
                       prefetch_factor=int(data_cfg.get("prefetch_factor", 2)),
                       multiprocessing_context=worker_start_method())
-    train_sampler = TrainSampler(len(train_set), rank, world_size, seed,
-                                 ra_reps=int(data_cfg.get("ra_reps", 1)))
-    data_cfg = _with_pool_checked(data_cfg, common, micro_batch, train_set, local_world_size)
-    # drop_last keeps every step's shape static (graph-compiling NPUs and torch.compile like that).
-    train = _loader(train_set, data_cfg, common, batch_size=micro_batch, sampler=train_sampler,
-                    drop_last=True)
-    val = _loader(val_set, data_cfg, common, batch_size=micro_batch,
-                  sampler=ExactValSampler(len(val_set), rank, world_size), drop_last=False)
-    return Loaders(train, val, train_sampler, num_classes, per_rank_batch,
-                   class_names=getattr(val_set, "classes", None),
-                   accumulate_steps=accumulate_steps)
+    return common
 
 
 def _with_pool_checked(data_cfg: Any, common: dict[str, Any], loader_batch: int,

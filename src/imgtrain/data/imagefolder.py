@@ -49,8 +49,9 @@ def _reason(exc: Exception) -> str:
     return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", str(exc))
 
 
-def check_layout(root: str) -> list[str]:
-    """The class names under root/train, after checking that train/ and val/ agree."""
+def check_layout(root: str, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
+    """The class names under root/<split>, after checking that the splits (train/ and val/;
+    mode=eval reads val/ alone) agree."""
     base = Path(root).expanduser()
     if not base.is_dir():
         raise ConfigError(f"dataset.root does not exist: {base}; give your ImageNet-style folder "
@@ -59,7 +60,7 @@ def check_layout(root: str) -> list[str]:
     if not any(base.iterdir()):
         raise ConfigError(f"dataset.root is empty: {base}")
     classes = {}
-    for split in ("train", "val"):
+    for split in splits:
         folder = base / split
         if not folder.is_dir():
             raise ConfigError(f"dataset.root {base} has no {split}/ folder (expected "
@@ -68,12 +69,12 @@ def check_layout(root: str) -> list[str]:
             classes[split] = find_classes(str(folder))[0]
         except FileNotFoundError:
             raise ConfigError(f"{folder} has no class folders") from None
-    if classes["train"] != classes["val"]:
+    if len(classes) == 2 and classes["train"] != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))[:3]
         only_val = sorted(set(classes["val"]) - set(classes["train"]))[:3]
         raise ConfigError(f"class folders differ between {base}/train and {base}/val "
                           f"(only in train: {only_train}, only in val: {only_val})")
-    return classes["train"]
+    return classes[splits[0]]
 
 
 class JpegFolder(torch.utils.data.Dataset):
@@ -108,7 +109,7 @@ class JpegFolder(torch.utils.data.Dataset):
                 if not self.skip_bad_images:
                     raise ConfigError(f"corrupt or truncated image file: {path} ({reason}); set "
                                       "dataset.skip_bad_images=true to skip such files") from None
-                log.warning("skipping bad image file %s (%s)", path, reason)
+                log.warning("warning: skipped bad image file %s: %s", path, reason)
                 continue
             # Outside the try: an augmentation's error is a bug, not a bad file.
             return (image if self.augment is None else self.augment(image, seed)), label
