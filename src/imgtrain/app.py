@@ -231,8 +231,9 @@ def _stopped(config: dict[str, Any], output_dir: str, sig: int | None, started: 
         records.discard_startup(output_dir, started, keep_error_record=False)
         when = "before training started" if config.get("mode") == "train" \
             else f"(mode={config.get('mode')})"
-        sys.stderr.write(f"{status} by {preemption.name(sig)} {when}; nothing to resume "
-                         f"(exit code {code})\n")
+        kept = (Path(output_dir) / "checkpoints" / "last.pt").is_file()  # a resumed run's
+        after = config.get("resume_hint", "its checkpoint is kept") if kept else "nothing to resume"
+        sys.stderr.write(f"{status} by {preemption.name(sig)} {when}; {after} (exit code {code})\n")
     _exit(config, status, code)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,6 +28,7 @@ NEW = "new"
 SAME_COMMAND = "the same command's unfinished run; train.resume=new starts a new one"
 SAME_JOB = "this SLURM job's run (requeued); train.resume=new starts a new one"
 _reasons: dict[str, str] = {}  # chosen run folder -> why, for the start summary
+_new: list[Path] = []  # the new run folders chosen: Hydra makes them before the run starts
 
 
 def _key(override: str) -> str:
@@ -113,6 +115,7 @@ def choose(root: str, overrides: Any, new: str) -> str:
     overrides = [str(o) for o in overrides]
     resume = next((o.partition("=")[2] for o in overrides if _key(o) == "train.resume"), None)
     if resume == NEW or not Path(root).is_dir():
+        _new.append(Path(root) / new)
         return str(Path(root) / new)
     runs = _same_command_runs(Path(root), _command(overrides), _name(new))
     job = os.environ.get("SLURM_JOB_ID")
@@ -121,7 +124,18 @@ def choose(root: str, overrides: Any, new: str) -> str:
         return _chosen(same_job[0], SAME_JOB)
     if runs and _resumable(runs[0]):
         return _chosen(runs[0], SAME_COMMAND)
+    _new.append(Path(root) / new)
     return str(Path(root) / new)
+
+
+def discard_unstarted() -> None:
+    """After a Ctrl-C during the start: remove the new run folder if nothing but Hydra's record
+    is in it yet (and its date folder, if that is empty then)."""
+    for folder in _new:
+        if folder.is_dir() and all(path.name.startswith(".hydra") for path in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                folder.parent.rmdir()
 
 
 def _chosen(run: Path, reason: str) -> str:
