@@ -14,7 +14,7 @@ import torch
 
 from conftest import (CliProcess, assert_clean_error, read_results, run_cli, start_cli,
                       wait_for)
-from imgtrain import preemption, rundir
+from imgtrain import errors, preemption, rundir
 from imgtrain.optim import lr_factor
 
 # A stable configuration (lr 0.05): equal weights then really mean the same computation was replayed.
@@ -397,3 +397,22 @@ def test_the_same_commands_newest_unfinished_run_is_chosen_and_no_other(tmp_path
     assert choose("optim.lr=0.2", "train.epochs=3") == str(other)
     _fake_run(tmp_path, "d", ["optim.lr=0.2", "train.epochs=3"], "running", checkpoint=False)
     assert choose("optim.lr=0.2", "train.epochs=3") == new  # nothing to resume from
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_leaves_no_run_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during Hydra's start (torch's import, the config), before any handler of
+    preemption.py: run.py's wrapper ends it without a traceback."""
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # run_main sets it for Hydra; restored after
+    new = Path(rundir.choose(str(tmp_path / "outputs"), ["optim.lr=0.1"], "2026-01-01/10-00_x"))
+    (new / ".hydra").mkdir(parents=True)  # what Hydra has made by then
+
+    def interrupted_start() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as ended:
+        errors.run_main(interrupted_start)
+    assert ended.value.code == 130
+    assert capsys.readouterr().err == ("interrupted by SIGINT before training started; nothing "
+                                       "to resume (exit code 130)\n")
+    assert not new.exists() and not new.parent.exists()
