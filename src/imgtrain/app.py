@@ -163,8 +163,9 @@ def announce_launch(config: dict[str, Any]) -> None:
     if planned_world_size(world) > 1 and not started_by_torchrun():
         node = (f" on node {world['node_rank']} of {world['nnodes']}"
                 if int(world["nnodes"]) > 1 else "")
-        log.info("starting %s processes%s (%s); the start summary follows once all have joined",
-                 world["nproc_per_node"], node, world["start_method"])
+        follows = "the start summary" if config["mode"] == "train" else "rank 0's output"
+        log.info("starting %s processes%s (%s); %s follows once all have joined",
+                 world["nproc_per_node"], node, world["start_method"], follows)
 
 
 def _console() -> None:
