@@ -1,6 +1,7 @@
 """What run.py runs, once, in the parent process: resolve and check the config, launch, report."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -11,7 +12,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from imgtrain import device as devices, preemption, records
+from imgtrain import device as devices, preemption, records, rundir
 from imgtrain.config import check_choices, lr_rule, unknown_keys
 from imgtrain.data import SPLITS, check_dataset, cpu_cores
 from imgtrain.data.mixing import check_mixing
@@ -187,7 +188,10 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
         check_directory(config, output_dir)
         warn_about(config)
         announce_launch(config)
-        results = launch(_worker_entry(), config, output_dir)
+        config["run_dir_reason"] = rundir.reason(output_dir)  # for the start summary
+        config["resume_hint"] = _resume_hint(config, output_dir, multirun)
+        with rundir.hold(output_dir) if config["mode"] == "train" else contextlib.nullcontext():
+            results = launch(_worker_entry(), config, output_dir)
     except ConfigError as exc:
         return _fail(config, output_dir, one_line(str(exc)), started, multirun)
     except Preempted as exc:  # the elastic agent caught the signal; its workers have stopped
@@ -204,6 +208,16 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
     if results is not None and results.get("status") in preemption.STOPPED:
         _exit(config, results["status"], results["exit_code"])  # rank 0 said where it stopped
     return None if results is None else results.get("best_acc1")
+
+
+def _resume_hint(config: dict[str, Any], output_dir: str, multirun: bool) -> str:
+    """What a stopped run's last line says: the same command finds its unfinished run
+    (rundir.py), except a sweep's, which its folder alone names (with the job's overrides)."""
+    if not config["train"]["save_checkpoints"]:
+        return "nothing to resume from"
+    if multirun:
+        return f"to resume this job: python run.py hydra.run.dir={output_dir}"
+    return f"to resume, run the same command again (or python run.py hydra.run.dir={output_dir})"
 
 
 def _stopped(config: dict[str, Any], output_dir: str, sig: int | None, started: float) -> None:
