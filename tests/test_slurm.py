@@ -245,8 +245,6 @@ def _reported_at(output: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs the run folder from SLURM_JOB_ID (#24.3, branch stops)",
-                   strict=False)
 def test_the_sbatch_template_requeues_on_sigusr1_and_resumes_the_same_run(
         submitted: Submitted, cluster: Cluster) -> None:
     state = _final_state(cluster, submitted.sbatch_job)
