@@ -1,10 +1,13 @@
 """imgtrain's command line: python run.py [group=option ...] [key=value ...] [-m for sweeps]."""
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from imgtrain.errors import run_main
+from imgtrain.rundir import with_recorded_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -19,4 +22,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # hydra.run.dir=<run> alone resumes that run as it was made: its recorded overrides first.
+    sys.argv[1:], note = with_recorded_overrides(sys.argv[1:])
+    if note and not any(arg.startswith("-") for arg in sys.argv[1:]):  # not --help, --cfg ...
+        print(note, flush=True)
     run_main(main)  # user errors, Hydra's included, as one `error:` line

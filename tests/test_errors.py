@@ -202,9 +202,11 @@ def test_start_warnings_print_as_every_other_line(tmp_path: Path) -> None:
     import os
 
     processes = len(os.sched_getaffinity(0)) + 1
-    proc = run_cli(*TINY, "dataset=synthetic", "dataset.train_size=16", "dataset.val_size=8",
-                   "dataset.image_size=32", "train.batch_size=" + str(2 * processes),
-                   "train.epochs=1", "sched.warmup_epochs=1", "world=8p",
+    if processes > 17:
+        pytest.skip(f"would start {processes} processes on this {processes - 1}-core machine")
+    proc = run_cli(*TINY, "dataset=synthetic", f"dataset.train_size={2 * processes}",
+                   "dataset.val_size=8", "dataset.image_size=32",
+                   f"train.batch_size={2 * processes}", "train.epochs=1", "sched.warmup_epochs=1", "world=8p",
                    f"world.nproc_per_node={processes}", "world.start_method=fork",
                    f"model.weights={tmp_path / 'absent.pt'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert_clean_error(proc, "absent.pt")

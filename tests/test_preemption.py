@@ -1,6 +1,7 @@
 """Long runs: SIGTERM checkpoints, mid-epoch resume, retention, disk trouble, mismatched resumes."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ import torch
 
 from conftest import (CliProcess, assert_clean_error, read_results, run_cli, start_cli,
                       wait_for)
-from imgtrain import preemption
+from imgtrain import errors, preemption, rundir
 from imgtrain.optim import lr_factor
 
 # A stable configuration (lr 0.05): equal weights then really mean the same computation was replayed.
@@ -85,39 +86,59 @@ def _stop_line(stdout: str, status: str) -> str:
     return lines[0]
 
 
-# USR2 is submitit's default preemption signal: sent to the group, it also reaches the loader
-# worker, which must ignore it (its default action would kill the worker and fail the next batch).
-@pytest.mark.parametrize("workers,sig,to_group", [(0, signal.SIGTERM, False),
+def _new_run_folder(proc: CliProcess, cwd: Path) -> Path:
+    """The run folder a command started without hydra.run.dir made under cwd/outputs."""
+    wait_for(proc, lambda: list(cwd.glob("outputs/*/*/train.log")), "no run folder with a log")
+    return _only_run(cwd)
+
+
+def _only_run(cwd: Path) -> Path:
+    runs = [path for path in cwd.glob("outputs/*/*") if path.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+# SLURM: USR2 (submitit's default preemption signal) to the whole group, as `scancel --signal`
+# signals a step's processes: the loader worker gets it too and must ignore it (its default action
+# would kill the worker and fail the next batch). The job runs its command without hydra.run.dir
+# (SLURM's variables simulated); requeued, the job's same command resumes the job's run folder.
+@pytest.mark.parametrize("workers,sig,in_slurm", [(0, signal.SIGTERM, False),
                                                   (1, signal.SIGUSR2, True)])
 def test_a_signal_mid_epoch_two_then_resume_gives_the_same_weights(
         straight_run: Path, tmp_path: Path, workers: int, sig: signal.Signals,
-        to_group: bool) -> None:
+        in_slurm: bool) -> None:
     args = [*RUN, f"dataset.workers={workers}"]
-    straight, stopped = straight_run, tmp_path / "stopped"
+    job = {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "0"} if in_slurm else {}
+    where = [] if in_slurm else [f"hydra.run.dir={tmp_path / 'stopped'}"]
 
-    proc = _start(args, stopped)
+    proc = start_cli(*args, *where, cwd=tmp_path, env=job)
+    stopped = _new_run_folder(proc, tmp_path) if in_slurm else tmp_path / "stopped"
     _wait_for_log(proc, stopped, r"epoch 2 \[4/10\]")
-    _signal(proc, sig, to_group)
+    _signal(proc, sig, to_group=in_slurm)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr and "error" not in stderr, stderr
     saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
     # One process agrees with itself at every step: it stops at the next one, inside epoch 2.
-    assert saved["state"]["epoch"] == 1 and 4 <= saved["state"]["step_in_epoch"] < 10
+    step = saved["state"]["step_in_epoch"]
+    assert saved["state"]["epoch"] == 1 and 4 <= step < 10
     line = _stop_line(stdout, "preempted")
-    assert f"by {sig.name} at epoch 2 step {saved['state']['step_in_epoch']}" in line, line
-    assert "checkpoint saved" in line and "exit code 143" in line, line
+    assert f"by {sig.name} at epoch 2 step {step}; checkpoint saved" in line, line
+    assert "exit code 143" in line, line
     assert read_results(stopped)["status"] == "preempted"
 
-    again = run_cli(*args, f"hydra.run.dir={stopped}")
+    again = run_cli(*args, *where, cwd=tmp_path, env={**job, "SLURM_RESTART_COUNT": "1"} if job
+                    else None)
     assert again.returncode == 0, again.stderr
-    resumed = f"resumed from epoch 2 step {saved['state']['step_in_epoch']} (restart 1)"
-    assert resumed in again.stdout
+    assert f"resumed from epoch 2 step {step} (restart 1)" in again.stdout
     results = read_results(stopped)
     assert results["status"] == "completed"
-    assert results["resumed"] == {"epoch": 2, "step": saved["state"]["step_in_epoch"],
-                                  "restart": 1}
-    assert _max_diff(straight / "checkpoints/last.pt", stopped / "checkpoints/last.pt") <= 1e-6
+    assert results["resumed"] == {"epoch": 2, "step": step, "restart": 1}
+    if in_slurm:
+        assert _only_run(tmp_path) == stopped and results["slurm_job_id"] == "4242"
+        assert "this SLURM job's run (requeued)" in " ".join(again.stdout.split())
+    assert _max_diff(straight_run / "checkpoints/last.pt",
+                     stopped / "checkpoints/last.pt") <= 1e-6
 
 
 @pytest.mark.parametrize("sig", preemption.STOP_SIGNALS)
@@ -155,8 +176,8 @@ def test_ctrl_c_twice_stops_at_a_step_and_the_save_stays_whole(straight_run: Pat
     """Ctrl-C as a terminal sends it (SIGINT to the foreground process group, the loader worker
     included), and again while the checkpoint is being written."""
     args = [*RUN, "dataset.workers=1"]
-    straight, stopped = straight_run, tmp_path / "stopped"
-    proc = _start(args, stopped)
+    proc = start_cli(*args, cwd=tmp_path)  # the run folder under tmp_path/outputs
+    stopped = _new_run_folder(proc, tmp_path)
     _wait_for_log(proc, stopped, r"epoch 2 \[2/10\]")
     os.killpg(proc.pid, signal.SIGINT)
     deadline = time.time() + 60
@@ -173,8 +194,14 @@ def test_ctrl_c_twice_stops_at_a_step_and_the_save_stays_whole(straight_run: Pat
     assert f"at epoch 2 step {saved['state']['step_in_epoch']}; checkpoint saved" in line, line
     assert "to resume" in line and "exit code 130" in line, line
     assert read_results(stopped)["status"] == "interrupted"
-    assert run_cli(*args, f"hydra.run.dir={stopped}").returncode == 0
-    assert _max_diff(straight / "checkpoints/last.pt", stopped / "checkpoints/last.pt") <= 1e-6
+
+    again = run_cli(*args, cwd=tmp_path)  # the same command again resumes the same run
+    assert again.returncode == 0, again.stderr
+    said = " ".join(again.stdout.split())  # the summary wraps its lines at 80 columns
+    assert "the same command's unfinished run; train.resume=new starts a new one" in said
+    assert _only_run(tmp_path) == stopped
+    assert _max_diff(straight_run / "checkpoints/last.pt",
+                     stopped / "checkpoints/last.pt") <= 1e-6
 
 
 def test_checkpoint_every_minutes_writes_mid_epoch_checkpoints(tmp_path: Path) -> None:
@@ -298,10 +325,17 @@ def test_mismatched_resume_is_refused(one_epoch_run: Path, tmp_path: Path, chang
 
 
 def test_changed_lr_on_resume_is_applied_and_logged(one_epoch_run: Path, tmp_path: Path) -> None:
+    """The run folder alone on the command line resumes the run with the overrides it was made
+    with; the command line's own values win, and the resume says which differ."""
     tmp_path = _copy_of(one_epoch_run, tmp_path)
-    proc = run_cli(*RUN, "train.epochs=2", "optim.lr=0.01", f"hydra.run.dir={tmp_path}")
+    proc = run_cli(f"hydra.run.dir={tmp_path}", "train.epochs=2", "optim.lr=0.01")
     assert proc.returncode == 0, proc.stderr
+    said = next(line for line in proc.stdout.splitlines() if "its recorded overrides" in line)
+    assert "experiment=quickstart" in said  # taken from the record
+    assert "train.epochs=2 (was 1)" in said and "optim.lr=0.01 (was 0.05)" in said
+    assert "resumed from epoch 2 step 0 (restart 1)" in proc.stdout
     assert "optim.lr changed from 0.05 to 0.01" in proc.stdout
+    assert read_results(tmp_path)["epochs_completed"] == 2
     # Each command's record is kept: the first in .hydra/, the resume in .hydra-2/.
     assert "optim.lr=0.01" not in (tmp_path / ".hydra/overrides.yaml").read_text()
     assert "optim.lr=0.01" in (tmp_path / ".hydra-2/overrides.yaml").read_text()
@@ -318,3 +352,67 @@ def _lr_points(run_dir: Path) -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run_dir)).Reload()
     return {point.step: point.value for point in events.Scalars("train/lr")}
+
+
+def test_a_job_requeued_more_than_max_requeues_stops_with_one_line(tmp_path: Path) -> None:
+    job = {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "3"}  # SLURM's variables, simulated
+    proc = run_cli(*RUN, "train.max_requeues=2", f"hydra.run.dir={tmp_path / 'run'}", env=job)
+    assert_clean_error(proc, "requeued 3 times", "train.max_requeues=2")
+    assert not (tmp_path / "run").exists()  # nothing left behind
+
+
+def _fake_run(root: Path, name: str, overrides: list[str], status: str | None,
+              checkpoint: bool = True) -> Path:
+    """A run folder as far as choosing one reads it: the command's record, results.json's status,
+    a checkpoint."""
+    run = root / "2026-01-01" / f"09-00-0{name}_run"  # the name after the time: the command's
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra/overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if status:
+        (run / "results.json").write_text(json.dumps({"mode": "train", "status": status}))
+    if checkpoint:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints/last.pt").write_bytes(b"")
+    newer = time.time() + len(list(root.glob("*/*")))  # each run made later than the last
+    os.utime(run / ".hydra/overrides.yaml", (newer, newer))
+    return run
+
+
+def test_the_same_commands_newest_unfinished_run_is_chosen_and_no_other(tmp_path: Path) -> None:
+    command = ["optim.lr=0.1", "train.epochs=3"]
+    choose = lambda *overrides: rundir.choose(str(tmp_path), list(overrides),  # noqa: E731
+                                              "2026-01-02/10-00-00_run")
+    new = str(tmp_path / "2026-01-02/10-00-00_run")
+    assert choose(*command) == new  # nothing yet
+    other = _fake_run(tmp_path, "a", ["optim.lr=0.2", "train.epochs=3"], "interrupted")
+    assert choose(*command) == new  # another command's run
+    stopped = _fake_run(tmp_path, "b", command, "interrupted")
+    assert choose(*reversed(command)) == str(stopped)  # the same overrides, in any order
+    assert choose(*command, "train.resume=new") == new
+    with rundir.hold(str(stopped)):  # a command is training in it now
+        assert choose(*command) == new
+    assert choose(*command) == str(stopped)
+    _fake_run(tmp_path, "c", command, "completed")  # the newest is finished: a new run
+    assert choose(*command) == new
+    assert choose("optim.lr=0.2", "train.epochs=3") == str(other)
+    _fake_run(tmp_path, "d", ["optim.lr=0.2", "train.epochs=3"], "running", checkpoint=False)
+    assert choose("optim.lr=0.2", "train.epochs=3") == new  # nothing to resume from
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_leaves_no_run_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during Hydra's start (torch's import, the config), before any handler of
+    preemption.py: run.py's wrapper ends it without a traceback."""
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # run_main sets it for Hydra; restored after
+    new = Path(rundir.choose(str(tmp_path / "outputs"), ["optim.lr=0.1"], "2026-01-01/10-00_x"))
+    (new / ".hydra").mkdir(parents=True)  # what Hydra has made by then
+
+    def interrupted_start() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as ended:
+        errors.run_main(interrupted_start)
+    assert ended.value.code == 130
+    assert capsys.readouterr().err == ("interrupted by SIGINT before training started; nothing "
+                                       "to resume (exit code 130)\n")
+    assert not new.exists() and not new.parent.exists()

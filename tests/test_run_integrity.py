@@ -14,7 +14,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, ValidationError
 
-from conftest import make_cifar10
+from conftest import assert_clean_error, make_cifar10, run_cli
 from imgtrain import app, checkpoint
 from imgtrain.config import Config, unknown_keys
 from imgtrain.data.batch_pool import BatchPool, PooledLoader
@@ -179,6 +179,63 @@ def test_every_numeric_and_boolean_key_refuses_a_word(compose: Any) -> None:
         assert key in str(caught.value), key
     with pytest.raises(ConfigCompositionException, match="train.batch_size"):  # the same, via Hydra
         compose("experiment=quickstart", "train.batch_size=abc")
+
+
+# What each key that takes a word or a value takes: accepted settings, refused ones, and a phrase
+# its error line must carry.
+WORD_OR_VALUE = {
+    "dataset.workers": (["auto", 0, 3], ["many", -1, True, 2.5], "a number of loader processes"),
+    "model.channels_last": (["auto", True, False], ["maybe", 1, "yes"], "true or false"),
+    "optim.fused": (["auto", True, False], ["maybe", 0], "true or false"),
+    "amp.loss_scale": (["auto", "dynamic", 1024, 65536.0], ["maybe", 0, -8, True],
+                       "a positive number"),
+    "export.batch": (["dynamic", 1, 8], ["maybe", 0, -1, 2.5, False], "a batch size"),
+    "amp.dtype": (["auto", "float16", "bfloat16"], ["maybe", "fp16"], "bfloat16"),
+    "device.name": (["auto", "cpu"], ["maybe", "cuda"], "npu, gpu or cpu"),
+    "export.exporter": (["auto", "dynamo", "torchscript"], ["maybe", "onnx"], "torchscript"),
+}
+
+
+def _word_or_value_keys() -> list[str]:
+    """The schema's keys that OmegaConf cannot check: typed Any, or a str whose default is a word
+    (auto, dynamic) standing for a value."""
+    from dataclasses import fields
+    found = []
+    for group in fields(Config):
+        if group.name == "mode":
+            continue
+        for key in fields(group.default_factory()):
+            if str(key.type) == "Any" or key.default in ("auto", "dynamic"):
+                found.append(f"{group.name}.{key.name}")
+    return found
+
+
+def test_every_key_that_takes_a_word_or_a_value_refuses_anything_else(compose: Any) -> None:
+    keys = set(_word_or_value_keys())
+    # Paths, checked where they are read (any text may name a file): train.resume (auto or a
+    # checkpoint), predict.inputs (a path or a list of them: predict.gather).
+    assert keys - {"train.resume", "predict.inputs"} == set(WORD_OR_VALUE), keys
+    composed = compose("experiment=quickstart", "device=cpu", "amp=O0")
+    for key, (accepted, refused, phrase) in WORD_OR_VALUE.items():
+        for setting in accepted:
+            cfg = copy.deepcopy(composed)
+            OmegaConf.update(cfg, key, setting, merge=True)
+            app.resolve(cfg, [])
+        for setting in refused:
+            cfg = copy.deepcopy(composed)
+            OmegaConf.update(cfg, key, setting, merge=True)
+            with pytest.raises(ConfigError) as caught:  # at resolve time: no process started
+                app.resolve(cfg, [])
+            text = str(caught.value)
+            assert text.startswith(f"{key} takes ") and phrase in text, (key, setting, text)
+            assert "auto" in text or "dynamic" in text, text
+
+
+def test_a_word_where_a_number_goes_is_one_error_line(tmp_path: Path) -> None:
+    proc = run_cli(*SMALL, "dataset.workers=many", f"hydra.run.dir={tmp_path / 'run'}",
+                   timeout=120)
+    assert_clean_error(proc, "dataset.workers takes auto or a number", "not many")
+    assert not (tmp_path / "run").exists()
 
 
 def test_plus_adds_no_key_imgtrain_does_not_know(compose: Any) -> None:

@@ -5,7 +5,7 @@ import re
 
 from omegaconf import OmegaConf
 
-from imgtrain import config as _config, records as _records
+from imgtrain import config as _config, records as _records, rundir as _rundir
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ if not OmegaConf.has_resolver("imgtrain.run_name"):
 
 _config.register()
 _records.register()
+_rundir.register()
 
 # At its exit the interpreter collects, pass after pass, the ~350k objects that torch's and
 # torchvision's imports made. Frozen first (registered on import, this handler runs after those

@@ -1,6 +1,7 @@
 """What run.py runs, once, in the parent process: resolve and check the config, launch, report."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -11,8 +12,8 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from imgtrain import device as devices, preemption, records
-from imgtrain.config import lr_rule, unknown_keys
+from imgtrain import device as devices, preemption, records, rundir
+from imgtrain.config import check_choices, lr_rule, unknown_keys
 from imgtrain.data import SPLITS, check_dataset, cpu_cores
 from imgtrain.data.mixing import check_mixing
 from imgtrain.data.transforms import val_sizes
@@ -46,6 +47,7 @@ def resolve(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     except OmegaConfBaseException as exc:  # e.g. optim.lr_base_size=0, or a mistyped ${...}
         raise ConfigError(config_error_line(exc)) from None
     config.pop("hydra", None)
+    check_choices(config)
     config["overrides"] = overrides
     config["optim"]["lr_rule"] = lr_rule(cfg)
     config["device"]["resolved"] = devices.resolve_name(config["device"]["name"])
@@ -162,8 +164,9 @@ def announce_launch(config: dict[str, Any]) -> None:
     if planned_world_size(world) > 1 and not started_by_torchrun():
         node = (f" on node {world['node_rank']} of {world['nnodes']}"
                 if int(world["nnodes"]) > 1 else "")
-        log.info("starting %s processes%s (%s); the start summary follows once all have joined",
-                 world["nproc_per_node"], node, world["start_method"])
+        follows = "the start summary" if config["mode"] == "train" else "rank 0's output"
+        log.info("starting %s processes%s (%s); %s follows once all have joined",
+                 world["nproc_per_node"], node, world["start_method"], follows)
 
 
 def _console() -> None:
@@ -185,7 +188,10 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
         check_directory(config, output_dir)
         warn_about(config)
         announce_launch(config)
-        results = launch(_worker_entry(), config, output_dir)
+        config["run_dir_reason"] = rundir.reason(output_dir)  # for the start summary
+        config["resume_hint"] = _resume_hint(config, output_dir, multirun)
+        with rundir.hold(output_dir) if config["mode"] == "train" else contextlib.nullcontext():
+            results = launch(_worker_entry(), config, output_dir)
     except ConfigError as exc:
         return _fail(config, output_dir, one_line(str(exc)), started, multirun)
     except Preempted as exc:  # the elastic agent caught the signal; its workers have stopped
@@ -204,6 +210,16 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
     return None if results is None else results.get("best_acc1")
 
 
+def _resume_hint(config: dict[str, Any], output_dir: str, multirun: bool) -> str:
+    """What a stopped run's last line says: the same command finds its unfinished run
+    (rundir.py), except a sweep's, which its folder alone names (with the job's overrides)."""
+    if not config["train"]["save_checkpoints"]:
+        return "nothing to resume from"
+    if multirun:
+        return f"to resume this job: python run.py hydra.run.dir={output_dir}"
+    return f"to resume, run the same command again (or python run.py hydra.run.dir={output_dir})"
+
+
 def _stopped(config: dict[str, Any], output_dir: str, sig: int | None, started: float) -> None:
     """Exit after a stop signal. Rank 0 reports a stop during training; one before it (setup,
     or a mode that does not train) has nothing to resume, and leaves nothing it started."""
@@ -215,8 +231,9 @@ def _stopped(config: dict[str, Any], output_dir: str, sig: int | None, started: 
         records.discard_startup(output_dir, started, keep_error_record=False)
         when = "before training started" if config.get("mode") == "train" \
             else f"(mode={config.get('mode')})"
-        sys.stderr.write(f"{status} by {preemption.name(sig)} {when}; nothing to resume "
-                         f"(exit code {code})\n")
+        kept = (Path(output_dir) / "checkpoints" / "last.pt").is_file()  # a resumed run's
+        after = config.get("resume_hint", "its checkpoint is kept") if kept else "nothing to resume"
+        sys.stderr.write(f"{status} by {preemption.name(sig)} {when}; {after} (exit code {code})\n")
     _exit(config, status, code)
 
 

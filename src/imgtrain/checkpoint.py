@@ -89,8 +89,9 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def resume_path(output_dir: Path, resume: Any) -> Path | None:
-    """train.resume: auto = this run's last.pt if present, null = fresh, else a path."""
-    if resume is None or str(resume).lower() in ("null", "none", "false"):
+    """train.resume: auto = this run's last.pt if present, null = fresh, new = fresh in a new
+    run folder (rundir.py), else a path."""
+    if resume is None or str(resume).lower() in ("null", "none", "false", "new"):
         return None
     if resume == "auto":
         candidate = output_dir / "checkpoints" / LAST

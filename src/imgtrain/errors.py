@@ -157,13 +157,30 @@ def one_line_job_errors() -> Iterator[None]:
         sys.stderr = original
 
 
+@contextlib.contextmanager
+def _ctrl_c_before_the_run() -> Iterator[None]:
+    """Ctrl-C while Hydra starts (imports, composing, the run folder): nothing to save yet, so
+    one line, exit 130, and no run folder left behind. Once a run trains, preemption.py's
+    handlers take Ctrl-C instead."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from imgtrain.preemption import INTERRUPTED_EXIT_CODE
+        from imgtrain.rundir import discard_unstarted
+
+        discard_unstarted()
+        sys.stderr.write(f"interrupted by SIGINT before training started; nothing to resume "
+                         f"(exit code {INTERRUPTED_EXIT_CODE})\n")
+        sys.exit(INTERRUPTED_EXIT_CODE)
+
+
 def run_main(main: Callable[[], Any]) -> None:
     """run.py's `main` with Hydra's errors as one `error:` line, and a failed sweep job's too.
 
     Hydra prints a bad override or config error over several lines: told HYDRA_FULL_ERROR=1, it
     re-raises instead, and the line is made here. A user who set it gets Hydra's full report.
     """
-    with one_line_job_errors():
+    with one_line_job_errors(), _ctrl_c_before_the_run():
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             main()
             return

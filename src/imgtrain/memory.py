@@ -1,59 +1,180 @@
 """Memory: the estimate checked before training (train.memory_check), and the memory/ scalars.
 
-The estimate runs the model's forward on the meta device, which has shapes but no data, and
-counts the bytes autograd saves for the backward pass: it takes about a second for ResNet-152
-and allocates nothing. Two batch sizes separate what grows with the batch from what does not.
+The estimate runs one training step's forward and backward on the meta device, which has shapes
+but no data, and follows every storage the step makes from its creation to its release: the peak
+of what is alive together counts the activations autograd saves, the input, the gradients and the
+backward pass's own temporaries (a layer's input gradient beside its output gradient). It
+matches the allocator's own peak (torch.profiler's, on the CPU) to 1%, takes under two seconds
+of CPU time for ResNet-152 and allocates nothing. Two batch sizes separate what grows with the
+batch from what does not. The weights, the optimizer's state, O2's masters and the EMA's copy
+are counted from the parameter count; on the CPU the heap grows past the allocator's peak
+(CPU_HEAP_GROWTH, CPU_REORDERS), and an accelerator holds its runtime outside the allocator
+(RUNTIME_BYTES). benchmarks/memory_check.py measures the estimate against real runs.
 """
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from imgtrain.errors import ConfigError
 
 GIB = float(1 << 30)
+MIB = float(1 << 20)
+# The check asks for this much more than the estimate, which meets the peaks measured on one
+# machine (benchmarks/README.md): other allocators, library versions and long runs' fragmentation
+# (on an accelerator, the caching allocator's reserved but unused blocks) need room it cannot see.
+MARGIN = 0.10
+# On the CPU, peak RSS passes the allocator's peak (which the count here matches) by what torch's
+# allocator does not see: the holes a step's tensors, freed and made again in another order, leave
+# in glibc's heap (imgtrain keeps freed memory: device.keep_freed_host_memory), and oneDNN's own
+# buffers (its reorders into blocked layouts). No count from first principles matched that, so two
+# factors fitted to measured runs stand for it: the step's count grows by CPU_HEAP_GROWTH (more
+# with bfloat16, whose kernels convert), and each image adds CPU_REORDERS times its largest feature
+# map in fp32 (resnet18 at 64 and 96 px, resnet50 at 128 px, batches 16-128, O0 and O2; measured
+# 1.13-1.18x: benchmarks/README.md).
+CPU_HEAP_GROWTH = {"fp32": 1.3, "half": 1.5}
+CPU_REORDERS = 8
+# Memory a process uses outside torch's allocator once it trains. The CUDA context with the lazily
+# loaded kernels of cuDNN and cuBLAS (about 0.5-1 GiB on recent GPUs); the CANN runtime with HCCL's
+# buffers on an NPU (about 2 GiB in torch_npu's out-of-memory reports). On the CPU, the pages of
+# libtorch and oneDNN code the first steps fault in (RSS of files grew 24 MiB).
+RUNTIME_BYTES = {"cpu": 24 * MIB, "gpu": 1.0 * GIB, "npu": 2.0 * GIB}
 
 
 @dataclass
 class Estimate:
-    per_image: float  # bytes of saved activations (and the input) per image
-    fixed: float      # weights, gradients, optimizer state, and batch-independent saved tensors
+    per_image: float      # bytes per image at the step's peak: activations, temporaries, input
+    fixed: float          # bytes beside them then: weights, gradients, optimizer state, EMA
+    floor: float = 0.0    # the peak of moments without activations (EMA build, optimizer step)
+    runtime: float = 0.0  # memory outside the allocator (RUNTIME_BYTES)
 
     def total(self, batch: int) -> float:
-        return self.fixed + batch * self.per_image
+        return self.runtime + max(self.floor, self.fixed + batch * self.per_image)
 
 
-def _saved_bytes(model: torch.nn.Module, batch: int, image_size: int) -> int:
-    seen: dict[int, int] = {}
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of every storage an op makes while on, and the peak of those alive together,
+    leaving out the storages that end up as parameters' gradients (counted apart)."""
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        seen[id(tensor)] = tensor.numel() * tensor.element_size()  # by id: a tensor saved twice
-        return tensor                                              # is held once
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch = batch
+        self.events: list[tuple[int, int]] = []  # (storage's serial, +bytes made / -bytes freed)
+        self.alive: dict[int, tuple[int, Any]] = {}  # id(storage) -> (serial, weak reference)
+        self.largest_map = 0
 
-    images = torch.empty(batch, 3, image_size, image_size, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(images)
-    return sum(seen.values()) + images.numel() * images.element_size()
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in (out,) if isinstance(out, torch.Tensor) else tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor.untyped_storage())
+                if tensor.dim() == 4 and tensor.shape[0] == self.batch:  # a feature map
+                    self.largest_map = max(self.largest_map, tensor.untyped_storage().nbytes())
+        return out
+
+    def _track(self, storage: Any) -> None:
+        key = id(storage)  # a storage keeps its Python object while it lives: views share it
+        if key in self.alive:
+            return
+        serial, size = len(self.events), storage.nbytes()
+        self.events.append((serial, size))
+        # The id is free again once the storage is: the serial tells storages apart over time.
+        self.alive[key] = (serial, weakref.ref(storage, lambda _ref: self._free(key, serial,
+                                                                                size)))
+
+    def _free(self, key: int, serial: int, size: int) -> None:
+        self.alive.pop(key, None)
+        self.events.append((serial, -size))
+
+    def peak_without(self, storages: list[Any]) -> int:
+        """The peak of the bytes alive together, leaving out `storages` (alive now)."""
+        left_out = {self.alive[id(s)][0] for s in storages if id(s) in self.alive}
+        live = peak = 0
+        for serial, size in self.events:
+            if serial not in left_out:
+                live += size
+                peak = max(peak, live)
+        return peak
 
 
-def estimate(arch: str, num_classes: int, image_size: int, amp_level: str,
-             half: bool) -> Estimate:
-    """Peak training memory of one process, as activations per image plus a fixed part."""
+def _step_peak(model: torch.nn.Module, batch: int, image_size: int,
+               half: torch.dtype | None) -> tuple[int, int]:
+    """Peak bytes alive together in one training step on the meta device, but the gradients,
+    and the largest feature map it makes.
+
+    Left out, the rest grows in proportion to the batch (the gradients' share of the peak does
+    not: at a small batch the peak comes late in the backward pass, when they all exist)."""
+    tracker = _LiveBytes(batch)
+    with tracker:
+        raw = torch.empty(batch, 3, image_size, image_size, dtype=torch.uint8, device="meta")
+        images = raw.float()  # the loader's uint8 batch, normalised
+        if half is not None:
+            images = images.to(half)  # O2's forward pre-hook (O1's autocast casts it alike)
+        target = torch.empty(batch, dtype=torch.long, device="meta")
+        loss = torch.nn.functional.cross_entropy(model(images).float(), target)
+        loss.backward()
+        del raw, images, target, loss
+    peak = tracker.peak_without([p.grad.untyped_storage() for p in model.parameters()
+                                 if p.grad is not None])
+    for param in model.parameters():
+        param.grad = None
+    return peak, tracker.largest_map
+
+
+def _half_network(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The network as O2 holds it (O1's autocast computes alike): half, but fp32 BatchNorm."""
+    for module in model.modules():
+        if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(dtype)
+
+
+def estimate(arch: str, num_classes: int, image_size: int, amp_level: str, half: bool,
+             ema: bool = False, device_name: str = "cpu") -> Estimate:
+    """Peak training memory of one process: per image of the per-device batch, and fixed."""
     from imgtrain.models import build_model
 
     with torch.device("meta"):
         model = build_model(arch, num_classes)
     model.train()
-    small, large = _saved_bytes(model, 2, image_size), _saved_bytes(model, 4, image_size)
-    per_image, batch_fixed = (large - small) / 2, small - (large - small)
-    # fp32 weights, gradients and SGD momentum; O2 adds half weights and half gradients.
+    half_dtype = torch.float16 if half and amp_level in ("O1", "O2") else None
+    if half_dtype is not None:
+        _half_network(model, half_dtype)
+    (small, largest_small), (large, largest_large) = (
+        _step_peak(model, batch, image_size, half_dtype) for batch in (2, 4))
+    per_image, step_fixed = (large - small) / 2, max(small - (large - small), 0)
+    growth, reorders = 1.0, 0.0
+    if device_name == "cpu":
+        growth = CPU_HEAP_GROWTH["half" if half_dtype is not None else "fp32"]
+        fp32 = 2 if half_dtype is not None else 1
+        reorders = CPU_REORDERS * fp32 * (largest_large - largest_small) / 2
     params = sum(p.numel() for p in model.parameters())
-    state = params * (4 + 4 + 4 + (4 if amp_level == "O2" and half else 0))
-    activation_scale = 0.5 if half and amp_level in ("O1", "O2") else 1.0
-    return Estimate(per_image * activation_scale, state + max(batch_fixed, 0) * activation_scale)
+    buffers = sum(b.numel() * 4 for b in model.buffers())
+    # The gradients, all of them at the step's peak (a few are still to come then): fp32, or
+    # O2's half ones; they are made and freed with the step's tensors, hence the growth.
+    gradients = (2 if amp_level == "O2" and half_dtype is not None else 4) * params
+    # Beside the step: fp32 weights and SGD momentum; O1 adds autocast's half copies of the
+    # weights (kept for the backward pass), O2 holds half weights and fp32 masters with their
+    # gradients.
+    per_param = {"O1": 10, "O2": 14}.get(amp_level, 8) if half_dtype is not None else 8
+    ema_bytes = 4 * params + buffers if ema else 0
+    fixed = per_param * params + ema_bytes + (step_fixed + gradients) * growth
+    # Moments without activations: the optimizer step (foreach SGD copies the gradients; so does
+    # a checkpoint of O2's weights), and the EMA's build, when AveragedModel copies imgtrain's
+    # copy of the model (three fp32 networks for a moment). On the CPU the heap keeps that
+    # copy's pages once freed, and a step whose activations are too small to fill them runs
+    # beside them (resnet18 at 32 px, batch 8: peak RSS 233-278 MiB from run to run).
+    kept = ema_bytes if ema and device_name == "cpu" else 0
+    floor = max(per_param * params + ema_bytes + kept + gradients + 4 * params,
+                12 * params + 3 * buffers if ema else 0)
+    return Estimate(per_image * growth + reorders, fixed, floor,
+                    RUNTIME_BYTES.get(device_name, 0.0))
 
 
 def available_bytes(device: Any, processes_on_node: int) -> tuple[float, str] | None:
@@ -94,17 +215,31 @@ def _host_available() -> float | None:
 
 
 def fitting_batch(est: Estimate, available: float) -> int:
-    """The largest power-of-two per-device batch that fits (0 when not even one image does)."""
-    fits = int((available - est.fixed) // est.per_image) if est.per_image > 0 else 0
+    """The largest power-of-two per-device batch that fits with the margin (0: not even one)."""
+    room = available / (1 + MARGIN) - est.runtime
+    if est.per_image <= 0 or room < est.floor:
+        return 0
+    fits = int((room - est.fixed) // est.per_image)
     batch = 1
     while batch * 2 <= fits:
         batch *= 2
     return batch if fits >= 1 else 0
 
 
+def plan(cfg: dict[str, Any], device: Any, world: Any, num_classes: int,
+         half: bool) -> tuple[Estimate, int]:
+    """The run's estimate and the per-device micro-batch it is for."""
+    micro_steps = cfg["train"].get("accumulate_steps", 1)
+    per_device = cfg["train"]["batch_size"] // world.world_size // micro_steps
+    est = estimate(cfg["model"]["arch"], num_classes, cfg["dataset"]["image_size"],
+                   cfg["amp"]["level"], half, ema=cfg["ema"].get("decay") is not None,
+                   device_name=device.name)
+    return est, per_device
+
+
 def check_memory(cfg: dict[str, Any], device: Any, world: Any, num_classes: int,
                  half: bool) -> None:
-    """Stop before training when the estimate clearly exceeds this process's memory."""
+    """Stop before training when the estimate and its margin exceed this process's memory."""
     if cfg["mode"] != "train" or not cfg["train"].get("memory_check", True):
         return
     found = available_bytes(device, world.local_world_size)
@@ -112,10 +247,8 @@ def check_memory(cfg: dict[str, Any], device: Any, world: Any, num_classes: int,
         return
     available, where = found
     micro_steps = cfg["train"].get("accumulate_steps", 1)
-    per_device = cfg["train"]["batch_size"] // world.world_size // micro_steps
-    est = estimate(cfg["model"]["arch"], num_classes, cfg["dataset"]["image_size"],
-                   cfg["amp"]["level"], half)
-    needed = est.total(per_device)
+    est, per_device = plan(cfg, device, world, num_classes, half)
+    needed = est.total(per_device) * (1 + MARGIN)
     if needed <= available:
         return
     fits = fitting_batch(est, available)
@@ -124,9 +257,10 @@ def check_memory(cfg: dict[str, Any], device: Any, world: Any, num_classes: int,
               "not even one image per device fits: pick a smaller model.arch or "
               "dataset.image_size")
     raise ConfigError(
-        f"training needs about {needed / GIB:.1f} GiB per process ({cfg['model']['arch']}, "
-        f"{per_device} images of {cfg['dataset']['image_size']} px per device, "
-        f"amp={cfg['amp']['level']}) but {available / GIB:.1f} GiB is {where}; {advice} "
+        f"training needs about {needed / GIB:.1f} GiB per process (the estimate and a "
+        f"{MARGIN:.0%} margin; {cfg['model']['arch']}, {per_device} images of "
+        f"{cfg['dataset']['image_size']} px per device, amp={cfg['amp']['level']}) but "
+        f"{available / GIB:.1f} GiB is {where}; {advice} "
         "(train.memory_check=false skips this check)")
 
 

@@ -56,6 +56,8 @@ class StopSignals:
         self._depth += 1
         if self._depth == 1:
             for sig in STOP_SIGNALS:
+                if sig == CTRL_C and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue  # a background job (`cmd &` in a script): Ctrl-C is not for it
                 try:
                     self._previous[sig] = signal.signal(sig, self._request)
                 except ValueError:  # not the main thread (a launcher's job thread): leave them

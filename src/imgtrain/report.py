@@ -99,7 +99,7 @@ def status_text(run: dict[str, Any]) -> str:
     status = run.get("status", "unknown")
     if status == "failed":
         return f"failed: {run.get('error', 'no error recorded')}"
-    if status in ("running", "preempted"):  # a killed run also stays `running`
+    if status in ("running", "preempted", "interrupted"):  # a killed run also stays `running`
         return f"unfinished ({status})"
     return str(status)
 

@@ -109,9 +109,10 @@ def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
     if resumed_from is None:
         resume = "no: a new run"
     else:
+        why = cfg.get("run_dir_reason")
         resume = (f"resumed from epoch {state.epoch + 1} step {state.step_in_epoch} (restart "
-                  f"{state.restarts}): {resumed_from}, {state.global_step} of {total_steps} "
-                  "steps done")
+                  f"{state.restarts}), {state.global_step} of {total_steps} steps done: "
+                  + (f"{output_dir}, {why}" if why else str(resumed_from)))
     return fitted([
         f"imgtrain: {cfg['mode']} {cfg['model']['arch']} on {describe(data, with_root=False)}",
         f"  model      {cfg['model']['arch']}, {params:.1f} M parameters",

@@ -183,7 +183,7 @@ def _execute(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, resumed_f
     try:
         trainer.fit()
     except Preempted as exc:
-        return _stopped(cfg, trainer, logger, str(exc), out)
+        return _stopped(cfg, trainer, logger, str(exc))
     results = {**run_results(cfg, trainer), "status": "completed"}
     logger.results(results)
     for line in end_lines(results, time.time() - started, out):
@@ -212,8 +212,8 @@ def _evaluate(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, out: Pat
     return results
 
 
-def _stopped(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, where: str,
-             out: Path) -> dict[str, Any]:
+def _stopped(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger,
+             where: str) -> dict[str, Any]:
     """A stop signal ended training at an agreed step: one line on where and how to resume, and
     results.json's status; the launcher exits with the returned `exit_code`."""
     sig = trainer.stop_signals.received
@@ -221,14 +221,8 @@ def _stopped(cfg: dict[str, Any], trainer: Trainer, logger: RunLogger, where: st
     results = {**run_results(cfg, trainer), "status": status, "exit_code": code}
     logger.results(results)
     logger.info("%s by %s %s; %s (exit code %d)", status, preemption.name(sig), where,
-                resume_hint(cfg, out), code)
+                cfg.get("resume_hint", ""), code)
     return results
-
-
-def resume_hint(cfg: dict[str, Any], out: Path) -> str:
-    if not cfg["train"]["save_checkpoints"]:
-        return "nothing to resume from"
-    return f"rerun the same command with hydra.run.dir={out} to resume"
 
 
 def override_keys(cfg: dict[str, Any]) -> list[str]:
