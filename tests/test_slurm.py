@@ -245,8 +245,6 @@ def _reported_at(output: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="needs the run folder from SLURM_JOB_ID (#24.3, branch stops)",
-                   strict=False)
 def test_the_sbatch_template_requeues_on_sigusr1_and_resumes_the_same_run(
         submitted: Submitted, cluster: Cluster) -> None:
     state = _final_state(cluster, submitted.sbatch_job)
@@ -327,3 +325,13 @@ def test_a_several_node_world_needs_its_slurm_job_and_step(
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         imgtrain_slurm.job_world(WORLD)
     assert imgtrain_slurm.job_world({**WORLD, "nnodes": 1}) == {**WORLD, "nnodes": 1}
+
+
+def test_a_job_past_train_max_requeues_is_not_requeued_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "10")
+    assert imgtrain_slurm.requeue_self(10) == ("SLURM job 7 not requeued: it has restarted 10 "
+                                               "time(s), train.max_requeues=10")
+    monkeypatch.setenv("SLURM_PROCID", "1")  # another node's task: the first one requeues
+    assert imgtrain_slurm.requeue_self(10) is None
