@@ -4,7 +4,8 @@ The task is small but made of real images: a generated ImageFolder of JPEG files
 classes: disc, ring, square, frame, triangle, cross, stripes three ways, checkerboard), each shape
 at a random place and size, in a colour near its class's over a random background, plus noise.
 Each run is `python run.py` with the seed's recipe otherwise
-(amp=O2, which is bfloat16 without a loss scale on the CPU; SGD 0.9 / 1e-4, cosine):
+(amp=O2 unless --amp says otherwise: bfloat16 without a loss scale on the CPU; SGD 0.9 / 1e-4,
+cosine):
 
     dataset=imagenet dataset.image_size=32 model=resnet18 train.batch_size=64 optim.lr=0.1
     sched.warmup_epochs=1 train.epochs=E train.seed=S optim.fused=true|false
@@ -13,7 +14,7 @@ one thread each, `--parallel` at a time, fused and plain interleaved so that loa
 processes hits both alike. Prints a Markdown table (each seed, mean ± sd) to stdout.
 
 usage: python benchmarks/fused_sgd.py [--seeds 5] [--epochs 10] [--per-class 128]
-                                      [--parallel 2] [--out DIR]
+                                      [--parallel 2] [--amp O2] [--out DIR]
 """
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ def make_dataset(root: Path, per_class: int, val_per_class: int, size: int = 40)
     return root
 
 
-def command(data: Path, run_dir: Path, seed: int, fused: bool, epochs: int) -> list[str]:
-    return [sys.executable, str(REPO / "run.py"), "device=cpu", "dataset=imagenet",
+def command(data: Path, run_dir: Path, seed: int, fused: bool, epochs: int,
+            amp: str) -> list[str]:
+    return [sys.executable, str(REPO / "run.py"), "device=cpu", f"amp={amp}", "dataset=imagenet",
             f"dataset.root={data}", "dataset.image_size=32", "dataset.workers=0",
             "model=resnet18", "train.batch_size=64", "optim.lr=0.1", "sched.warmup_epochs=1",
             f"train.epochs={epochs}", f"train.seed={seed}", f"optim.fused={str(fused).lower()}",
@@ -105,8 +107,8 @@ def run_all(args: argparse.Namespace, data: Path) -> dict[tuple[bool, int], dict
             fused, seed = jobs.pop(0)
             run_dir = args.out / f"{'fused' if fused else 'plain'}_seed{seed}"
             log = open(args.out / f"{run_dir.name}.log", "w")
-            proc = subprocess.Popen(command(data, run_dir, seed, fused, args.epochs), env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, cwd=args.out)
+            proc = subprocess.Popen(command(data, run_dir, seed, fused, args.epochs, args.amp),
+                                    env=env, stdout=log, stderr=subprocess.STDOUT, cwd=args.out)
             running.append(((fused, seed), proc))
         time.sleep(2)
         for job in [job for job in running if job[1].poll() is not None]:
@@ -145,6 +147,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=128)
     parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--amp", default="O2", choices=["O0", "O1", "O2"])  # O2: the default
     parser.add_argument("--out", type=Path, default=Path("outputs/fused_sgd"))
     args = parser.parse_args()
     args.out = args.out.resolve()
@@ -154,7 +157,8 @@ def main() -> None:
     results = run_all(args, data)
     machine = platform.processor() or platform.machine()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine}, "
-          f"torch {__import__('torch').__version__}, {args.seeds} seeds, {args.epochs} epochs, "
+          f"torch {__import__('torch').__version__}, amp={args.amp}, {args.seeds} seeds, "
+          f"{args.epochs} epochs, "
           f"{args.per_class * 10} training images, {time.time() - started:.0f} s")
     print(table(results, args.seeds))
 
