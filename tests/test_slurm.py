@@ -21,7 +21,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, REPO, TINY, read_results, start_cli
+from conftest import CONF, REPO, TINY, assert_clean_error, read_results, run_cli, start_cli
 from hydra_plugins.imgtrain_slurm.launcher import ImgtrainSlurmLauncher
 from imgtrain import slurm as imgtrain_slurm  # also registers the config schema
 
@@ -267,6 +267,12 @@ def test_a_two_node_job_takes_its_world_from_slurm(submitted: Submitted, cluster
     assert results["status"] == "completed" and results["world_size"] == 2
     state = _final_state(cluster, _slurm_job_of(sweep, 0))
     assert (state["JobState"], state["NumNodes"], state["NodeList"]) == ("COMPLETED", "2", "n[1-2]")
+
+
+def test_a_job_slurm_refuses_is_one_error_line(cluster: Cluster, tmp_path: Path) -> None:
+    proc = run_cli(*SLURM, *RUN, "hydra.launcher.partition=nosuch",
+                   f"hydra.sweep.dir={tmp_path}", env=_env(cluster), timeout=BOUND_S)
+    assert_clean_error(proc, "SLURM did not take sweep job 0", "Invalid partition name")
 
 
 def _sbatch_lines(tmp_path: Path, *overrides: str) -> set[str]:

@@ -6,6 +6,8 @@ Hydra only instantiates launchers from the `hydra_plugins` package, hence this m
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import subprocess
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
+from hydra.errors import CompactHydraException
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf
 
@@ -42,14 +45,28 @@ class ImgtrainSlurmLauncher(SlurmLauncher):
         for idx, overrides in enumerate(job_overrides, initial_job_idx):
             job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config,
                                                                          list(overrides))
-            job = self.executor(job_cfg).submit(self, list(overrides), "hydra.sweep.dir", idx,
-                                                f"job_id_for_{idx}", Singleton.get_state())
+            job = self._submit(job_cfg, list(overrides), idx, [job.job_id for job in jobs])
             for each in (job, *job._sub_jobs):  # a job of several tasks waits on each task
                 each.watcher, each._results_timeout_s = watcher, RESULT_WAIT_S
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))} "
                      f"(SLURM job {job.job_id})")
             jobs.append(job)
         return _wait(jobs, job_overrides)
+
+    def _submit(self, job_cfg: Any, overrides: list[str], idx: int, submitted: list[str]) -> Any:
+        from submitit.core.utils import FailedJobError
+
+        try:  # submitit prints sbatch's complaint in full as well: the error line says it
+            with contextlib.redirect_stderr(io.StringIO()):
+                return self.executor(job_cfg).submit(self, overrides, "hydra.sweep.dir", idx,
+                                                     f"job_id_for_{idx}", Singleton.get_state())
+        except (FailedJobError, OSError) as exc:  # sbatch refused the job, or is not there
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            reason = lines[-1].strip() if lines else type(exc).__name__
+            running = (f"; jobs {', '.join(submitted)} were submitted and run on (scancel them "
+                       "to stop)") if submitted else ""
+            raise SubmitFailed(f"error: SLURM did not take sweep job {idx}: {reason}"
+                               f"{running}") from None
 
     def executor(self, job_cfg: Any) -> Any:
         """A submitit executor set up with hydra.launcher's settings and what the job's world
@@ -70,6 +87,10 @@ class ImgtrainSlurmLauncher(SlurmLauncher):
         executor.update_parameters(**_with_request(
             params, slurm.request(job_cfg.world, job_cfg.device.name)))
         return executor
+
+
+class SubmitFailed(CompactHydraException):
+    """sbatch refused a job (a bad partition, no such resource, no SLURM here): one line."""
 
 
 def _with_request(params: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
