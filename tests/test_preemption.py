@@ -15,6 +15,7 @@ import torch
 from conftest import (CliProcess, assert_clean_error, read_results, run_cli, start_cli,
                       wait_for)
 from imgtrain import errors, preemption, rundir
+from imgtrain.distributed import SHUTDOWN_SECONDS
 from imgtrain.optim import lr_factor
 
 # A stable configuration (lr 0.05): equal weights then really mean the same computation was replayed.
@@ -248,8 +249,11 @@ def test_usr2_to_every_process_of_a_two_process_run_stops_mid_epoch_then_resumes
     proc = _start(args, stopped)
     _wait_for_log(proc, stopped, r"epoch 2 \[2/8\]")
     os.killpg(proc.pid, signal.SIGUSR2)
+    signalled = time.monotonic()
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 143, stderr[-3000:]
+    # The ranks exit once stopped: not at the agent's SIGKILL after SHUTDOWN_SECONDS (120 s).
+    assert time.monotonic() - signalled < SHUTDOWN_SECONDS / 2
     assert "Traceback" not in stderr and "error" not in stderr, stderr[-3000:]
     saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
     assert saved["state"]["epoch"] == 1 and 0 < saved["state"]["step_in_epoch"] < 8  # mid-epoch

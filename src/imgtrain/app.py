@@ -199,6 +199,9 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
     except KeyboardInterrupt:  # Ctrl-C before a worker's handlers were in place
         _stopped(config, output_dir, preemption.CTRL_C, started)
     except WorkerFailed as exc:
+        stopped = _stop_reported(output_dir, started)
+        if stopped:  # ranks stopped by a signal the agent did not get (sent to them alone)
+            _exit(config, stopped["status"], stopped["exit_code"])
         if not exc.user_error and exc.traceback:  # a bug in a worker: show where
             sys.stderr.write(exc.traceback.rstrip() + "\n")
         return _fail(config, output_dir, str(exc), started, multirun)
@@ -220,14 +223,21 @@ def _resume_hint(config: dict[str, Any], output_dir: str, multirun: bool) -> str
     return f"to resume, run the same command again (or python run.py hydra.run.dir={output_dir})"
 
 
+def _stop_reported(output_dir: str, started: float) -> dict[str, Any] | None:
+    """results.json as rank 0 left it after a stop in this command, else None."""
+    path = Path(output_dir) / RESULTS
+    previous = read_results(path)
+    if previous and previous.get("status") in preemption.STOPPED and \
+            path.stat().st_mtime >= started:
+        return previous
+    return None
+
+
 def _stopped(config: dict[str, Any], output_dir: str, sig: int | None, started: float) -> None:
     """Exit after a stop signal. Rank 0 reports a stop during training; one before it (setup,
     or a mode that does not train) has nothing to resume, and leaves nothing it started."""
     status, code = preemption.outcome(sig, config.get("train", {}).get("preempt_exit_code", 143))
-    previous = read_results(Path(output_dir) / RESULTS)
-    reported = previous and previous.get("status") in preemption.STOPPED and \
-        (Path(output_dir) / RESULTS).stat().st_mtime >= started
-    if not reported:
+    if not _stop_reported(output_dir, started):
         records.discard_startup(output_dir, started, keep_error_record=False)
         when = "before training started" if config.get("mode") == "train" \
             else f"(mode={config.get('mode')})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from copy import deepcopy
 from pathlib import Path
@@ -45,7 +46,7 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
     with stop if cfg["mode"] == "train" else contextlib.nullcontext(), \
             process_group(world, device):
         try:
-            return _run(cfg, out, world, device, logger, stop)
+            results = _run(cfg, out, world, device, logger, stop)
         except Exception as exc:
             if is_peer_loss(str(exc)):  # let the rank that crashed be the one reported
                 time.sleep(PEER_LOSS_GRACE_SECONDS)
@@ -53,6 +54,12 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
         finally:
             logger.close()
             close_logging()
+    if stop.requested and os.environ.get("TORCHELASTIC_RUN_ID") and \
+            (results or {}).get("status") in preemption.STOPPED:
+        # An elastic agent that caught the signal shuts its workers down without reading what
+        # they return: a rank that returned would wait for that read until the agent's SIGKILL.
+        sys.exit(results["exit_code"])
+    return results
 
 
 def _share_cpu_threads(world: World) -> None:
