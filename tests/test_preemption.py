@@ -420,3 +420,17 @@ def test_ctrl_c_while_the_command_starts_is_one_line_and_leaves_no_run_folder(
     assert capsys.readouterr().err == ("interrupted by SIGINT before training started; nothing "
                                        "to resume (exit code 130)\n")
     assert not new.exists() and not new.parent.exists()
+
+
+def test_a_group_chosen_on_the_command_line_replaces_the_records_keys_under_it(
+        tmp_path: Path) -> None:
+    """`world=1p` on the command line chooses the world anew: the record's
+    `world.nproc_per_node=2` would otherwise still start two processes."""
+    from imgtrain import rundir
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra/overrides.yaml").write_text(
+        "- world=8p\n- world.nproc_per_node=2\n- optim.lr=0.05\n")
+    argv, note = rundir.with_recorded_overrides([f"hydra.run.dir={tmp_path}", "world=1p"])
+    assert argv == ["optim.lr=0.05", f"hydra.run.dir={tmp_path}", "world=1p"]
+    assert "world=1p (was 8p)" in note and "world=1p (instead of world.nproc_per_node=2)" in note

@@ -161,15 +161,27 @@ def with_recorded_overrides(argv: list[str]) -> tuple[list[str], str | None]:
     if not recorded:
         return argv, None
     given = {_key(a): a for a in argv if "=" in a and not a.startswith("-")}
-    taken = [o for o in recorded if _key(o) not in given]
-    differ = [f"{given[_key(o)]} (was {o.partition('=')[2]})" for o in recorded
-              if _key(o) in given and given[_key(o)] != o]
+    taken = [o for o in recorded if _setting(given, _key(o)) is None]
+    differ = [_differs(given[key], o) for o in recorded
+              if (key := _setting(given, _key(o))) is not None and given[key] != o]
     if not taken and not differ:
         return argv, None
     note = f"resume     {run_dir}: its recorded overrides {' '.join(taken) or '(none taken)'}"
     if differ:
         note += f"; from this command: {', '.join(differ)}"
     return [*taken, *argv], note
+
+
+def _setting(given: dict[str, str], key: str) -> str | None:
+    """The command-line key that sets `key`: the key itself, or its group (`world=1p` chooses the
+    world anew, so a recorded `world.nproc_per_node=2` no longer applies)."""
+    return next((g for g in given if key == g or key.startswith(f"{g}.")), None)
+
+
+def _differs(given: str, recorded: str) -> str:
+    if _key(given) == _key(recorded):
+        return f"{given} (was {recorded.partition('=')[2]})"
+    return f"{given} (instead of {recorded})"
 
 
 def register() -> None:
