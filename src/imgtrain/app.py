@@ -26,7 +26,7 @@ from imgtrain.models import check_arch, check_compile, check_freeze
 from imgtrain.optim import check_schedule
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import RESULTS, read as read_results, record_failure
-from imgtrain.slurm import job_world, requeue_self
+from imgtrain.slurm import job_world, requeue_count, requeue_self
 
 log = logging.getLogger("imgtrain")
 MODES = ("train", "eval", "bench_data", "predict", "export")
@@ -126,7 +126,7 @@ def check_recipe(config: dict[str, Any]) -> None:
 
 def check_requeues(train: dict[str, Any]) -> None:
     """A job that keeps dying would otherwise be requeued by its scheduler for ever."""
-    requeues, limit = preemption.requeue_count(), int(train["max_requeues"])
+    requeues, limit = requeue_count(), int(train["max_requeues"])
     if requeues > limit:
         raise ConfigError(f"this job has been requeued {requeues} times, more than "
                           f"train.max_requeues={limit}; it stops here (look at train.log for why "

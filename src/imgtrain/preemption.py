@@ -9,9 +9,10 @@ the same signal sent to the process group and forwarded by the elastic agent) ch
 """
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any
+
+from imgtrain import slurm
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 CTRL_C = signal.SIGINT
@@ -83,17 +84,5 @@ def ignore_stop_signals() -> None:
 def restart_count(saved_restarts: int) -> int:
     """Which restart a resumed run is: SLURM's count of its job's requeues when it runs in one
     (the same across a requeued job's steps), else one more than the checkpoint's own count."""
-    slurm = os.environ.get("SLURM_RESTART_COUNT")
-    return int(slurm) if slurm and slurm.isdigit() else saved_restarts + 1
-
-
-def requeue_count() -> int:
-    """How often the scheduler has requeued this job (0 outside SLURM): what train.max_requeues
-    bounds. A person re-running a command is not a requeue."""
-    slurm = os.environ.get("SLURM_RESTART_COUNT", "")
-    return int(slurm) if slurm.isdigit() else 0
-
-
-def job_id() -> str | None:
-    """The SLURM job this process runs in: it stays the same when the job is requeued."""
-    return os.environ.get("SLURM_JOB_ID") or None
+    requeued = slurm.restarts()
+    return saved_restarts + 1 if requeued is None else requeued

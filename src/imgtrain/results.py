@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from imgtrain.checkpoint import write_json_atomic
-from imgtrain.preemption import job_id
+from imgtrain.slurm import job_id
 
 RESULTS = "results.json"
 WEIGHTS_ONLY = ("predict", "export")  # modes that read model.weights and no dataset

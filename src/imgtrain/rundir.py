@@ -22,6 +22,8 @@ from typing import Any, Iterator
 
 import yaml
 
+from imgtrain import slurm
+
 RECORD = Path(".hydra") / "overrides.yaml"  # the command that made the run (records.py)
 IGNORED_KEYS = ("train.resume",)  # not part of what a run computes
 NEW = "new"
@@ -118,7 +120,7 @@ def choose(root: str, overrides: Any, new: str) -> str:
         _new.append(Path(root) / new)
         return str(Path(root) / new)
     runs = _same_command_runs(Path(root), _command(overrides), _name(new))
-    job = os.environ.get("SLURM_JOB_ID")
+    job = slurm.job_id()
     same_job = [run for run in runs if job and str(_results(run).get("slurm_job_id")) == job]
     if same_job and not in_use(same_job[0]):
         return _chosen(same_job[0], SAME_JOB)

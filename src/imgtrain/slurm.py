@@ -20,8 +20,25 @@ PORT_BASE, PORT_SPAN = 20000, 9000
 SCONTROL_TIMEOUT_S = 30
 
 
+def job_id() -> str | None:
+    """The SLURM job this process runs in: it stays the same when the job is requeued."""
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
 def in_job() -> bool:
-    return "SLURM_JOB_ID" in os.environ
+    return job_id() is not None
+
+
+def restarts() -> int | None:
+    """SLURM_RESTART_COUNT: how often SLURM has requeued this job (None where it is not set)."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "")
+    return int(count) if count.isdigit() else None
+
+
+def requeue_count() -> int:
+    """How often the scheduler has requeued this job (0 outside SLURM): what train.max_requeues
+    bounds. A person re-running a command is not a requeue."""
+    return restarts() or 0
 
 
 def request(world: Mapping[str, Any], device: str) -> dict[str, Any]:
@@ -96,9 +113,9 @@ def requeue_self(max_requeues: int) -> str | None:
     env = os.environ
     if not in_job() or not first_task():
         return None
-    job, restarts = env["SLURM_JOB_ID"], int(env.get("SLURM_RESTART_COUNT") or 0)
-    if restarts >= max_requeues:
-        return (f"SLURM job {job} not requeued: it has restarted {restarts} time(s), "
+    job, requeued = env["SLURM_JOB_ID"], requeue_count()
+    if requeued >= max_requeues:
+        return (f"SLURM job {job} not requeued: it has restarted {requeued} time(s), "
                 f"train.max_requeues={max_requeues}")
     try:
         state = job_states([job]).get(job, {}).get("State", "UNKNOWN")
@@ -108,7 +125,7 @@ def requeue_self(max_requeues: int) -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         reason = getattr(exc, "stderr", None) or str(exc)
         return f"SLURM job {job} not requeued: {reason.strip()}"
-    return (f"requeued SLURM job {job} (restart {restarts + 1}): it resumes from this checkpoint "
+    return (f"requeued SLURM job {job} (restart {requeued + 1}): it resumes from this checkpoint "
             "in the same run folder")
 
 
