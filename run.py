@@ -6,7 +6,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from imgtrain.errors import run_main
+from imgtrain.cli import run_main
+from imgtrain.errors import JobFailed
 from imgtrain.rundir import with_recorded_overrides
 
 
@@ -17,8 +18,20 @@ def main(cfg: DictConfig) -> float | None:
     from imgtrain.app import run
 
     hydra_cfg = HydraConfig.get()
-    return run(cfg, hydra_cfg.runtime.output_dir, list(hydra_cfg.overrides.task),
-               multirun=hydra_cfg.mode == RunMode.MULTIRUN)
+    overrides = list(hydra_cfg.overrides.task)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    outcome = run(cfg, hydra_cfg.runtime.output_dir, overrides, multirun=multirun)
+    if outcome.traceback:  # a bug in a worker: show where
+        sys.stderr.write(outcome.traceback.rstrip() + "\n")
+    for line in outcome.stderr:
+        sys.stderr.write(line + "\n")
+    if outcome.error is not None and multirun:  # Hydra runs the sweep's other jobs
+        raise JobFailed(f"error: {outcome.error} (sweep job: {' '.join(overrides) or 'defaults'})")
+    if outcome.error is not None:
+        sys.stderr.write(f"error: {outcome.error}\n")
+    if outcome.exit_code:
+        sys.exit(outcome.exit_code)
+    return outcome.best_acc1
 
 
 if __name__ == "__main__":

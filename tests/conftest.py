@@ -183,8 +183,22 @@ class CliProcess:
                      else "" for name in ("stdout", "stderr"))
 
 
-# Set to 1 to start every run as a new `python run.py`, the slow way.
-FRESH_PYTHON = os.environ.get("IMGTRAIN_TESTS_FRESH_PYTHON") == "1"
+# 1: start every run as a new `python run.py`, the slow way; e2e: only the runs of the tests
+# marked e2e, the few that stand for a user's commands (CI's setting: .ci/run).
+FRESH_PYTHON = os.environ.get("IMGTRAIN_TESTS_FRESH_PYTHON", "")
+_in_e2e_test = [False]
+
+
+@pytest.fixture(autouse=True)
+def _e2e_marker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Whether the running test is marked e2e: its runs start as a user's do, a new Python."""
+    _in_e2e_test[0] = request.node.get_closest_marker("e2e") is not None
+    yield
+    _in_e2e_test[0] = False
+
+
+def fresh_python() -> bool:
+    return FRESH_PYTHON == "1" or (FRESH_PYTHON == "e2e" and _in_e2e_test[0])
 
 
 def start_cli(*overrides: str, cwd: Path | None = None, env: dict | None = None,
@@ -194,11 +208,11 @@ def start_cli(*overrides: str, cwd: Path | None = None, env: dict | None = None,
     argv, working directory, environment, stdout, stderr and exit code. It is forked from
     tests/cli_server.py, which has imported run.py's modules already (about 8 s a run saved),
     unless the environment sets a PYTHON* variable other than PYTHONPATH (which the server
-    applies as Python's start does), or IMGTRAIN_TESTS_FRESH_PYTHON=1: then it is a new
-    `python run.py`. `max_file_bytes` makes it a full disk: no file grows past that size.
+    applies as Python's start does), or IMGTRAIN_TESTS_FRESH_PYTHON is 1 (or e2e, in a test
+    marked e2e): then it is a new `python run.py`. `max_file_bytes` makes it a full disk: no file grows past that size.
     `terminal` (a pseudo-terminal's device path) takes its stdout and stderr instead of pipes."""
     full_env = {**os.environ, **(env or {})}
-    if FRESH_PYTHON or any(key.startswith("PYTHON") and key != "PYTHONPATH"
+    if fresh_python() or any(key.startswith("PYTHON") and key != "PYTHONPATH"
                                     for key in env or {}):
         with open(terminal, "w") if terminal else contextlib.nullcontext(subprocess.PIPE) as output:
             return subprocess.Popen([sys.executable, str(REPO / "run.py"), *overrides],

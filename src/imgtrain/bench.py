@@ -7,7 +7,7 @@ if it is below the model's images/sec, training is input-bound.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -15,6 +15,9 @@ from imgtrain.data import Loaders
 from imgtrain.distributed import World
 from imgtrain.logger import RunLogger
 from imgtrain.results import identity
+
+if TYPE_CHECKING:
+    from imgtrain.plan import RunPlan
 
 
 def _batches(loaders: Loaders) -> Iterator[torch.Tensor]:
@@ -42,12 +45,11 @@ def time_loader(loaders: Loaders, warmup_batches: int, timed_batches: int) -> tu
     return images, time.perf_counter() - start
 
 
-def bench_loader(cfg: dict[str, Any], loaders: Loaders, world: World,
+def bench_loader(plan: RunPlan, loaders: Loaders, world: World,
                  logger: RunLogger) -> dict[str, Any]:
     """Time the training loader for train.steps_per_epoch batches; write results.json."""
-    train_cfg = cfg["train"]
-    timed_batches = train_cfg["steps_per_epoch"] or len(loaders.train)
-    warmup_batches = max(1, train_cfg["fps_warmup_steps"])
+    timed_batches = plan.train.steps_per_epoch or len(loaders.train)
+    warmup_batches = max(1, plan.train.fps_warmup_steps)
     logger.info("bench_data: %d warm-up and %d timed batches of %d images, %d workers per rank",
                 warmup_batches, timed_batches, loaders.train.batch_size,
                 loaders.train.num_workers)
@@ -55,12 +57,12 @@ def bench_loader(cfg: dict[str, Any], loaders: Loaders, world: World,
     # Ranks run identical loaders on their own cores; rank 0's rate times the world size avoids a
     # collective here (nccl would need device tensors for it).
     images_per_sec = images * world.world_size / max(seconds, 1e-9)
-    results = {**identity(cfg), "status": "completed", "world_size": world.world_size,
+    results = {**identity(plan), "status": "completed", "world_size": world.world_size,
                "loader_images_per_sec": images_per_sec, "loader_images": images,
                "loader_seconds": seconds, "loader_batches": timed_batches,
                "loader_workers": loaders.train.num_workers,
-               "per_rank_batch_size": loaders.per_rank_batch,
-               "image_size": cfg["dataset"]["image_size"]}
+               "per_rank_batch_size": plan.batches.per_rank,
+               "image_size": plan.dataset.image_size}
     logger.info("bench_data: %.1f images/s (%d images in %.2f s on rank 0)", images_per_sec,
                 images, seconds)
     logger.results(results)

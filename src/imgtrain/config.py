@@ -23,8 +23,28 @@ SCHEMA_NAME = "imgtrain_schema"
 LINEAR_LR = "${imgtrain.linear_lr:${optim.lr_base},${train.batch_size},${optim.lr_base_size}}"
 
 
+class Section:
+    """A group of the schema. Sealed once the run is resolved (plan.py): every process reads the
+    same values, and a module that wants another value derives it, visibly, instead of changing
+    the config under the others."""
+
+    _sealed = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._sealed:
+            raise AttributeError(f"the resolved config is read-only; {type(self).__name__}."
+                                 f"{name} cannot be set")
+        object.__setattr__(self, name, value)
+
+    def seal(self) -> None:
+        for value in vars(self).values():
+            if isinstance(value, Section):
+                value.seal()
+        object.__setattr__(self, "_sealed", True)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     epochs: int = 140
     batch_size: int = 256
     steps_per_epoch: Optional[int] = None
@@ -57,7 +77,7 @@ class TrainConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     name: str = "sgd"
     lr: float = LINEAR_LR  # type: ignore[assignment]  # an interpolation until resolved
     lr_base: float = 0.1
@@ -71,7 +91,7 @@ class OptimConfig:
 
 
 @dataclass
-class SchedConfig:
+class SchedConfig(Section):
     name: str = "cosine"
     warmup_epochs: float = 5
     warmup_start_factor: Optional[float] = None  # null: the seed's ramp, (step + 1) / warm-up steps
@@ -80,20 +100,20 @@ class SchedConfig:
 
 
 @dataclass
-class AmpConfig:
+class AmpConfig(Section):
     level: str = "O2"
     dtype: str = "auto"
     loss_scale: Any = "auto"  # auto | dynamic | a number (CHOICES)
 
 
 @dataclass
-class DeviceConfig:
+class DeviceConfig(Section):
     name: str = "auto"
     cudnn_benchmark: bool = True
 
 
 @dataclass
-class WorldConfig:
+class WorldConfig(Section):
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
@@ -105,7 +125,7 @@ class WorldConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     arch: str = "resnet152"
     weights: Optional[str] = None
     weights_key: Optional[str] = None
@@ -118,7 +138,7 @@ class ModelConfig:
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Section):
     """The keys of every dataset option; each option's YAML sets the ones it uses."""
 
     name: str = "imagenet"
@@ -145,25 +165,25 @@ class DatasetConfig:
 
 
 @dataclass
-class EmaConfig:
+class EmaConfig(Section):
     decay: Optional[float] = None  # null: no EMA of the weights
     steps: int = 32
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     batch_size: Optional[int] = None  # global; null: train.batch_size's (a micro-step's)
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(Section):
     # A list, or one path (predict.inputs=cat.jpg, the natural first try); predict.gather reads it.
     inputs: Any = field(default_factory=list)
     topk: int = 5
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Section):
     format: str = "onnx"
     opset: int = 18
     exporter: str = "auto"
@@ -171,7 +191,7 @@ class ExportConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     mode: str = "train"
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -237,11 +257,11 @@ CHOICES: dict[str, Choice] = {
 }
 
 
-def check_choices(config: dict[str, Any]) -> None:
+def check_choices(config: Config) -> None:
     """Refuse a value that a key of CHOICES does not take, naming the key and what it takes."""
     for key, choice in CHOICES.items():
         group, name = key.split(".")
-        setting = config[group][name]
+        setting = getattr(getattr(config, group), name)
         if not choice.allows(setting):
             shown = {True: "true", False: "false", None: "null"}.get(setting, setting) \
                 if isinstance(setting, (bool, type(None))) else setting
@@ -304,3 +324,9 @@ def lr_rule(cfg: DictConfig) -> str:
         return (f"optim.lr_base {optim.lr_base} x global batch {cfg.train.batch_size} / "
                 f"{optim.lr_base_size} (the seed's linear rule; set optim.lr to override)")
     return "set by optim.lr"
+
+
+def override_key(override: str) -> str:
+    """The key a command-line override sets: `train.epochs` of `++train.epochs=3`, `model` of
+    `model=resnet18`. The one parser of override keys (rundir, weights, report, hparams use it)."""
+    return str(override).partition("=")[0].lstrip("+~")

@@ -11,11 +11,14 @@ import importlib.util
 import os
 import platform
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from imgtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from imgtrain.config import DeviceConfig
 
 # config name -> (torch device type, distributed backend)
 _KINDS = {"npu": ("npu", "hccl"), "gpu": ("cuda", "nccl"), "cpu": ("cpu", "gloo")}
@@ -99,10 +102,10 @@ class DeviceInfo:
             scaler.set_growth_interval(_NO_GROWTH)
         return scaler
 
-    def apply_settings(self, device_cfg: Any) -> None:
+    def apply_settings(self, device_cfg: DeviceConfig) -> None:
         """The device group's settings: cuDNN autotuning (training shapes are fixed: drop_last)."""
         if self.name == "gpu":
-            torch.backends.cudnn.benchmark = bool(device_cfg.get("cudnn_benchmark", True))
+            torch.backends.cudnn.benchmark = bool(device_cfg.cudnn_benchmark)
 
     def copy_in(self, batch: torch.Tensor) -> torch.Tensor:
         """A host batch on this device, copied from contiguous memory.

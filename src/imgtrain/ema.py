@@ -8,21 +8,24 @@ the half weights, and is evaluated next to the raw model after every epoch.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from imgtrain.config import EmaConfig
 from imgtrain.errors import ConfigError
 
+if TYPE_CHECKING:
+    from imgtrain.plan import RunPlan
 
-def check_ema(ema_cfg: Any) -> None:
-    decay = ema_cfg.get("decay")
-    if decay is not None and not 0.0 <= decay < 1.0:
-        raise ConfigError(f"ema.decay={decay} must be in [0, 1), e.g. 0.99998 (null: no EMA)")
-    if int(ema_cfg.get("steps", 32)) < 1:
-        raise ConfigError(f"ema.steps={ema_cfg['steps']} must be at least 1")
+
+def check_ema(ema: EmaConfig) -> None:
+    if ema.decay is not None and not 0.0 <= ema.decay < 1.0:
+        raise ConfigError(f"ema.decay={ema.decay} must be in [0, 1), e.g. 0.99998 (null: no EMA)")
+    if ema.steps < 1:
+        raise ConfigError(f"ema.steps={ema.steps} must be at least 1")
 
 
 def adjusted_decay(decay: float, steps: int, global_batch: int, epochs: int) -> float:
@@ -47,14 +50,13 @@ class WeightAverage:
         self._fresh = True
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], copy: nn.Module,
-                    global_batch: int) -> "WeightAverage":
-        """An average starting at `copy`'s weights (an fp32 network of its own)."""
-        ema_cfg = cfg["ema"]
-        check_ema(ema_cfg)
-        decay = adjusted_decay(ema_cfg["decay"], ema_cfg["steps"], global_batch,
-                               cfg["train"]["epochs"])
-        return cls(copy, decay, ema_cfg["steps"], cfg["sched"]["warmup_epochs"])
+    def from_plan(cls, plan: RunPlan, copy: nn.Module) -> "WeightAverage":
+        """The plan's average (ema.decay set), starting at `copy`'s weights (an fp32 network of
+        its own)."""
+        ema = plan.ema
+        check_ema(ema)  # plan.resolve checks it where the mode trains; mode=eval builds one too
+        decay = adjusted_decay(ema.decay, ema.steps, plan.batches.global_batch, plan.train.epochs)
+        return cls(copy, decay, ema.steps, plan.sched.warmup_epochs)
 
     @property
     def module(self) -> nn.Module:

@@ -11,16 +11,20 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from imgtrain.checkpoint import write_atomic
-from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, val_sizes
+from imgtrain.checkpoint_files import write_atomic
+from imgtrain.config import ExportConfig
+from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
 from imgtrain.weights import WeightsFile, load_into
+
+if TYPE_CHECKING:
+    from imgtrain.plan import RunPlan
 
 log = logging.getLogger("imgtrain")
 FORMATS = ("onnx",)
@@ -42,12 +46,12 @@ class Normalized(nn.Module):
         return self.model((images - self.mean) / self.std)
 
 
-def _settings(export_cfg: dict[str, Any]) -> tuple[int, str, int | None]:
+def _settings(export_cfg: ExportConfig) -> tuple[int, str, int | None]:
     """(opset, exporter, fixed batch or None for a dynamic one), checked."""
-    if export_cfg["format"] not in FORMATS:
-        raise ConfigError(f"unknown export.format {export_cfg['format']!r}; choose "
+    if export_cfg.format not in FORMATS:
+        raise ConfigError(f"unknown export.format {export_cfg.format!r}; choose "
                           f"{', '.join(FORMATS)}")
-    opset, exporter, batch = int(export_cfg["opset"]), export_cfg["exporter"], export_cfg["batch"]
+    opset, exporter, batch = int(export_cfg.opset), export_cfg.exporter, export_cfg.batch
     if exporter not in EXPORTERS:
         raise ConfigError(f"unknown export.exporter {exporter!r}; choose {', '.join(EXPORTERS)}")
     if exporter == "auto":
@@ -106,9 +110,9 @@ def check_onnxruntime(model: nn.Module, path: Path, image_size: int, batch: int 
         return float((torch.from_numpy(ours) - model(images)).abs().max())
 
 
-def export(cfg: dict[str, Any], out: Path, weights: WeightsFile) -> dict[str, Any]:
-    opset, exporter, batch = _settings(cfg["export"])
-    arch, size = cfg["model"]["arch"], val_sizes(cfg["dataset"])[1]  # validation's crop
+def export(plan: RunPlan, out: Path, weights: WeightsFile) -> dict[str, Any]:
+    opset, exporter, batch = _settings(plan.export)
+    arch, size = plan.model.arch, plan.val_crop_size  # validation's crop
     if weights.num_classes is None:
         raise ConfigError(f"model.weights {weights.path} has no fc.weight: not a classifier")
     model = build_model(arch, weights.num_classes)

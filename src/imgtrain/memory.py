@@ -16,13 +16,16 @@ from __future__ import annotations
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from imgtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from imgtrain.plan import RunPlan
 
 GIB = float(1 << 30)
 MIB = float(1 << 20)
@@ -226,28 +229,25 @@ def fitting_batch(est: Estimate, available: float) -> int:
     return batch if fits >= 1 else 0
 
 
-def plan(cfg: dict[str, Any], device: Any, world: Any, num_classes: int,
-         half: bool) -> tuple[Estimate, int]:
+def plan(run_plan: RunPlan, device: Any) -> tuple[Estimate, int]:
     """The run's estimate and the per-device micro-batch it is for."""
-    micro_steps = cfg["train"].get("accumulate_steps", 1)
-    per_device = cfg["train"]["batch_size"] // world.world_size // micro_steps
-    est = estimate(cfg["model"]["arch"], num_classes, cfg["dataset"]["image_size"],
-                   cfg["amp"]["level"], half, ema=cfg["ema"].get("decay") is not None,
-                   device_name=device.name)
+    per_device = run_plan.batches.micro
+    est = estimate(run_plan.model.arch, run_plan.num_classes, run_plan.dataset.image_size,
+                   run_plan.amp.level, run_plan.amp.dtype is not None,
+                   ema=run_plan.ema.decay is not None, device_name=device.name)
     return est, per_device
 
 
-def check_memory(cfg: dict[str, Any], device: Any, world: Any, num_classes: int,
-                 half: bool) -> None:
+def check_memory(run_plan: RunPlan, device: Any, world: Any) -> None:
     """Stop before training when the estimate and its margin exceed this process's memory."""
-    if cfg["mode"] != "train" or not cfg["train"].get("memory_check", True):
+    if run_plan.mode != "train" or not run_plan.train.memory_check:
         return
     found = available_bytes(device, world.local_world_size)
     if found is None:
         return
     available, where = found
-    micro_steps = cfg["train"].get("accumulate_steps", 1)
-    est, per_device = plan(cfg, device, world, num_classes, half)
+    micro_steps = run_plan.batches.accumulate_steps
+    est, per_device = plan(run_plan, device)
     needed = est.total(per_device) * (1 + MARGIN)
     if needed <= available:
         return
@@ -258,8 +258,8 @@ def check_memory(cfg: dict[str, Any], device: Any, world: Any, num_classes: int,
               "dataset.image_size")
     raise ConfigError(
         f"training needs about {needed / GIB:.1f} GiB per process (the estimate and a "
-        f"{MARGIN:.0%} margin; {cfg['model']['arch']}, {per_device} images of "
-        f"{cfg['dataset']['image_size']} px per device, amp={cfg['amp']['level']}) but "
+        f"{MARGIN:.0%} margin; {run_plan.model.arch}, {per_device} images of "
+        f"{run_plan.dataset.image_size} px per device, amp={run_plan.amp.level}) but "
         f"{available / GIB:.1f} GiB is {where}; {advice} "
         "(train.memory_check=false skips this check)")
 

@@ -5,6 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
+from imgtrain.config import ModelConfig
 from imgtrain.errors import ConfigError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -23,14 +24,14 @@ def build_model(arch: str, num_classes: int, zero_init_residual: bool = False) -
                                         zero_init_residual=zero_init_residual)
 
 
-def check_compile(model_cfg: dict) -> None:
+def check_compile(model: ModelConfig) -> None:
     """model.compile_backend and model.compile_mode, refused before any process starts (torch
     would refuse them only at the first step, in every rank)."""
-    if not model_cfg["compile"]:
+    if not model.compile:
         return
     import torch._dynamo
     import torch._inductor
-    backend, mode = model_cfg["compile_backend"], model_cfg["compile_mode"]
+    backend, mode = model.compile_backend, model.compile_mode
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError(f"unknown model.compile_backend {backend!r}; registered: "
                           f"{', '.join(torch._dynamo.list_backends())}, or aot_eager and eager "
@@ -45,9 +46,8 @@ def check_compile(model_cfg: dict) -> None:
         raise ConfigError(f"unknown model.compile_mode {mode!r}; choose one of {', '.join(modes)}")
 
 
-def compile_model(model: nn.Module, model_cfg: dict) -> nn.Module:
-    return torch.compile(model, backend=model_cfg["compile_backend"],
-                         mode=model_cfg["compile_mode"])
+def compile_model(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
+    return torch.compile(model, backend=model_cfg.compile_backend, mode=model_cfg.compile_mode)
 
 
 FREEZE = ("none", "backbone")

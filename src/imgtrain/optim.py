@@ -8,6 +8,7 @@ import torch
 
 from torch import nn
 
+from imgtrain.config import OptimConfig, SchedConfig
 from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
 
@@ -16,18 +17,17 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
                nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 
 
-def build_optimizer(params: Iterable[Any], optim_cfg: Any, device: DeviceInfo,
-                    loss_scaled: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[Any], optim: OptimConfig, device: DeviceInfo,
+                    fused: bool) -> torch.optim.Optimizer:
     """SGD over `params`: parameters, or the parameter groups of `weight_decay_groups`.
-    `loss_scaled`: the precision has a loss scaler (float16), whose verdict fused SGD takes."""
-    if optim_cfg["name"] != "sgd":
-        raise ConfigError(f"unknown optim.name {optim_cfg['name']!r}; choose sgd")
+    `fused`: the plan's choice of fused SGD (plan.fused_sgd, from `resolve_fused`)."""
+    if optim.name != "sgd":
+        raise ConfigError(f"unknown optim.name {optim.name!r}; choose sgd")
     params = list(params)
     # By default every parameter decays, BatchNorm and biases included, as in the seed's recipe
     # (the Ascend port and pytorch/examples); optim.norm/bias_weight_decay make groups.
-    kwargs = dict(lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
-                  weight_decay=optim_cfg["weight_decay"], nesterov=optim_cfg["nesterov"])
-    fused = resolve_fused(optim_cfg.get("fused", "auto"), device, loss_scaled)
+    kwargs = dict(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                  nesterov=optim.nesterov)
     if fused and device.fused_sgd_class() is not None:
         return device.fused_sgd_class()(params, **kwargs)
     if not fused:  # torch's choice: foreach kernels on accelerators, the plain loop on the CPU
@@ -45,26 +45,26 @@ def parameter_kinds(model: nn.Module) -> list[tuple[bool, bool]]:
             for name, param in module.named_parameters(recurse=False) if param.requires_grad]
 
 
-def group_weight_decay(kind: str, optim_cfg: Any) -> float:
+def group_weight_decay(kind: str, optim: OptimConfig) -> float:
     """A group's decay: optim.norm_weight_decay / bias_weight_decay for those groups."""
-    return optim_cfg["weight_decay"] if kind == "other" else optim_cfg[f"{kind}_weight_decay"]
+    return optim.weight_decay if kind == "other" else getattr(optim, f"{kind}_weight_decay")
 
 
 def weight_decay_groups(kinds: list[tuple[bool, bool]], params: list[Any],
-                        optim_cfg: Any) -> list[Any]:
+                        optim: OptimConfig) -> list[Any]:
     """`params` (the stepped parameters, one per entry of `kinds`) grouped as torchvision's
     set_weight_decay does: biases under optim.bias_weight_decay when it is set, then the
     normalisation layers' parameters under optim.norm_weight_decay when it is set, the rest under
     optim.weight_decay. With neither set, the plain list: the seed's single group."""
-    bias_set = optim_cfg.get("bias_weight_decay") is not None
-    norm_set = optim_cfg.get("norm_weight_decay") is not None
+    bias_set = optim.bias_weight_decay is not None
+    norm_set = optim.norm_weight_decay is not None
     if not (bias_set or norm_set):
         return params
     groups: dict[str, list[Any]] = {}
     for (is_bias, in_norm), param in zip(kinds, params, strict=True):
         kind = "bias" if is_bias and bias_set else "norm" if in_norm and norm_set else "other"
         groups.setdefault(kind, []).append(param)
-    return [{"params": members, "kind": kind, "weight_decay": group_weight_decay(kind, optim_cfg)}
+    return [{"params": members, "kind": kind, "weight_decay": group_weight_decay(kind, optim)}
             for kind, members in groups.items()]
 
 
@@ -125,40 +125,41 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         zero_momentum(optimizer)
 
 
-def check_schedule(sched_cfg: Any) -> None:
-    if sched_cfg["name"] not in ("cosine", "step"):
-        raise ConfigError(f"unknown sched.name {sched_cfg['name']!r}; choose cosine or step")
-    start = sched_cfg.get("warmup_start_factor")
+def check_schedule(sched: SchedConfig) -> None:
+    if sched.name not in ("cosine", "step"):
+        raise ConfigError(f"unknown sched.name {sched.name!r}; choose cosine or step")
+    start = sched.warmup_start_factor
     if start is not None and not 0.0 <= start <= 1.0:
         raise ConfigError(f"sched.warmup_start_factor={start} must be in [0, 1] (torchvision's "
                           "recipes: 0.01; null: the seed's ramp)")
 
 
-def lr_factor(step: int, steps_per_epoch: int, sched_cfg: Any, epochs: int) -> float:
+def lr_factor(step: int, steps_per_epoch: int, sched: SchedConfig, epochs: int) -> float:
     """The learning rate multiplier at a global step: linear warm-up, then cosine or step decay."""
-    warmup_steps = int(sched_cfg["warmup_epochs"] * steps_per_epoch)
+    warmup_steps = int(sched.warmup_epochs * steps_per_epoch)
     if step < warmup_steps:
-        start = sched_cfg.get("warmup_start_factor")
+        start = sched.warmup_start_factor
         if start is None:  # the seed's ramp: 1/warmup_steps at the first step
             return (step + 1) / warmup_steps
         return start + (1.0 - start) * step / warmup_steps  # torchvision's LinearLR
-    if sched_cfg["name"] == "cosine":
+    if sched.name == "cosine":
         decay_steps = max(1, epochs * steps_per_epoch - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / decay_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    if sched_cfg["name"] == "step":
-        return sched_cfg["gamma"] ** (step // steps_per_epoch // sched_cfg["step_epochs"])
-    raise ConfigError(f"unknown sched.name {sched_cfg['name']!r}; choose cosine or step")
+    if sched.name == "step":
+        return sched.gamma ** (step // steps_per_epoch // sched.step_epochs)
+    raise ConfigError(f"unknown sched.name {sched.name!r}; choose cosine or step")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Any, epochs: int,
+def build_scheduler(optimizer: torch.optim.Optimizer, sched: SchedConfig, epochs: int,
                     steps_per_epoch: int, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepped once per training step, from `start_step` (a resume's global step).
 
     A resumed schedule is built at its step rather than loaded, so that it scales the lr of this
     run's config (each group's `initial_lr`) with this run's epochs.
     """
-    check_schedule(sched_cfg)
+    for group in optimizer.param_groups:  # what LambdaLR sets itself when it starts at step 0
+        group.setdefault("initial_lr", group["lr"])
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch, sched_cfg, epochs),
+        optimizer, lambda step: lr_factor(step, steps_per_epoch, sched, epochs),
         last_epoch=start_step - 1)

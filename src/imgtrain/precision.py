@@ -14,13 +14,18 @@ branches on the level. docs/precision-and-npu.md maps each level onto apex's.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
+# bare_model is re-exported: the trainer and the checkpoint code strip wrappers with it.
+from imgtrain.masters import MasterWeights, bare_model  # noqa: F401
+
+if TYPE_CHECKING:
+    from imgtrain.plan import Amp
 
 LEVELS = ("O0", "O1", "O2")
 _DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -67,19 +72,6 @@ def resolve_loss_scale(level: str, dtype: torch.dtype | None, loss_scale: Any) -
     return scale
 
 
-def _keep_batchnorm_fp32(module: nn.Module, dtype: torch.dtype) -> None:
-    """Cast every parameter and buffer to `dtype` except BatchNorm's, which stay fp32."""
-    for child in module.children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            continue
-        _keep_batchnorm_fp32(child, dtype)
-    for param in module.parameters(recurse=False):
-        param.data = param.data.to(dtype)
-    for name, buf in module.named_buffers(recurse=False):
-        if buf.is_floating_point():
-            setattr(module, name, buf.to(dtype))
-
-
 class Precision:
     """Autocast, loss scaling and (for O2) fp32 master weights, behind one small interface."""
 
@@ -91,8 +83,7 @@ class Precision:
         if loss_scale is not None:
             self.scaler = device.grad_scaler(init_scale=self.static_scale or 2.0 ** 16,
                                              dynamic=self.static_scale is None)
-        self._pairs: list[tuple[nn.Parameter, nn.Parameter]] = []  # O2: (half param, fp32 master)
-        self._frozen_fp32: dict[int, torch.Tensor] = {}  # O2: frozen params' fp32 values by id
+        self.masters = MasterWeights()  # O2's fp32 copies; empty at the other levels
 
     @property
     def emulated_on_this_cpu(self) -> bool:
@@ -103,10 +94,10 @@ class Precision:
             not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
     @classmethod
-    def from_config(cls, amp_cfg: Any, device: DeviceInfo) -> "Precision":
-        dtype = resolve_dtype(amp_cfg["level"], str(amp_cfg["dtype"]), device)
-        scale = resolve_loss_scale(amp_cfg["level"], dtype, amp_cfg["loss_scale"])
-        return cls(amp_cfg["level"], dtype, scale, device)
+    def from_plan(cls, amp: Amp, device: DeviceInfo) -> "Precision":
+        """The plan's AMP (plan.amp: dtype and loss scale resolved once, in the parent) on this
+        process's device."""
+        return cls(amp.level, amp.dtype, amp.loss_scale, device)
 
     def prepare(self, model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
         """Make the model this level's shape; return it and the parameters the optimizer steps.
@@ -116,22 +107,7 @@ class Precision:
         """
         if self.level != "O2":
             return model, [p for p in model.parameters() if p.requires_grad]
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        masters = [nn.Parameter(p.detach().clone().float()) for p in trainable]
-        # Frozen parameters get no master, but their exact fp32 values stay beside the half ones
-        # (on the device, where the EMA reads them): checkpoints and the EMA hold these.
-        self._frozen_fp32 = {id(p): p.detach().float().clone()
-                             for p in model.parameters() if not p.requires_grad}
-        _keep_batchnorm_fp32(model, self.dtype)
-        # BatchNorm's fp32 parameters are their own masters: the optimizer steps them in place.
-        self._pairs = [(p, p if p.dtype == torch.float32 else m)
-                       for p, m in zip(trainable, masters)]
-        dtype = self.dtype
-        # As apex O2's patched forward: half inputs in, fp32 outputs out, so callers never cast.
-        model.register_forward_pre_hook(lambda _module, args: tuple(
-            a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
-        model.register_forward_hook(lambda _module, _args, out: out.float())
-        return model, [master for _, master in self._pairs]
+        return model, self.masters.attach(model, self.dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.level == "O1":
@@ -169,11 +145,11 @@ class Precision:
         the gradients the optimizer steps (O2's fp32 masters), after unscaling and after the
         verdict.
         """
-        self._grads_to_masters()
+        self.masters.grads_to_masters()
         if self.scaler is None:
             _clip(optimizer, clip_grad_norm)
             optimizer.step()
-            self._masters_to_model()
+            self.masters.masters_to_model()
             return None
         self.scaler.unscale_(optimizer)
         overflowed = self._overflow_verdict(optimizer)
@@ -188,7 +164,7 @@ class Precision:
         elif not overflowed.item():
             optimizer.step()
         self.scaler.update(self.static_scale)  # a static scale is re-pinned; dynamic adapts
-        self._masters_to_model()
+        self.masters.masters_to_model()
         return overflowed
 
     def _overflow_verdict(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -215,55 +191,18 @@ class Precision:
         """The current scale as a device tensor (reading it does not sync)."""
         return self.scaler._scale if self.scaler is not None else None
 
-    @torch.no_grad()
-    def _grads_to_masters(self) -> None:
-        """Copy O2's half gradients into the masters' existing `.grad` (an optimizer may hold views
-        of it), or give a master its first one."""
-        for half, master in self._pairs:
-            if half is master:
-                continue
-            if half.grad is None:
-                if master.grad is not None:
-                    master.grad.zero_()
-            elif master.grad is None:
-                master.grad = half.grad.float()
-            else:
-                master.grad.copy_(half.grad)
-
-    @torch.no_grad()
-    def _masters_to_model(self) -> None:
-        halves = [h for h, m in self._pairs if h is not m]
-        if halves:
-            torch._foreach_copy_(halves, [m for h, m in self._pairs if h is not m])
-
     def full_precision_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The model's state dict in fp32 on the CPU, with O2's masters in place of its half weights."""
-        bare = bare_model(model)
-        state = {key: value.detach().float() if value.is_floating_point() else value.detach()
-                 for key, value in bare.state_dict().items()}
-        master_of = {**self._frozen_fp32, **{id(half): master for half, master in self._pairs}}
-        for name, param in bare.named_parameters():
-            if id(param) in master_of:
-                state[name] = master_of[id(param)].detach()
-        return {key: value.cpu() for key, value in state.items()}
+        """The model's state dict in fp32 on the CPU, with O2's masters in place of its half
+        weights."""
+        return self.masters.full_precision_state(model)
 
     def master_params(self, model: nn.Module) -> list[torch.Tensor]:
-        """Each parameter's true value, in the model's order: O2's fp32 master where it has one
-        (a frozen parameter's fp32 value where it has none), else the parameter itself."""
-        master_of = {**self._frozen_fp32, **{id(half): master for half, master in self._pairs}}
-        return [master_of.get(id(p), p) for p in bare_model(model).parameters()]
+        """Each parameter's true value, in the model's order (O2's fp32 masters)."""
+        return self.masters.master_params(model)
 
-    @torch.no_grad()
     def load_full_precision_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """The inverse of `full_precision_state`: fp32 weights into the model, and into O2's
-        masters at full precision (the model's half weights are their rounded copies)."""
-        bare = bare_model(model)
-        bare.load_state_dict(state)
-        master_of = {**self._frozen_fp32,
-                     **{id(half): master for half, master in self._pairs if half is not master}}
-        for name, param in bare.named_parameters():
-            if id(param) in master_of:
-                master_of[id(param)].copy_(state[name])
+        """fp32 weights into the model, and into O2's masters at full precision."""
+        self.masters.load_full_precision_state(model, state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"scaler": self.scaler.state_dict() if self.scaler else None}
@@ -307,14 +246,3 @@ def _clip(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
     if max_norm is not None:
         torch.nn.utils.clip_grad_norm_(
             [p for group in optimizer.param_groups for p in group["params"]], max_norm)
-
-
-def bare_model(model: nn.Module) -> nn.Module:
-    """Strip DDP and torch.compile wrappers so state-dict keys match torchvision's."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model

@@ -10,19 +10,22 @@ import csv
 import io
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from imgtrain.checkpoint import write_atomic
+from imgtrain.checkpoint_files import write_atomic
 from imgtrain.data.imagefolder import jpeg_size, read_bytes, val_image
-from imgtrain.data.transforms import Normalizer, val_sizes
+from imgtrain.data.transforms import Normalizer
 from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
 from imgtrain.weights import WeightsFile, load_into
+
+if TYPE_CHECKING:
+    from imgtrain.plan import RunPlan
 
 log = logging.getLogger("imgtrain")
 BATCH = 32  # images decoded and classified at a time: bounds memory for large folders
@@ -61,7 +64,7 @@ def _decoded(files: list[Path], sizes: tuple[int, int],
              problems: list[tuple[Path, str]]) -> Iterator[tuple[list[Path], torch.Tensor]]:
     """Batches of (paths, uint8 images); unreadable files are added to `problems` and skipped.
 
-    sizes: validation's (resize, crop), see transforms.val_sizes."""
+    sizes: validation's (resize, crop): plan.val_resize_size and val_crop_size."""
     resize, crop = sizes
     paths, images = [], []
     for path in files:
@@ -78,16 +81,17 @@ def _decoded(files: list[Path], sizes: tuple[int, int],
         yield paths, torch.stack(images)
 
 
-def predict(cfg: dict[str, Any], out: Path, device: DeviceInfo,
+def predict(plan: RunPlan, out: Path, device: DeviceInfo,
             weights: WeightsFile) -> dict[str, Any]:
-    topk = int(cfg["predict"]["topk"])
+    topk = int(plan.predict.topk)
     if topk < 1:
         raise ConfigError(f"predict.topk={topk} must be at least 1")
-    files, problems = gather(cfg["predict"]["inputs"])
+    files, problems = gather(plan.predict.inputs)
     if weights.num_classes is None:
         raise ConfigError(f"model.weights {weights.path} has no fc.weight: not a classifier")
-    model = build_model(cfg["model"]["arch"], weights.num_classes)
-    load_into(model, weights, cfg["model"]["arch"], allow_new_fc=False)
+    arch = plan.model.arch
+    model = build_model(arch, weights.num_classes)
+    load_into(model, weights, arch, allow_new_fc=False)
     model.to(device.torch_device).eval()
     names = weights.class_names
     if not names:
@@ -95,7 +99,8 @@ def predict(cfg: dict[str, Any], out: Path, device: DeviceInfo,
     normalize = Normalizer(device.torch_device, channels_last=False)
     rows: list[tuple[str, int, int, str, float]] = []
     with torch.no_grad():
-        for paths, images in _decoded(files, val_sizes(cfg["dataset"]), problems):
+        sizes = (plan.val_resize_size, plan.val_crop_size)
+        for paths, images in _decoded(files, sizes, problems):
             probs = model(normalize(images.to(device.torch_device))).float().softmax(dim=1)
             top = probs.topk(min(topk, probs.shape[1]), dim=1)
             for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):

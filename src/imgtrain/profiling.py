@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
 from imgtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from imgtrain.config import TrainConfig
 
 log = logging.getLogger("imgtrain")
 TOP_OPERATORS = 15
@@ -101,20 +104,25 @@ class StepProfiler(NoProfiler):
                  self.sort_by.replace("_", " "), table)
 
 
-def build_profiler(train_cfg: dict[str, Any], output_dir: Path, device: DeviceInfo,
-                   world: World) -> NoProfiler:
-    """A StepProfiler on the profiled rank when train.profile is set, else a NoProfiler."""
-    if not train_cfg.get("profile"):
-        return NoProfiler()
-    steps = {key: train_cfg.get(f"profile_{key}", default)
-             for key, default in (("wait", 1), ("warmup", 1), ("active", 3))}
+def check_profile(train: TrainConfig, world_size: int) -> None:
+    """train.profile's schedule and rank, when it is set."""
+    if not train.profile:
+        return
+    steps = {"wait": train.profile_wait, "warmup": train.profile_warmup,
+             "active": train.profile_active}
     if min(steps.values()) < 0 or steps["active"] < 1:
         raise ConfigError(f"train.profile_wait/warmup must be >= 0 and profile_active >= 1 "
                           f"(got {steps})")
-    rank = train_cfg.get("profile_rank", 0)
-    if not 0 <= rank < world.world_size:
-        raise ConfigError(f"train.profile_rank={rank} is not a rank of this run (world size "
-                          f"{world.world_size})")
-    if world.rank != rank:
+    if not 0 <= train.profile_rank < world_size:
+        raise ConfigError(f"train.profile_rank={train.profile_rank} is not a rank of this run "
+                          f"(world size {world_size})")
+
+
+def build_profiler(train: TrainConfig, output_dir: Path, device: DeviceInfo,
+                   world: World) -> NoProfiler:
+    """A StepProfiler on the profiled rank when train.profile is set, else a NoProfiler."""
+    check_profile(train, world.world_size)
+    if not train.profile or world.rank != train.profile_rank:
         return NoProfiler()
-    return StepProfiler(output_dir / "profile", device, rank, **steps)
+    return StepProfiler(output_dir / "profile", device, train.profile_rank,
+                        train.profile_wait, train.profile_warmup, train.profile_active)

@@ -99,11 +99,12 @@ class Progress:
     def for_trainer(cls, trainer: Any) -> "Progress":
         if not trainer.world.is_main:
             return NullProgress()
-        return cls(trainer.train_cfg["epochs"], trainer.steps_per_epoch, len(trainer.loaders.val),
-                   trainer.device, trainer.train_cfg["print_freq"],
+        train, val = trainer.plan.train, trainer.loaders.val
+        return cls(train.epochs, trainer.steps_per_epoch, len(val), trainer.device,
+                   train.print_freq,
                    # An epoch ends with the EMA's validation too, where there is one.
                    val_passes=1 if trainer.ema is None else 2,
-                   val_batch_share=trainer.loaders.val.batch_size / trainer.loaders.per_rank_batch)
+                   val_batch_share=val.batch_size / trainer.plan.batches.per_rank)
 
     # ---- the live display (terminals only) -----------------------------------------------
     def __enter__(self) -> "Progress":

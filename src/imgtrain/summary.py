@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from imgtrain.config import SchedConfig
 from imgtrain.data import describe
 from imgtrain.eta import duration
+
+if TYPE_CHECKING:
+    from imgtrain.plan import RunPlan
 
 
 def _precision(precision: Any) -> str:
@@ -29,15 +33,13 @@ def counted(number: float, noun: str) -> str:
     return f"{text} {noun}{'s' * (number != 1)}"
 
 
-def _schedule(cfg: dict[str, Any]) -> str:
-    sched = cfg["sched"]
-    warmup = sched.get("warmup_epochs") or 0
-    return f"{sched['name']}" + (f" after {counted(warmup, 'warm-up epoch')}" if warmup else "")
+def _schedule(sched: SchedConfig) -> str:
+    warmup = sched.warmup_epochs or 0
+    return f"{sched.name}" + (f" after {counted(warmup, 'warm-up epoch')}" if warmup else "")
 
 
-def _lr(cfg: dict[str, Any]) -> str:
-    rule = cfg["optim"].get("lr_rule") or "set by optim.lr"
-    lr = cfg["optim"]["lr"]
+def _lr(plan: RunPlan) -> str:
+    rule, lr = plan.lr_rule, plan.optim.lr
     return f"{lr:g} ({rule})" if rule.startswith("set by") else f"{lr:g} = {rule}"
 
 
@@ -67,68 +69,67 @@ def _ranks_note(world_size: int) -> list[str]:
             "processes'"]
 
 
-def _per_device(trainer: Any) -> str:
-    per_device = trainer.global_batch // trainer.world.world_size
-    micro_steps = trainer.loaders.accumulate_steps
+def _per_device(plan: RunPlan) -> str:
+    batches = plan.batches
+    per_device, micro_steps = batches.per_rank, batches.accumulate_steps
     if micro_steps == 1:
         return f"{per_device} per device"
-    return f"{per_device} per device in {micro_steps} micro-steps of {per_device // micro_steps}"
+    return f"{per_device} per device in {micro_steps} micro-steps of {batches.micro}"
 
 
-def recipe(cfg: dict[str, Any], trainer: Any) -> str:
+def recipe(plan: RunPlan, trainer: Any) -> str:
     """The ingredients beyond the seed's recipe that this run turns on; empty when none."""
-    data, train, optim = cfg["dataset"], cfg["train"], cfg["optim"]
+    data, train, optim = plan.dataset, plan.train, plan.optim
     on = [f"{name} {value:g}" for name, value in (
-        ("label smoothing", train["label_smoothing"]), ("mixup", data.get("mixup_alpha", 0)),
-        ("cutmix", data.get("cutmix_alpha", 0)), ("random erase", data.get("random_erase", 0)))
-        if value]
-    on += [f"{kind} weight decay {optim[f'{kind}_weight_decay']:g}" for kind in ("norm", "bias")
-           if optim.get(f"{kind}_weight_decay") is not None]
-    if data.get("auto_augment"):
-        on.append(f"auto augment {data['auto_augment']}")
-    if data.get("ra_reps", 1) > 1:
-        on.append(f"repeated augmentation x{data['ra_reps']}")
-    if cfg["model"].get("zero_init_residual"):
+        ("label smoothing", train.label_smoothing), ("mixup", data.mixup_alpha),
+        ("cutmix", data.cutmix_alpha), ("random erase", data.random_erase)) if value]
+    on += [f"{kind} weight decay {decay:g}" for kind, decay in (
+        ("norm", optim.norm_weight_decay), ("bias", optim.bias_weight_decay)) if decay is not None]
+    if data.auto_augment:
+        on.append(f"auto augment {data.auto_augment}")
+    if data.ra_reps > 1:
+        on.append(f"repeated augmentation x{data.ra_reps}")
+    if plan.model.zero_init_residual:
         on.append("zero-init residual")
-    if train.get("clip_grad_norm") is not None:
-        on.append(f"grad norm clipped at {train['clip_grad_norm']:g}")
+    if train.clip_grad_norm is not None:
+        on.append(f"grad norm clipped at {train.clip_grad_norm:g}")
     if trainer.ema is not None:
-        on.append(f"EMA every {trainer.ema.every_steps} steps, decay {cfg['ema']['decay']:g} "
+        on.append(f"EMA every {trainer.ema.every_steps} steps, decay {plan.ema.decay:g} "
                   f"({trainer.ema.decay:.6f} per update)")
     return ", ".join(on)
 
 
-def start_lines(cfg: dict[str, Any], trainer: Any, output_dir: Path,
+def start_lines(plan: RunPlan, trainer: Any, output_dir: Path,
                 resumed_from: Path | None) -> list[str]:
     """arch, data, device and world, precision, batch and lr, length, run folder, resume."""
-    data, train = cfg["dataset"], cfg["train"]
-    loaders, world, state = trainer.loaders, trainer.world, trainer.state
+    data, train, arch, world_size = plan.dataset, plan.train, plan.model.arch, plan.world_size
+    loaders, state = trainer.loaders, trainer.state
     params = sum(p.numel() for p in trainer.model.parameters()) / 1e6
-    total_steps = train["epochs"] * trainer.steps_per_epoch
-    ingredients = recipe(cfg, trainer)
+    total_steps = train.epochs * trainer.steps_per_epoch
+    ingredients = recipe(plan, trainer)
     if resumed_from is None:
         resume = "no: a new run"
     else:
-        why = cfg.get("run_dir_reason")
+        why = plan.launch.run_dir_reason
         resume = (f"resumed from epoch {state.epoch + 1} step {state.step_in_epoch} (restart "
                   f"{state.restarts}), {state.global_step} of {total_steps} steps done: "
                   + (f"{output_dir}, {why}" if why else str(resumed_from)))
     return fitted([
-        f"imgtrain: {cfg['mode']} {cfg['model']['arch']} on {describe(data, with_root=False)}",
-        f"  model      {cfg['model']['arch']}, {params:.1f} M parameters",
+        f"imgtrain: {plan.mode} {arch} on {describe(data, with_root=False)}",
+        f"  model      {arch}, {params:.1f} M parameters",
         f"  data       {describe(data)}: {len(loaders.train.dataset):,} train / "
-        f"{len(loaders.val.dataset):,} val images, {loaders.num_classes} classes, "
-        f"{data['image_size']} px",
-        f"  device     {trainer.device.device_string} x {world.world_size} "
-        f"process{'es' * (world.world_size > 1)} ({trainer.device.backend})",
+        f"{len(loaders.val.dataset):,} val images, {plan.num_classes} classes, "
+        f"{data.image_size} px",
+        f"  device     {trainer.device.device_string} x {world_size} "
+        f"process{'es' * (world_size > 1)} ({trainer.device.backend})",
         f"  precision  {_precision(trainer.precision)}",
-        f"  batch      {trainer.global_batch} global ({_per_device(trainer)})",
-        f"  lr         {_lr(cfg)}",
-        f"  schedule   {_schedule(cfg)}",
-        f"  length     {counted(train['epochs'], 'epoch')} x "
+        f"  batch      {plan.batches.global_batch} global ({_per_device(plan)})",
+        f"  lr         {_lr(plan)}",
+        f"  schedule   {_schedule(plan.sched)}",
+        f"  length     {counted(train.epochs, 'epoch')} x "
         f"{counted(trainer.steps_per_epoch, 'step')} = {counted(total_steps, 'step')}",
         *([f"  recipe     {ingredients}"] if ingredients else []),
-        *_ranks_note(world.world_size),
+        *_ranks_note(world_size),
         f"  run dir    {output_dir}",
         f"  resume     {resume}",
     ])

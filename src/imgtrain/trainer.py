@@ -1,8 +1,11 @@
-"""One Trainer: train_epoch, evaluate and fit. Device, world, precision and logger are handed in."""
+"""One Trainer: train_epoch, evaluate and fit, and what a checkpoint holds. The plan, device,
+world, precision and logger are handed in; when a checkpoint is written is checkpoint_policy.py's,
+an epoch's bookkeeping meter.py's."""
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -10,8 +13,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from imgtrain import checkpoint
-from imgtrain.checkpointing import Checkpointing, TrainState
+from imgtrain import checkpoint_files
+from imgtrain.checkpoint_policy import CheckpointManager, log_resume_changes
 from imgtrain.data import Loaders
 from imgtrain.data.mixing import build_batch_mix, dominant_label
 from imgtrain.data.transforms import Normalizer
@@ -19,22 +22,21 @@ from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
 from imgtrain.ema import WeightAverage
 from imgtrain.errors import Preempted
+from imgtrain.faults import injected_fault
 from imgtrain.logger import RunLogger, epoch_scalars
+from imgtrain.meter import EpochMeter
+from imgtrain.model_checks import check_finite, sync_buffers
+from imgtrain.optim import group_weight_decay, load_optimizer_state
+from imgtrain.plan import RunPlan
 from imgtrain.precision import Precision, bare_model
 from imgtrain.preemption import StopSignals
 from imgtrain.profiling import build_profiler
 from imgtrain.progress import Progress
 from imgtrain.results import run_results
-from imgtrain.throughput import Throughput
+from imgtrain.train_state import TrainState
 
-
-def epoch_steps(loaders: Loaders, cap: int | None) -> int:
-    """Optimizer steps per epoch: the loader's batches over train.accumulate_steps, capped by
-    train.steps_per_epoch if set."""
-    if loaders.train is None:  # mode=eval reads no training data
-        return 0
-    steps = len(loaders.train) // loaders.accumulate_steps
-    return min(steps, cap) if cap else steps
+log = logging.getLogger("imgtrain")
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def _grouped(batches: Iterator[Any], size: int) -> Iterator[tuple[Any, ...]]:
@@ -51,38 +53,40 @@ def _gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextMa
     return ddp.no_sync()
 
 
-class Trainer(Checkpointing):
-    """Training, evaluation and the epoch loop; what a checkpoint holds and when one is written
-    come from Checkpointing (checkpointing.py)."""
+class Trainer:
+    """Training, evaluation and the epoch loop for one rank."""
 
-    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 precision: Precision, loaders: Loaders, device: DeviceInfo, world: World,
-                 logger: RunLogger, cfg: dict[str, Any], output_dir: Path,
-                 channels_last: bool, eval_model: nn.Module | None = None,
-                 ema: WeightAverage | None = None,
+    def __init__(self, plan: RunPlan, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, precision: Precision, loaders: Loaders, device: DeviceInfo,
+                 world: World, logger: RunLogger, output_dir: Path, steps_per_epoch: int,
+                 eval_model: nn.Module | None = None, ema: WeightAverage | None = None,
                  stop_signals: StopSignals | None = None) -> None:
+        """`scheduler`: built at the step training starts from (a resume's global step);
+        `steps_per_epoch`: plan.batches.steps_per_epoch of the training loader (0: mode=eval)."""
+        self.plan, self.steps_per_epoch = plan, steps_per_epoch
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         # Evaluation runs the module without its DDP wrapper: DDP's forward broadcasts buffers, a
         # collective that a rank with no validation batch would never join.
         self.eval_model = eval_model if eval_model is not None else bare_model(model)
         self.precision, self.loaders, self.device, self.world = precision, loaders, device, world
-        self.logger, self.cfg, self.train_cfg = logger, cfg, cfg["train"]
-        self.checkpoints = checkpoint.CheckpointWriter(output_dir / "checkpoints", cfg["train"])
+        self.logger, self.ema = logger, ema
         self.state = TrainState()
-        self.normalize = Normalizer(device.torch_device, channels_last)
-        self.batch_mix = build_batch_mix(cfg["dataset"], loaders.num_classes)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.train_cfg["label_smoothing"])
-        self.ema = ema
-        self.global_batch = loaders.per_rank_batch * world.world_size
-        self.steps_per_epoch = epoch_steps(loaders, self.train_cfg["steps_per_epoch"])
+        self.normalize = Normalizer(device.torch_device, plan.channels_last)
+        self.batch_mix = build_batch_mix(plan.dataset, plan.num_classes)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=plan.train.label_smoothing)
         # Installed by the worker from its start, so that a signal during setup is not lost.
         self.stop_signals = stop_signals if stop_signals is not None else StopSignals()
+        self.checkpoints = CheckpointManager(plan.train, output_dir / "checkpoints", world=world,
+                                             device=device, stop_signals=self.stop_signals,
+                                             steps_per_epoch=steps_per_epoch)
+        self.fault = injected_fault(plan.train, world.rank)  # test-only; None in real runs
         self.resumed: dict[str, int] | None = None  # where a resume started: epoch, step, restart
+        self.resumed_from: Path | None = None       # ... and from which checkpoint
         self.progress = Progress.for_trainer(self)  # rank 0's console; does nothing elsewhere
-        self.profiler = build_profiler(self.train_cfg, output_dir, device, world)
+        self.profiler = build_profiler(plan.train, output_dir, device, world)
 
     # ---- training -------------------------------------------------------------------------
-    def _train_step(self, micro_batches: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+    def _train_step(self, micro_batches: tuple[Batch, ...],
                     epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One optimizer step over its micro-batches; the mean loss, the correct count and the
         loss scaler's verdict (see Precision.step), all on the device."""
@@ -93,7 +97,7 @@ class Trainer(Checkpointing):
                 loss, hits = self._forward_backward(*self._to_device(images, target),
                                                     len(micro_batches))
             loss_sum, correct = loss_sum + loss, correct + hits
-        overflowed = self.precision.step(self.optimizer, self.train_cfg["clip_grad_norm"])
+        overflowed = self.precision.step(self.optimizer, self.plan.train.clip_grad_norm)
         self.scheduler.step()
         if self.ema is not None and self.ema.due(self.state.global_step + 1):
             self.ema.update(epoch, self.precision.master_params(self.model),
@@ -118,82 +122,57 @@ class Trainer(Checkpointing):
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch, from the step a resumed checkpoint stopped at; return its metrics."""
         self.model.train()
-        sampler = self.loaders.train_sampler
+        first_step = self._start_sampler(epoch)
+        meter = EpochMeter(self.device, self.plan.batches, self.plan.train)
+        self.progress.start_epoch(epoch, first_step)
+        for step, micro_batches in self._steps(first_step):
+            meter.batch_arrived()
+            if self.state.global_step == 0 and self.plan.train.log_images:
+                # once per run, when asked for: what the network sees (host memory)
+                self.logger.batch_grid(micro_batches[0][0], self.state.global_step)
+            meter.add_step(*self._train_step(micro_batches, epoch),
+                           samples=sum(target.shape[0] for _, target in micro_batches))
+            self.profiler.step()
+            self.state.step_in_epoch, self.state.global_step = step + 1, self.state.global_step + 1
+            if meter.print_point(step + 1):
+                self._log_progress(epoch, step + 1, meter)
+                meter.next_window()
+            # a checkpoint's seconds are not training's
+            meter.end_step(self.checkpoints.after_step(step + 1, self.state, self.save_checkpoint))
+        if meter.window_steps:  # the epoch's last few steps
+            self._log_progress(epoch, self.state.step_in_epoch, meter)
+        self.state.add_time(*meter.stop())
+        metrics = meter.totals(self.world)
+        self._check_finite(f"epoch {epoch + 1}")
+        return metrics
+
+    def _start_sampler(self, epoch: int) -> int:
+        """Set the sampler at the epoch and the step it resumes from; return that step."""
+        sampler, first_step = self.loaders.train_sampler, self.state.step_in_epoch
         sampler.set_epoch(epoch)
-        first_step = self.state.step_in_epoch
         # The steps already trained are not read, not decoded; this run's layout of the epoch's
         # micro-batches is recorded, for a resume on another number of processes.
         sampler.resume_at(first_step, self.state.epoch_layout)
         self.state.epoch_layout = [*map(list, sampler.earlier_layouts),
                                    [first_step, sampler.micro_batches_per_step]]
-        micro_steps = self.loaders.accumulate_steps
-        # Loss sum over the steps applied with a finite loss, correct, samples behind that loss
-        # sum: a step skipped for an fp16 overflow is left out of the epoch's loss.
-        sums = torch.zeros(3, device=self.device.torch_device)
-        window = torch.zeros(3, device=self.device.torch_device)
-        throughput = Throughput(self.device, self.train_cfg["fps_warmup_steps"], self.global_batch)
-        data_time, epoch_start = 0.0, time.perf_counter()
-        window_start, end, window_steps = epoch_start, epoch_start, 0
-        step = first_step
-        self.progress.start_epoch(epoch, first_step)
+        return first_step
+
+    def _steps(self, first_step: int) -> Iterator[tuple[int, tuple[Batch, ...]]]:
+        """(step, its micro-batches) for the epoch's steps from `first_step` on."""
+        micro_steps = self.plan.batches.accumulate_steps
         # islice, not a break: a capped epoch must not decode one batch more than it trains on.
         batches = itertools.islice(self.loaders.train,
                                    max(0, self.steps_per_epoch - first_step) * micro_steps)
-        for step, micro_batches in enumerate(_grouped(batches, micro_steps), start=first_step):
-            data_time += time.perf_counter() - end
-            self._fault_injection(step)
-            if self.state.global_step == 0 and self.train_cfg["log_images"]:
-                # once per run, when asked for: what the network sees (host memory)
-                self.logger.batch_grid(micro_batches[0][0], self.state.global_step)
-            loss, correct, overflowed = self._train_step(micro_batches, epoch)
-            counted = loss.isfinite() if overflowed is None else loss.isfinite() & (overflowed == 0)
-            # A host number: multiplying by it needs no device copy.
-            samples = sum(target.shape[0] for _, target in micro_batches)
-            batch = torch.stack([torch.where(counted, loss, 0.0) * samples, correct.float(),
-                                 counted.float() * samples])
-            sums += batch
-            window += batch
-            window_steps += 1
-            throughput.step()
-            self.profiler.step()
-            self.state.step_in_epoch, self.state.global_step = step + 1, self.state.global_step + 1
-            if (step + 1) % self.train_cfg["print_freq"] == 0:
-                self._log_progress(epoch, step + 1, window, window_steps,
-                                   time.perf_counter() - window_start,
-                                   data_time / (step + 1 - first_step))
-                window.zero_()
-                window_start, window_steps = time.perf_counter(), 0
-            throughput.exclude(self._maybe_checkpoint_mid_epoch(step + 1))
-            end = time.perf_counter()
-        steps_run = max(1, step + 1 - first_step)
-        if window_steps:  # the epoch's last few steps
-            self._log_progress(epoch, self.state.step_in_epoch, window, window_steps,
-                               time.perf_counter() - window_start, data_time / steps_run)
-        images_timed, seconds_timed = throughput.finish(epoch_start)
-        self.state.timed_images += images_timed
-        self.state.timed_seconds += seconds_timed
-        self.state.train_seconds += time.perf_counter() - epoch_start
-        loss_sum, correct, finite_samples = self.world.sum(sums).tolist()
-        samples = steps_run * self.global_batch
-        self._check_finite(f"epoch {epoch + 1}")
-        return {"loss": loss_sum / finite_samples if finite_samples else float("nan"),
-                "acc1": 100.0 * correct / samples,
-                "images_per_sec": images_timed / max(seconds_timed, 1e-9),
-                "data_time": data_time / steps_run}
+        steps = enumerate(_grouped(batches, micro_steps), start=first_step)
+        return steps if self.fault is None else self.fault.watch(steps, self.state)
 
-    def _log_progress(self, epoch: int, step: int, window: torch.Tensor, window_steps: int,
-                      seconds: float, data_time: float) -> None:
+    def _log_progress(self, epoch: int, step: int, meter: EpochMeter) -> None:
         """One console line and TensorBoard points for the steps since the last print point."""
-        loss_sum, correct, finite_samples = window.tolist()  # the one host sync per print point
-        samples = window_steps * self.loaders.per_rank_batch
-        images_per_sec = samples * self.world.world_size / max(seconds, 1e-9)
-        lr = self.optimizer.param_groups[0]["lr"]
-        loss = loss_sum / finite_samples if finite_samples else float("nan")
-        acc1 = 100.0 * correct / max(samples, 1)
+        values, seconds = meter.read_window()  # the one host sync per print point
+        data_time = meter.data_time_per_step
         # Tags named for TensorBoard's first screen: logger.py says why.
-        values = {"train/loss": loss, "accuracy/train_acc1": acc1,
-                  "throughput/images_per_sec": images_per_sec, "train/lr": lr,
-                  "throughput/loader_wait_seconds": data_time}
+        values.update({"train/lr": self.optimizer.param_groups[0]["lr"],
+                       "throughput/loader_wait_seconds": data_time})
         values.update(self.progress.train_update(epoch, step, values, seconds, data_time))
         if self.precision.loss_scale is not None:
             values["train/loss_scale"] = float(self.precision.loss_scale.item())
@@ -231,7 +210,7 @@ class Trainer(Checkpointing):
     def fit(self) -> dict[str, float]:
         """Train the remaining epochs, evaluating and checkpointing after each; return the last
         metrics. A stop signal is acted on at an agreed step, or else at the epoch's end."""
-        epochs = self.train_cfg["epochs"]
+        epochs = self.plan.train.epochs
         val: dict[str, float] = self.state.history[-1] if self.state.history else {}
         with self.stop_signals, self.profiler, self.progress:
             for epoch in range(self.state.epoch, epochs):
@@ -241,27 +220,81 @@ class Trainer(Checkpointing):
                     val.update({f"ema_{key}": value for key, value in
                                 self.evaluate(self.ema.module).items() if key != "samples"})
                 self._end_epoch(epoch, train, val)
-                if epoch + 1 < epochs and self.world.any(self.stop_signals.requested,
-                                                         self.device.torch_device):
-                    raise Preempted(f"at the end of epoch {epoch + 1}; {self._saved_or_not()}")
+                if epoch + 1 < epochs and self.checkpoints.stop_requested():
+                    raise Preempted(f"at the end of epoch {epoch + 1}; "
+                                    f"{self.checkpoints.saved_or_not()}")
         return val
 
     def _end_epoch(self, epoch: int, train: dict[str, float], val: dict[str, float]) -> None:
-        is_best = val["acc1"] > self.state.best_acc1 or not self.state.history
-        self.state.best_acc1 = max(self.state.best_acc1, val["acc1"])
-        self.state.best_ema_acc1 = max(self.state.best_ema_acc1, val.get("ema_acc1", 0.0))
-        self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
-        ema = {key: val[key] for key in ("ema_acc1", "ema_acc5", "ema_loss") if key in val}
-        self.state.history.append({"epoch": epoch + 1, "acc1": val["acc1"], "acc5": val["acc5"],
-                                   "loss": val["loss"], "samples": val["samples"],
-                                   "train_loss": train["loss"],
-                                   "images_per_sec": train["images_per_sec"], **ema})
+        is_best = self.state.end_epoch(epoch, train, val)
+        ema = "ema_acc1" in val
         self.logger.info("epoch %d done: train loss %.4f acc1 %.2f | val loss %.4f acc1 %.3f acc5 "
                          "%.3f (%d images)%s | %.1f img/s", epoch + 1, train["loss"], train["acc1"],
                          val["loss"], val["acc1"], val["acc5"], val["samples"],
-                         f" | ema acc1 {ema['ema_acc1']:.3f} acc5 {ema['ema_acc5']:.3f}"
+                         f" | ema acc1 {val['ema_acc1']:.3f} acc5 {val['ema_acc5']:.3f}"
                          if ema else "", train["images_per_sec"])
         self.logger.scalars(self.state.global_step, epoch_scalars(epoch, train, val))
         self.save_checkpoint(f"epoch-{epoch + 1}.pt", best=is_best)
-        self.logger.results({**run_results(self.cfg, self), "status": "running"})
+        self.logger.results({**run_results(self.plan, self), "status": "running"})
         self.logger.flush()
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_dict(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Everything a resume needs; `rng_states` holds every rank's generators, by rank."""
+        return {
+            "format_version": checkpoint_files.FORMAT_VERSION,
+            "model": self.precision.full_precision_state(self.model),
+            **({"model_ema": self.ema.state_dict()} if self.ema is not None else {}),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "precision": self.precision.state_dict(),
+            "state": self.state.saved(),
+            "identity": checkpoint_files.identity(self.plan),
+            "class_names": self.loaders.class_names,  # for mode=predict|export
+            "rng": rng_states,
+            "config": self.plan.record(),
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore a `state_dict()`: weights, optimizer, scale, position and this rank's RNG.
+
+        This run's optim settings and train.epochs apply from here on (a changed lr is logged):
+        the scheduler, built at the saved step with them, sets the lr, not the checkpoint.
+        """
+        step = saved["state"]["global_step"]
+        if self.scheduler.last_epoch != step:  # a bug in the caller, not the user's doing
+            raise RuntimeError(f"the scheduler starts at step {self.scheduler.last_epoch}, the "
+                               f"checkpoint at {step}: build it at the checkpoint's step")
+        lrs = self.scheduler.get_last_lr()
+        self.precision.load_full_precision_state(self.model, saved["model"])
+        load_optimizer_state(self.optimizer, saved["optimizer"])
+        self.precision.load_state_dict(saved["precision"])
+        if self.ema is not None and saved.get("model_ema") is not None:
+            self.ema.load_state_dict(saved["model_ema"])
+        elif self.ema is not None:
+            log.info("resume: the checkpoint has no EMA weights; the average starts from the "
+                     "resumed weights")
+            self.ema.restart()
+        self.state = TrainState(**saved["state"])
+        self.checkpoints.restore_rng(saved["rng"])
+        log_resume_changes(saved["config"], self.plan)
+        optim = self.plan.optim
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group.update(lr=lr, momentum=optim.momentum, initial_lr=optim.lr,
+                         weight_decay=group_weight_decay(group.get("kind", "other"), optim))
+
+    def save_checkpoint(self, name: str, best: bool = False) -> float:
+        """Every rank calls this; rank 0 writes. A model whose weights are not finite is never
+        written: the run stops as diverged instead. Returns the seconds it took."""
+        start = time.perf_counter()
+        self._sync_buffers()
+        self._check_finite(f"step {self.state.global_step}")
+        self.checkpoints.save(name, self.state_dict, best)
+        return time.perf_counter() - start
+
+    def _sync_buffers(self) -> None:
+        sync_buffers(self.world, [bare_model(self.model),
+                                  *([self.ema.module] if self.ema is not None else [])])
+
+    def _check_finite(self, where: str) -> None:
+        check_finite(self.model, self.precision, where, self.plan.optim.lr)

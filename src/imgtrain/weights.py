@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from imgtrain.data.transforms import VAL_SIZE_KEYS
+from imgtrain.config import override_key
 from imgtrain.errors import ConfigError
 
 log = logging.getLogger("imgtrain")
@@ -220,42 +221,42 @@ def load_into(model: nn.Module, weights: WeightsFile, arch: str, allow_new_fc: b
 
 def explicit_keys(overrides: list[str]) -> set[str]:
     """The config keys (and groups) set on the command line."""
-    return {item.split("=", 1)[0].lstrip("+~") for item in overrides}
+    return {override_key(item) for item in overrides}
 
 
-def for_mode(cfg: dict[str, Any]) -> WeightsFile | None:
+def adopt(config: Any, given: set[str]) -> list[str]:
     """mode=eval|predict|export: read model.weights and take its arch and image size (unless given
-    on the command line), so the checkpoint alone says what model it holds."""
-    mode, model_cfg = cfg["mode"], cfg["model"]
-    if mode not in ("eval", "predict", "export"):
-        return None
-    if not model_cfg["weights"]:
+    on the command line), so the checkpoint alone says what model it holds. Called once, by
+    plan.resolve, before the config is sealed; returns the lines that say what was taken."""
+    mode, model = config.mode, config.model
+    if not model.weights:
         raise ConfigError(f"mode={mode} needs model.weights=<checkpoint or state-dict file>")
-    weights = read(model_cfg["weights"], model_cfg.get("weights_key"))
-    given = explicit_keys(cfg.get("overrides", []))
-    if weights.arch and weights.arch != model_cfg["arch"]:
+    weights = read(model.weights, model.weights_key)
+    lines = []
+    if weights.arch and weights.arch != model.arch:
         if given & {"model", "model.arch"}:
             raise ConfigError(f"model.weights {weights.path} holds {weights.arch} weights, but "
-                              f"model.arch={model_cfg['arch']} was asked for; drop that override "
+                              f"model.arch={model.arch} was asked for; drop that override "
                               "to use the checkpoint's arch")
-        log.info("using model.arch=%s from %s", weights.arch, weights.path.name)
-        model_cfg["arch"] = weights.arch
+        lines.append(f"using model.arch={weights.arch} from {weights.path.name}")
+        model.arch = weights.arch
     size = weights.image_size
-    if size and size != cfg["dataset"]["image_size"] and "dataset.image_size" not in given:
-        log.info("using dataset.image_size=%d from %s (as it was trained)", size, weights.path.name)
-        cfg["dataset"]["image_size"] = size
-    _take_val_sizes(cfg, weights, given)
-    return weights
+    if size and size != config.dataset.image_size and "dataset.image_size" not in given:
+        lines.append(f"using dataset.image_size={size} from {weights.path.name} "
+                     "(as it was trained)")
+        config.dataset.image_size = size
+    return lines + _take_val_sizes(config, weights, given)
 
 
-def _take_val_sizes(cfg: dict[str, Any], weights: WeightsFile, given: set[str]) -> None:
+def _take_val_sizes(config: Any, weights: WeightsFile, given: set[str]) -> list[str]:
     """Validate and predict as the checkpoint's run validated, unless the command line sets a
     size itself (then all sizes are its own) or evaluates another dataset than imagenet (whose
     images are not resized)."""
     sizes = {"dataset.image_size", *(f"dataset.{key}" for key in VAL_SIZE_KEYS)}
     if not weights.val_sizes or given & sizes or (
-            cfg["mode"] == "eval" and cfg["dataset"].get("name") != "imagenet"):
-        return
-    log.info("using %s from %s (as it was validated)", ", ".join(
-        f"dataset.{key}={value}" for key, value in weights.val_sizes.items()), weights.path.name)
-    cfg["dataset"].update(weights.val_sizes)
+            config.mode == "eval" and config.dataset.name != "imagenet"):
+        return []
+    for key, value in weights.val_sizes.items():
+        setattr(config.dataset, key, value)
+    return [f"using {', '.join(f'dataset.{key}={value}' for key, value in weights.val_sizes.items())}"
+            f" from {weights.path.name} (as it was validated)"]

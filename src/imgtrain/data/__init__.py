@@ -6,7 +6,7 @@ import os
 import random
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,11 @@ from imgtrain.data.synthetic import Synthetic
 from imgtrain.errors import ConfigError
 from imgtrain.preemption import ignore_stop_signals
 
+if TYPE_CHECKING:  # plan.py imports this package: the types only, to keep the import one-way
+    from imgtrain.config import DatasetConfig
+    from imgtrain.distributed import World
+    from imgtrain.plan import RunPlan
+
 DATASETS = ("imagenet", "cifar10", "synthetic")
 # Held in memory: a batch takes about a millisecond to make, not worth a worker process on the CPU.
 IN_MEMORY = ("cifar10", "synthetic")
@@ -36,75 +41,73 @@ class Loaders:
     val: DataLoader
     train_sampler: TrainSampler | None
     num_classes: int
-    per_rank_batch: int                    # samples per rank per optimizer step
     class_names: list[str] | None = None  # saved in checkpoints for predict and export
-    accumulate_steps: int = 1             # loader batches per optimizer step
 
 
-def describe(data_cfg: Any, with_root: bool = True) -> str:
+def describe(dataset: DatasetConfig, with_root: bool = True) -> str:
     """The data as the console names it: `imagefolder <root>` (dataset=imagenet reads any
     ImageFolder tree, ImageNet or not), `cifar10 <root>`, or `synthetic`."""
-    name = data_cfg["name"]
-    label = "imagefolder" if name == "imagenet" else name
-    if not with_root or name == "synthetic" or not data_cfg.get("root"):
+    label = "imagefolder" if dataset.name == "imagenet" else dataset.name
+    if not with_root or dataset.name == "synthetic" or not dataset.root:
         return label
-    return f"{label} {data_cfg['root']}"
+    return f"{label} {dataset.root}"
 
 
-def check_dataset(data_cfg: Any, splits: tuple[str, ...] = SPLITS) -> int:
+def check_dataset(dataset: DatasetConfig, splits: tuple[str, ...] = SPLITS) -> int:
     """Validate the dataset's files without reading images; return the number of classes.
-    `splits`: the ones the mode reads (mode=eval: val alone)."""
-    name = data_cfg["name"]
+    `splits`: the ones the mode reads (mode=eval: val alone). Run once, in the parent
+    (checks.data_for_mode): the workers build what it passed."""
+    name = dataset.name
     if name == "imagenet":
-        inferred = len(check_layout(data_cfg["root"], splits))
+        inferred = len(check_layout(dataset.root, splits))
     elif name == "cifar10":
-        find_root(data_cfg["root"], data_cfg.get("download", False))
+        find_root(dataset.root, dataset.download)
         inferred = Cifar10.num_classes
     elif name == "synthetic":
-        inferred = data_cfg["num_classes"]
-        if min(data_cfg["train_size"], data_cfg["val_size"], inferred) < 1:
+        inferred = dataset.num_classes
+        if min(dataset.train_size, dataset.val_size, inferred) < 1:
             raise ConfigError("dataset.train_size, val_size and num_classes must be at least 1")
     else:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    wanted = data_cfg.get("num_classes")
+    wanted = dataset.num_classes
     if name == "imagenet" and wanted not in (None, inferred):
-        raise ConfigError(f"dataset.num_classes={wanted} but {data_cfg['root']}/{splits[0]} has "
+        raise ConfigError(f"dataset.num_classes={wanted} but {dataset.root}/{splits[0]} has "
                           f"{inferred} class folders")
-    check_augmentation(data_cfg)
+    check_augmentation(dataset)
     return inferred
 
 
-def check_augmentation(data_cfg: Any) -> None:
+def check_augmentation(dataset: DatasetConfig) -> None:
     """The augmentation, repeated-augmentation and validation-size keys (issue #16)."""
-    check_augment(data_cfg)
-    if int(data_cfg.get("ra_reps", 1)) < 1:
-        raise ConfigError(f"dataset.ra_reps={data_cfg['ra_reps']} must be at least 1 (1: off)")
-    given = [key for key in T.VAL_SIZE_KEYS if data_cfg.get(key) is not None]
-    if given and data_cfg["name"] != "imagenet":
+    check_augment(dataset)
+    if int(dataset.ra_reps) < 1:
+        raise ConfigError(f"dataset.ra_reps={dataset.ra_reps} must be at least 1 (1: off)")
+    given = [key for key in T.VAL_SIZE_KEYS if getattr(dataset, key) is not None]
+    if given and dataset.name != "imagenet":
         raise ConfigError(f"dataset.{given[0]} applies to dataset=imagenet only: "
-                          f"{data_cfg['name']} validates its images at their own size")
-    T.val_sizes(data_cfg)
+                          f"{dataset.name} validates its images at their own size")
+    T.val_sizes(dataset)
 
 
-def build_datasets(data_cfg: Any, seed: int,
+def build_datasets(dataset: DatasetConfig, seed: int, val_sizes: tuple[int, int],
                    train: bool = True) -> tuple[Dataset | None, Dataset]:
-    """The training (None unless `train`) and validation sets."""
-    name, size = data_cfg["name"], data_cfg["image_size"]
-    augment = build_augment(data_cfg)  # training only: validation never augments
+    """The training (None unless `train`) and validation sets; `val_sizes`: validation's
+    (resize, crop), the plan's val_resize_size and val_crop_size."""
+    name, size = dataset.name, dataset.image_size
+    augment = build_augment(dataset)  # training only: validation never augments
     if name == "imagenet":
-        skip = data_cfg.get("skip_bad_images", False)
-        val_resize, val_crop = T.val_sizes(data_cfg)
-        return (JpegFolder(data_cfg["root"], "train", size, True, skip, augment) if train
-                else None, JpegFolder(data_cfg["root"], "val", val_crop, False, skip,
+        skip = dataset.skip_bad_images
+        val_resize, val_crop = val_sizes
+        return (JpegFolder(dataset.root, "train", size, True, skip, augment) if train
+                else None, JpegFolder(dataset.root, "val", val_crop, False, skip,
                                       val_resize_size=val_resize))
     if name == "cifar10":
-        download = data_cfg.get("download", False)
-        return (Cifar10(data_cfg["root"], True, download, augment) if train else None,
-                Cifar10(data_cfg["root"], False))
-    common = dict(image_size=size, num_classes=data_cfg["num_classes"], seed=seed,
-                  noise=data_cfg["noise"])
-    return (Synthetic(data_cfg["train_size"], train=True, augment=augment, **common) if train
-            else None, Synthetic(data_cfg["val_size"], train=False, **common))
+        return (Cifar10(dataset.root, True, dataset.download, augment) if train else None,
+                Cifar10(dataset.root, False))
+    common = dict(image_size=size, num_classes=dataset.num_classes, seed=seed,
+                  noise=dataset.noise)
+    return (Synthetic(dataset.train_size, train=True, augment=augment, **common) if train
+            else None, Synthetic(dataset.val_size, train=False, **common))
 
 
 def cpu_cores() -> int:
@@ -141,81 +144,73 @@ def worker_start_method() -> str | None:
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
-def build_loaders(data_cfg: Any, global_batch: int, rank: int, world_size: int,
-                  local_world_size: int, seed: int, accelerator: bool,
-                  accumulate_steps: int = 1, val_batch: int | None = None,
-                  train: bool = True) -> Loaders:
-    """Loaders whose training batches are one micro-step's: `accumulate_steps` of them make the
-    global batch of one optimizer step. Validation's global batch is `val_batch` if given, else a
-    micro-step's. Without `train` (mode=eval) only the validation split is read or checked, and
-    `global_batch` is evaluation's."""
-    num_classes = check_dataset(data_cfg, SPLITS if train else ("val",))
-    per_rank_batch = global_batch // world_size
-    micro_batch = per_rank_batch // accumulate_steps
-    train_set, val_set = build_datasets(data_cfg, seed, train)
-    if train_set is not None and len(train_set) < global_batch:
-        raise ConfigError(f"train.batch_size={global_batch} is larger than the training set "
-                          f"({len(train_set)} images)")
-    common = _loader_settings(data_cfg, local_world_size, accelerator,
-                              torch.Generator().manual_seed(seed + 1000 * rank))
-    data_cfg = _with_pool_checked(data_cfg, common, micro_batch, train_set or val_set,
-                                  local_world_size)
+def build_loaders(plan: RunPlan, world: World, accelerator: bool) -> Loaders:
+    """Loaders whose training batches are one micro-step's (plan.batches.micro):
+    plan.batches.accumulate_steps of them make one optimizer step. Validation's are
+    plan.batches.val_per_rank. mode=eval reads the validation split alone."""
+    dataset, batches, seed = plan.dataset, plan.batches, plan.train.seed
+    train_set, val_set = build_datasets(dataset, seed, (plan.val_resize_size, plan.val_crop_size),
+                                        train=plan.mode != "eval")
+    # The one check the parent cannot make: it counts the images, which only building tells.
+    if train_set is not None and len(train_set) < batches.global_batch:
+        raise ConfigError(f"train.batch_size={batches.global_batch} is larger than the training "
+                          f"set ({len(train_set)} images)")
+    common = _loader_settings(dataset, world.local_world_size, accelerator,
+                              torch.Generator().manual_seed(seed + 1000 * world.rank))
+    reuse = _reuse_batch_memory(dataset, common, batches.micro, train_set or val_set,
+                                world.local_world_size, plan.val_crop_size)
     train_sampler, train_loader = None, None
     if train_set is not None:
-        train_sampler = TrainSampler(len(train_set), rank, world_size, seed,
-                                     ra_reps=int(data_cfg.get("ra_reps", 1)),
-                                     micro_batch=micro_batch, accumulate_steps=accumulate_steps)
+        train_sampler = TrainSampler(len(train_set), world.rank, world.world_size, seed,
+                                     ra_reps=int(dataset.ra_reps), micro_batch=batches.micro,
+                                     accumulate_steps=batches.accumulate_steps)
         # drop_last keeps every step's shape static (graph-compiling NPUs, torch.compile).
-        train_loader = _loader(train_set, data_cfg, common, batch_size=micro_batch,
+        train_loader = _loader(train_set, reuse, common, batch_size=batches.micro,
                                sampler=train_sampler, drop_last=True)
-    val = _loader(val_set, data_cfg, common,
-                  batch_size=val_batch // world_size if val_batch else micro_batch,
-                  sampler=ExactValSampler(len(val_set), rank, world_size), drop_last=False)
-    return Loaders(train_loader, val, train_sampler, num_classes, per_rank_batch,
-                   class_names=getattr(val_set, "classes", None),
-                   accumulate_steps=accumulate_steps)
+    val = _loader(val_set, reuse, common, batch_size=batches.val_per_rank,
+                  sampler=ExactValSampler(len(val_set), world.rank, world.world_size),
+                  drop_last=False)
+    return Loaders(train_loader, val, train_sampler, plan.num_classes,
+                   class_names=getattr(val_set, "classes", None))
 
 
-def _loader_settings(data_cfg: Any, local_world_size: int, accelerator: bool,
+def _loader_settings(dataset: DatasetConfig, local_world_size: int, accelerator: bool,
                      generator: torch.Generator) -> dict[str, Any]:
     """The DataLoader arguments both loaders share: workers, pinning, seeding."""
-    workers = data_cfg["workers"]
-    workers = (default_workers(data_cfg["name"], local_world_size, accelerator)
-               if workers in ("auto", None) else int(workers))
-    pin_memory = accelerator and bool(data_cfg.get("pin_memory", True))
+    workers = (default_workers(dataset.name, local_world_size, accelerator)
+               if dataset.workers == "auto" else int(dataset.workers))
+    pin_memory = accelerator and bool(dataset.pin_memory)
     common: dict[str, Any] = dict(num_workers=workers, pin_memory=pin_memory,
                                   worker_init_fn=_seed_worker, generator=generator)
     if workers > 0:
-        common.update(persistent_workers=bool(data_cfg.get("persistent_workers", True)),
-                      prefetch_factor=int(data_cfg.get("prefetch_factor", 2)),
+        common.update(persistent_workers=bool(dataset.persistent_workers),
+                      prefetch_factor=int(dataset.prefetch_factor),
                       multiprocessing_context=worker_start_method())
     return common
 
 
-def _with_pool_checked(data_cfg: Any, common: dict[str, Any], loader_batch: int,
-                       dataset: Dataset, processes_on_node: int) -> Any:
-    """data_cfg, with reuse_batch_memory turned off where /dev/shm cannot hold the pools."""
-    pooled = (getattr(dataset, "collate", None) and common.get("persistent_workers")
-              and data_cfg.get("reuse_batch_memory", True))
+def _reuse_batch_memory(dataset: DatasetConfig, common: dict[str, Any], loader_batch: int,
+                        data: Dataset, processes_on_node: int, val_crop_size: int) -> bool:
+    """dataset.reuse_batch_memory, turned off where /dev/shm cannot hold the pools."""
+    pooled = (getattr(data, "collate", None) and common.get("persistent_workers")
+              and dataset.reuse_batch_memory)
     if not pooled:
-        return data_cfg
+        return bool(dataset.reuse_batch_memory)
     # The pool's segments hold the larger of the training crop and validation's.
-    size = max(int(data_cfg["image_size"]), T.val_sizes(data_cfg)[1])
+    size = max(int(dataset.image_size), val_crop_size)
     batch_bytes = loader_batch * (3 * size * size + 8)  # uint8 images and int64 labels
-    if pool_fits(batch_bytes, common["num_workers"], common["prefetch_factor"], loaders=2,
-                 processes_on_node=processes_on_node):
-        return data_cfg
-    return {**data_cfg, "reuse_batch_memory": False}
+    return pool_fits(batch_bytes, common["num_workers"], common["prefetch_factor"], loaders=2,
+                     processes_on_node=processes_on_node)
 
 
-def _loader(dataset: Dataset, data_cfg: Any, common: dict[str, Any], **kwargs: Any) -> DataLoader:
+def _loader(data: Dataset, reuse_batch_memory: bool, common: dict[str, Any],
+            **kwargs: Any) -> DataLoader:
     """A DataLoader; a PooledLoader where persistent workers collate the dataset's own batches."""
-    collate = getattr(dataset, "collate", None)
-    if not (collate and common.get("persistent_workers")
-            and data_cfg.get("reuse_batch_memory", True)):
-        return DataLoader(dataset, collate_fn=collate, **common, **kwargs)
+    collate = getattr(data, "collate", None)
+    if not (collate and common.get("persistent_workers") and reuse_batch_memory):
+        return DataLoader(data, collate_fn=collate, **common, **kwargs)
     # A worker has at most prefetch_factor batches in flight, and the training process holds
     # one more (the batch it is using): with that many segments a worker never falls back.
     pool = BatchPool(common["num_workers"], slots_per_worker=common["prefetch_factor"] + 1)
-    return PooledLoader(dataset, pool, collate_fn=partial(pool.collate, fallback=collate),
+    return PooledLoader(data, pool, collate_fn=partial(pool.collate, fallback=collate),
                         **common, **kwargs)

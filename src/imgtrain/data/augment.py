@@ -9,7 +9,7 @@ dataset.workers=0) is restored untouched afterwards.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torchvision.transforms import v2
@@ -17,6 +17,9 @@ from torchvision.transforms import v2
 from imgtrain.data.synthetic import mix
 from imgtrain.data.transforms import IMAGENET_MEAN
 from imgtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from imgtrain.config import DatasetConfig
 
 AUTO_AUGMENT = ("ta_wide", "ra", "augmix")
 # torchvision's reference erases after normalisation with value 0, i.e. to the mean colour:
@@ -26,8 +29,8 @@ ERASE_VALUE = tuple(round(255 * mean) for mean in IMAGENET_MEAN)
 _SALT = 0xA5A5_0016
 
 
-def check_augment(data_cfg: Any) -> None:
-    policy, erase = data_cfg.get("auto_augment"), data_cfg.get("random_erase", 0.0)
+def check_augment(dataset: DatasetConfig) -> None:
+    policy, erase = dataset.auto_augment, dataset.random_erase
     if policy is not None and policy not in AUTO_AUGMENT:
         raise ConfigError(f"unknown dataset.auto_augment {policy!r}; choose one of "
                           f"{', '.join(AUTO_AUGMENT)} (or null: off)")
@@ -61,10 +64,10 @@ class SampleAugment:
             return self.transform(image)
 
 
-def build_augment(data_cfg: Any) -> SampleAugment | None:
-    """The training images' augmentation, or None when it is off (the datasets' fast path)."""
-    check_augment(data_cfg)
-    policy, erase = data_cfg.get("auto_augment"), float(data_cfg.get("random_erase", 0.0))
+def build_augment(dataset: DatasetConfig) -> SampleAugment | None:
+    """The training images' augmentation, or None when it is off (the datasets' fast path).
+    Its keys were checked in the parent (check_augment, through data.check_dataset)."""
+    policy, erase = dataset.auto_augment, float(dataset.random_erase)
     if policy is None and erase == 0.0:
         return None
     return SampleAugment(policy, erase)

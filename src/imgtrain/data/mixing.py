@@ -7,34 +7,37 @@ run mixes exactly as the uninterrupted one; the device only does the arithmetic.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torchvision.transforms import v2
 
 from imgtrain.errors import ConfigError
 
+if TYPE_CHECKING:
+    from imgtrain.config import DatasetConfig
+
 BatchMix = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def check_mixing(data_cfg: Any) -> None:
+def check_mixing(dataset: DatasetConfig) -> None:
     for key in ("mixup_alpha", "cutmix_alpha"):
-        alpha = data_cfg.get(key, 0.0)
+        alpha = getattr(dataset, key)
         if alpha < 0:
             raise ConfigError(f"dataset.{key}={alpha} must be 0 (off) or positive")
 
 
-def build_batch_mix(data_cfg: Any, num_classes: int) -> BatchMix | None:
+def build_batch_mix(dataset: DatasetConfig, num_classes: int) -> BatchMix | None:
     """(images, labels) -> (mixed images, soft targets), or None when both alphas are 0.
+    The alphas were checked in the parent (check_mixing, through checks.recipe).
 
     With both set, each batch gets one of the two, with equal chance (torchvision's references).
     """
-    check_mixing(data_cfg)
     mixes = []
-    if data_cfg.get("mixup_alpha", 0.0) > 0:
-        mixes.append(v2.MixUp(alpha=data_cfg["mixup_alpha"], num_classes=num_classes))
-    if data_cfg.get("cutmix_alpha", 0.0) > 0:
-        mixes.append(v2.CutMix(alpha=data_cfg["cutmix_alpha"], num_classes=num_classes))
+    if dataset.mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=dataset.mixup_alpha, num_classes=num_classes))
+    if dataset.cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=dataset.cutmix_alpha, num_classes=num_classes))
     if not mixes:
         return None
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

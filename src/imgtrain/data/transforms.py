@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from imgtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from imgtrain.config import DatasetConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,20 +69,22 @@ def val_resize(image_size: int) -> int:
     return int(round(image_size / VAL_RESIZE_RATIO))
 
 
-def val_sizes(data_cfg: Any) -> tuple[int, int]:
+def val_sizes(dataset: DatasetConfig) -> tuple[int, int]:
     """(short side to resize to, centre crop) for validation, predict and export, checked.
+    The parent derives them once (plan.val_resize_size, plan.val_crop_size); read those.
 
     dataset.val_crop_size defaults to image_size and val_resize_size to the crop / 0.875, so
     setting only the crop keeps the usual ratio (224 -> 256).
     """
     for key in VAL_SIZE_KEYS:
-        if data_cfg.get(key) is not None and int(data_cfg[key]) < 1:
-            raise ConfigError(f"dataset.{key}={data_cfg[key]} must be a positive number of "
+        value = getattr(dataset, key)
+        if value is not None and int(value) < 1:
+            raise ConfigError(f"dataset.{key}={value} must be a positive number of "
                               "pixels (or null)")
-    crop = data_cfg.get("val_crop_size") or int(data_cfg["image_size"])
-    resize = data_cfg.get("val_resize_size") or val_resize(crop)
+    crop = dataset.val_crop_size or int(dataset.image_size)
+    resize = dataset.val_resize_size or val_resize(crop)
     if crop > resize:
-        crop_key = "val_crop_size" if data_cfg.get("val_crop_size") else "image_size"
+        crop_key = "val_crop_size" if dataset.val_crop_size else "image_size"
         raise ConfigError(f"dataset.{crop_key}={crop} is larger than val_resize_size={resize}: "
                           "validation resizes the short side, then centre-crops inside it")
     return resize, crop

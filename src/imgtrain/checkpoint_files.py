@@ -1,6 +1,6 @@
 """Checkpoint files: atomic writes, one serialisation linked under several names, retention,
 integrity checks, and each rank's RNG state. What a checkpoint holds is the Trainer's
-`state_dict()` / `load_state_dict()`."""
+`state_dict()` / `load_state_dict()`; when one is written, checkpoint_policy.py."""
 from __future__ import annotations
 
 import json
@@ -11,12 +11,15 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from imgtrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from imgtrain.plan import RunPlan
 
 log = logging.getLogger("imgtrain")
 FORMAT_VERSION = 1
@@ -102,6 +105,20 @@ def resume_path(output_dir: Path, resume: Any) -> Path | None:
     return path
 
 
+def identity(plan: RunPlan) -> dict[str, Any]:
+    """What a run's checkpoint must share with the run that resumes it: saved in every checkpoint
+    and compared on resume (check_compatible)."""
+    return {"arch": plan.model.arch, "num_classes": plan.num_classes,
+            "global_batch_size": plan.batches.global_batch, "freeze": plan.model.freeze}
+
+
+def load_resume(path: Path, plan: RunPlan) -> dict[str, Any]:
+    """The checkpoint a run resumes from, refused when it belongs to another kind of run."""
+    saved = load(path)
+    check_compatible(saved, identity(plan), path)
+    return saved
+
+
 def check_compatible(saved: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
     """Refuse to resume into another arch, class count or global batch size."""
     for key, value in identity.items():
@@ -166,11 +183,14 @@ class CheckpointWriter:
     """Rank 0's checkpoint files: one serialisation per save, linked as last.pt, best.pt and the
     numbered file; retention; and the train.on_checkpoint_error policy."""
 
-    def __init__(self, folder: Path, train_cfg: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, *, keep: int | None = None, on_error: str = "fail",
+                 enabled: bool = True) -> None:
+        """`keep`, `on_error` and `enabled`: train.keep_checkpoints, on_checkpoint_error and
+        save_checkpoints."""
         self.folder = folder
-        self.keep = train_cfg.get("keep_checkpoints")
-        self.warn_on_error = train_cfg.get("on_checkpoint_error") == "warn"
-        self.enabled = bool(train_cfg.get("save_checkpoints", True))
+        self.keep = keep
+        self.warn_on_error = on_error == "warn"
+        self.enabled = enabled
         self.last_attempt = time.monotonic()  # successful or not: intervals count from here
         self.last_written = False  # whether the latest save reached the disk
 
