@@ -6,7 +6,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from imgtrain.errors import run_main
+from imgtrain.cli import run_main
 from imgtrain.rundir import with_recorded_overrides
 
 

@@ -8,20 +8,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from imgtrain import device as devices, preemption, records, rundir
-from imgtrain.config import check_choices, lr_rule, unknown_keys
+from imgtrain.cli import config_error_line
+from imgtrain.config import check_choices, lr_rule, unknown_key_line, unknown_keys
 from imgtrain.data import SPLITS, check_dataset, cpu_cores
 from imgtrain.data.mixing import check_mixing
 from imgtrain.data.transforms import val_sizes
 from imgtrain.distributed import (WorkerFailed, check_world, launch, planned_world_size,
                                   started_by_torchrun)
 from imgtrain.ema import check_ema
-from imgtrain.errors import (ConfigError, Preempted, config_error_line, one_line,
-                             unknown_key_line)
+from imgtrain.errors import ConfigError, JobFailed, Preempted, one_line
 from imgtrain.models import check_arch, check_compile, check_freeze
 from imgtrain.optim import check_schedule
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
@@ -31,10 +30,6 @@ from imgtrain.slurm import job_world, requeue_count, requeue_self
 log = logging.getLogger("imgtrain")
 MODES = ("train", "eval", "bench_data", "predict", "export")
 NO_DATASET = ("predict", "export")  # they read images or nothing, not dataset.root
-
-
-class JobFailed(CompactHydraException):
-    """A sweep job failed: Hydra prints just this line, runs the other jobs, then exits non-zero."""
 
 
 def resolve(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
