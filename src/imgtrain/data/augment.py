@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-from imgtrain.data.synthetic import mix
-from imgtrain.data.transforms import IMAGENET_MEAN
+from imgtrain.data.transforms import IMAGENET_MEAN, mix
 from imgtrain.errors import ConfigError
 
 AUTO_AUGMENT = ("ta_wide", "ra", "augmix")
