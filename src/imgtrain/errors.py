@@ -1,5 +1,5 @@
 """The exception types a user can cause, and the one line each shows. A leaf: it imports nothing
-of imgtrain. How the command line presents them (Hydra's messages, Ctrl-C, exit codes) is cli.py's."""
+of imgtrain. How the command line presents them (Hydra's messages, Ctrl-C, exit codes): cli.py."""
 from __future__ import annotations
 
 from hydra.errors import CompactHydraException

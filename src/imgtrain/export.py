@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from imgtrain.checkpoint import write_atomic
 from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, val_sizes
 from imgtrain.errors import ConfigError
+from imgtrain.fileio import write_atomic
 from imgtrain.models import build_model
 from imgtrain.weights import WeightsFile, load_into
 

@@ -5,9 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from imgtrain.checkpoint import write_json_atomic
+from imgtrain.fileio import write_json_atomic
 from imgtrain.slurm import job_id
 
 RESULTS = "results.json"
@@ -43,17 +41,24 @@ def identity(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["mode"] in WEIGHTS_ONLY:
         return {"arch": cfg["model"]["arch"], "device": cfg["device"].get("resolved")
                 or cfg["device"]["name"], "weights": cfg["model"]["weights"],
-                "torch_version": torch.__version__, "overrides": cfg.get("overrides", []),
+                "torch_version": _torch_version(), "overrides": cfg.get("overrides", []),
                 "mode": cfg["mode"]}
     return {
         "arch": cfg["model"]["arch"], "dataset": cfg["dataset"]["name"],
         "device": cfg["device"].get("resolved") or cfg["device"]["name"],
         "world_size": cfg["world"]["nproc_per_node"] * cfg["world"]["nnodes"],
-        "amp": cfg["amp"]["level"], "torch_version": torch.__version__,
+        "amp": cfg["amp"]["level"], "torch_version": _torch_version(),
         "global_batch_size": cfg["train"]["batch_size"], "lr": cfg["optim"]["lr"],
         "overrides": cfg.get("overrides", []), "mode": cfg["mode"],
         **({"slurm_job_id": job_id()} if job_id() else {}),
     }
+
+
+def _torch_version() -> str:
+    # Imported here: rundir.py reads results.json while the command starts, before torch is needed.
+    import torch
+
+    return torch.__version__
 
 
 def read(path: Path) -> dict[str, Any] | None:
