@@ -168,7 +168,7 @@ def test_unknown_key_or_group_option_fails(tmp_path: Path) -> None:
     for override in ("optim.lrr=0.1", "+optim.lrr=0.1"):  # Hydra's refusal, and imgtrain's
         proc = run_cli("experiment=quickstart", override, f"hydra.run.dir={tmp_path}")
         assert_clean_error(proc, "unknown config key optim.lrr (did you mean optim.lr?)")
-    from imgtrain.errors import unknown_key_line
+    from imgtrain.config import unknown_key_line
     assert "did you mean" not in unknown_key_line("optim.zzz")  # nothing close: no guess
     proc = run_cli("experiment=quickstart", "model=resnet7", f"hydra.run.dir={tmp_path}")
     assert_clean_error(proc, "resnet7", "resnet18")

@@ -14,7 +14,7 @@ import torch
 
 from conftest import (CliProcess, assert_clean_error, read_results, run_cli, start_cli,
                       wait_for)
-from imgtrain import errors, preemption, rundir
+from imgtrain import cli, preemption, rundir
 from imgtrain.distributed import SHUTDOWN_SECONDS
 from imgtrain.optim import lr_factor
 
@@ -415,7 +415,7 @@ def test_ctrl_c_while_the_command_starts_is_one_line_and_leaves_no_run_folder(
         raise KeyboardInterrupt
 
     with pytest.raises(SystemExit) as ended:
-        errors.run_main(interrupted_start)
+        cli.run_main(interrupted_start)
     assert ended.value.code == 130
     assert capsys.readouterr().err == ("interrupted by SIGINT before training started; nothing "
                                        "to resume (exit code 130)\n")

@@ -19,8 +19,8 @@ from imgtrain import preemption, records, rundir
 from imgtrain.data import cpu_cores
 from imgtrain.distributed import WorkerFailed, launch
 from imgtrain.errors import ConfigError, Preempted, one_line
-from imgtrain.plan import Launch, RunPlan, resolve
-from imgtrain.results import RESULTS, identity, raw_identity, read as read_results, record_failure
+from imgtrain.plan import Launch, RunPlan, identify, resolve
+from imgtrain.results import RESULTS, as_written, identity, read as read_results, record_failure
 from imgtrain.slurm import requeue_self
 
 log = logging.getLogger("imgtrain")
@@ -41,12 +41,13 @@ class Outcome:
 def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) -> Outcome:
     """Run one job and say how it ended."""
     started = time.time()
-    failure_identity = raw_identity(OmegaConf.to_container(cfg, resolve=False), overrides)
+    failure_identity = as_written(OmegaConf.to_container(cfg, resolve=False))
     _console()
     plan: RunPlan | None = None
     try:
-        plan = resolve(cfg, overrides)
-        failure_identity = identity(plan)
+        run_identity = identify(cfg, overrides)
+        failure_identity = identity(run_identity)
+        plan = resolve(run_identity)
         check_directory(plan, output_dir)
         warn_about(plan)
         announce_launch(plan)
@@ -173,14 +174,14 @@ def _worker_entry() -> Any:
     return worker
 
 
-def _record(identity_: dict[str, Any], output_dir: str, error: str, started: float) -> None:
+def _record(identity_: dict[str, Any] | None, output_dir: str, error: str, started: float) -> None:
     try:
         record_failure(Path(output_dir), identity_, error, since=started)
     except (OSError, KeyError, TypeError):
         pass  # never mask the original error with a bookkeeping one
 
 
-def _fail(identity_: dict[str, Any], output_dir: str, error: str, started: float,
+def _fail(identity_: dict[str, Any] | None, output_dir: str, error: str, started: float,
           multirun: bool) -> Outcome:
     """A user error. A sweep job keeps an error record; a single run that changed nothing
     leaves nothing behind."""

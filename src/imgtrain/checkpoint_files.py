@@ -3,7 +3,6 @@ integrity checks, and each rank's RNG state. What a checkpoint holds is the Trai
 `state_dict()` / `load_state_dict()`; when one is written, checkpoint_policy.py."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from imgtrain.errors import ConfigError
+from imgtrain.fileio import write_atomic
 
 if TYPE_CHECKING:
     from imgtrain.plan import RunPlan
@@ -25,25 +25,6 @@ log = logging.getLogger("imgtrain")
 FORMAT_VERSION = 1
 LAST, BEST = "last.pt", "best.pt"
 _NUMBERED = re.compile(r"^(epoch|step)-(\d+)\.pt$")
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Write through a temporary file and os.replace, so a crash leaves the old file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, lambda f: f.write((json.dumps(data, indent=2, default=str) + "\n").encode()))
 
 
 def save(state: dict[str, Any], path: Path) -> None:

@@ -9,6 +9,7 @@ config is resolved: before any process starts.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -301,6 +302,15 @@ def schema_keys() -> list[str]:
             return [prefix.rstrip(".")]
         return [key for name, value in node.items() for key in walk(value, f"{prefix}{name}.")]
     return walk(OmegaConf.to_container(OmegaConf.structured(Config), resolve=False), "")
+
+
+def unknown_key_line(key: str, added: bool = False) -> str:
+    """The error for a key the schema lacks, with the nearest known key where one is close
+    (`optim.lrr` -> optim.lr, `train.epoch` -> train.epochs)."""
+    close = difflib.get_close_matches(key, schema_keys(), n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]}?)" if close else " (added with +)" if added else ""
+    return (f"unknown config key {key}{hint}; python run.py --help lists the groups, and conf/ "
+            "holds every key")
 
 
 def _extra(actual: Any, schema: Any, prefix: str) -> list[str]:

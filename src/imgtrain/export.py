@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from imgtrain.checkpoint_files import write_atomic
 from imgtrain.config import ExportConfig
 from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from imgtrain.errors import ConfigError
+from imgtrain.fileio import write_atomic
 from imgtrain.models import build_model
 from imgtrain.weights import WeightsFile, load_into
 

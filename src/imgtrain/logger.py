@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imgtrain.checkpoint_files import write_json_atomic
+from imgtrain.fileio import write_json_atomic
 from imgtrain.progress import ConsoleHandler
 
 log = logging.getLogger("imgtrain")

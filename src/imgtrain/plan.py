@@ -178,27 +178,47 @@ def typed(cfg: DictConfig) -> Config:
     return Config(**sections)
 
 
-def resolve(cfg: DictConfig, overrides: list[str]) -> RunPlan:
-    """Check the composed config and derive every value a run needs, once, before any process
-    starts; a mistake raises ConfigError naming it."""
+@dataclass(frozen=True)
+class Identity:
+    """What the run is, known before its checks: a failure record names it (results.identity)."""
+
+    cfg: Config
+    overrides: tuple[str, ...]
+    device: str
+    job: Job
+    lr_rule: str
+
+
+def identify(cfg: DictConfig, overrides: list[str]) -> Identity:
+    """The typed config, its device and its processes; ConfigError where even those are wrong."""
     config = typed(cfg)
     check_choices(config)
+    return Identity(cfg=config, overrides=tuple(overrides),
+                    device=devices.resolve_name(config.device.name),
+                    job=plan_job(config.world), lr_rule=lr_rule(cfg))
+
+
+def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> RunPlan:
+    """Check the config and derive every value a run needs, once, before any process starts; a
+    mistake raises ConfigError naming it. `run`: the composed config (with the command line's
+    `overrides`), or what `identify` made of it."""
+    if not isinstance(run, Identity):
+        run = identify(run, overrides or [])
+    config, device, job = run.cfg, run.device, run.job
     checks.mode_and_model(config)
-    device = devices.resolve_name(config.device.name)
     info = devices.DeviceInfo(device)
     dtype = resolve_dtype(config.amp.level, str(config.amp.dtype), info)
     scale = resolve_loss_scale(config.amp.level, dtype, config.amp.loss_scale)
-    job = plan_job(config.world)
     checks.world(config, job, device)
     batches = Batches.plan(config, job.world_size)
     checks.train_settings(config)
     num_classes = checks.data_for_mode(config, job)
-    adopted = _adopt_weights(config, overrides)
+    adopted = _adopt_weights(config, run.overrides)
     resize, crop = val_sizes(config.dataset)
     config.seal()
     return RunPlan(
-        cfg=config, overrides=tuple(overrides), device=device, job=job, batches=batches,
-        amp=Amp(config.amp.level, dtype, scale), lr_rule=lr_rule(cfg),
+        cfg=config, overrides=run.overrides, device=device, job=job, batches=batches,
+        amp=Amp(config.amp.level, dtype, scale), lr_rule=run.lr_rule,
         channels_last=(device == "gpu" if config.model.channels_last == "auto"
                        else bool(config.model.channels_last)),
         fused_sgd=resolve_fused(config.optim.fused, info, loss_scaled=scale is not None),
@@ -206,9 +226,9 @@ def resolve(cfg: DictConfig, overrides: list[str]) -> RunPlan:
         adopted=tuple(adopted))
 
 
-def _adopt_weights(config: Config, overrides: list[str]) -> list[str]:
+def _adopt_weights(config: Config, overrides: tuple[str, ...]) -> list[str]:
     """mode=eval|predict|export: the checkpoint names its model (model_weights.adopt); the lines
     saying what was taken from it, which the worker logs to train.log."""
     if config.mode not in ("eval", "predict", "export"):
         return []
-    return model_weights.adopt(config, model_weights.explicit_keys(overrides))
+    return model_weights.adopt(config, model_weights.explicit_keys(list(overrides)))

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from imgtrain.checkpoint_files import write_atomic
 from imgtrain.data.imagefolder import jpeg_size, read_bytes, val_image
 from imgtrain.data.transforms import Normalizer
 from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
+from imgtrain.fileio import write_atomic
 from imgtrain.models import build_model
 from imgtrain.weights import WeightsFile, load_into
 

@@ -3,19 +3,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
-import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from imgtrain.checkpoint_files import write_json_atomic
-from imgtrain.config import Config, check_choices
-from imgtrain.errors import ConfigError
+from imgtrain.fileio import write_json_atomic
 from imgtrain.slurm import job_id
 
 if TYPE_CHECKING:
-    from imgtrain.plan import RunPlan
+    from imgtrain.plan import Identity, RunPlan
 
 RESULTS = "results.json"
 WEIGHTS_ONLY = ("predict", "export")  # modes that read model.weights and no dataset
@@ -43,63 +37,50 @@ def run_results(plan: RunPlan, trainer: Any) -> dict[str, Any]:
     }
 
 
-def identity(plan: RunPlan) -> dict[str, Any]:
+def identity(run: RunPlan | Identity) -> dict[str, Any]:
     """What the run is, known before any process starts. mode=predict and export record no
     training settings: they use none (no AMP, batch or lr; one process)."""
-    return _identity(plan.cfg, plan.device, plan.world_size, plan.overrides)
-
-
-def _identity(config: Config, device: str, world_size: int,
-              overrides: Iterable[str]) -> dict[str, Any]:
+    config = run.cfg
     if config.mode in WEIGHTS_ONLY:
-        return {"arch": config.model.arch, "device": device, "weights": config.model.weights,
-                "torch_version": torch.__version__, "overrides": list(overrides),
+        return {"arch": config.model.arch, "device": run.device, "weights": config.model.weights,
+                "torch_version": _torch_version(), "overrides": list(run.overrides),
                 "mode": config.mode}
     return {
-        "arch": config.model.arch, "dataset": config.dataset.name, "device": device,
-        "world_size": world_size, "amp": config.amp.level, "torch_version": torch.__version__,
+        "arch": config.model.arch, "dataset": config.dataset.name, "device": run.device,
+        "world_size": run.job.world_size, "amp": config.amp.level,
+        "torch_version": _torch_version(),
         # train.batch_size even for mode=eval, whose own batch run_results records once it runs
         "global_batch_size": config.train.batch_size, "lr": config.optim.lr,
-        "overrides": list(overrides), "mode": config.mode,
+        "overrides": list(run.overrides), "mode": config.mode,
         **({"slurm_job_id": job_id()} if job_id() else {}),
     }
 
 
-def raw_identity(composed: dict[str, Any], overrides: list[str]) -> dict[str, Any] | None:
-    """The identity of a run that failed before it had a plan, from the composed config (as
-    `OmegaConf.to_container(cfg, resolve=False)` gives it): as `identity` where the config
-    resolves far enough (known keys, interpolations, choices, device, world), so that a sweep's
-    error record of a bad dataset.root still names the job's overrides and lr; else its values as
+def as_written(composed: dict[str, Any]) -> dict[str, Any] | None:
+    """The identity of a run whose config could not even be identified (an unknown key, a bad
+    value for a key of few choices, no such device), from the composed config's values as
     written (optim.lr may be its ${...} rule); None where not even those can be read."""
-    from imgtrain import device as devices  # here: results.json's readers need neither
-    from imgtrain.jobenv import plan_job
-    from imgtrain.plan import typed
-    try:
-        config = typed(OmegaConf.merge(OmegaConf.structured(Config), composed))
-        check_choices(config)
-        device = devices.resolve_name(config.device.name)
-        world_size = plan_job(config.world).world_size
-    except (ConfigError, OmegaConfBaseException):
-        return _as_written(composed)
-    return _identity(config, device, world_size, overrides)
-
-
-def _as_written(composed: dict[str, Any]) -> dict[str, Any] | None:
     try:
         model, mode, device = composed["model"], composed["mode"], composed["device"]["name"]
         if mode in WEIGHTS_ONLY:
             return {"arch": model["arch"], "device": device, "weights": model["weights"],
-                    "torch_version": torch.__version__, "overrides": [], "mode": mode}
+                    "torch_version": _torch_version(), "overrides": [], "mode": mode}
         world = composed["world"]
         return {
             "arch": model["arch"], "dataset": composed["dataset"]["name"], "device": device,
             "world_size": world["nproc_per_node"] * world["nnodes"],
-            "amp": composed["amp"]["level"], "torch_version": torch.__version__,
+            "amp": composed["amp"]["level"], "torch_version": _torch_version(),
             "global_batch_size": composed["train"]["batch_size"], "lr": composed["optim"]["lr"],
             "overrides": [], "mode": mode, **({"slurm_job_id": job_id()} if job_id() else {}),
         }
     except (KeyError, TypeError):
         return None
+
+
+def _torch_version() -> str:
+    # Imported here: the report and the SLURM launcher read results.json without torch.
+    import torch
+    return torch.__version__
 
 
 def read(path: Path) -> dict[str, Any] | None:
@@ -114,8 +95,8 @@ def record_failure(output_dir: Path, run_identity: dict[str, Any] | None, error:
     """Mark the run failed, without overwriting results that this invocation did not write.
 
     A results.json is ours to mark if it is absent, or if it says `running` and was written after
-    `since` (this invocation's start). `run_identity` (`identity`, or `raw_identity` before a
-    plan) is written where there are no results to mark; None: then nothing is written.
+    `since` (this invocation's start). `run_identity` (`identity`, or `as_written` before
+    one) is written where there are no results to mark; None: then nothing is written.
     """
     path = output_dir / RESULTS
     previous = read(path)

@@ -121,7 +121,7 @@ def _outcome(job: Any, overrides: list[str]) -> JobReturn:
     try:
         return job.results()[0]
     except (UncompletedJobError, FailedJobError):
-        from imgtrain.app import JobFailed
+        from imgtrain.errors import JobFailed
 
         sweep_job = " ".join(overrides) or "defaults"
         error = (f"error: SLURM job {job.job_id} ended {job.state} without a result "

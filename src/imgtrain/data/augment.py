@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torchvision.transforms import v2
 
-from imgtrain.data.synthetic import mix
-from imgtrain.data.transforms import IMAGENET_MEAN
+from imgtrain.data.transforms import IMAGENET_MEAN, mix
 from imgtrain.errors import ConfigError
 
 if TYPE_CHECKING:

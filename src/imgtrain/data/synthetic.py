@@ -14,19 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # augment.py imports mix() from here
+from imgtrain.data.transforms import mix
+
+if TYPE_CHECKING:
     from imgtrain.data.augment import SampleAugment
 
 NOISE_FIELDS = 8  # with every offset: 8 * image_size^2 distinct noise images
-_MASK = (1 << 64) - 1
-
-
-def mix(seed: int) -> int:
-    """splitmix64's finaliser: 64 well-mixed bits from any seed, far cheaper than random.Random."""
-    x = (seed + 0x9E3779B97F4A7C15) & _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
-    return x ^ (x >> 31)
 
 
 class Synthetic(torch.utils.data.Dataset):

@@ -22,11 +22,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VAL_RESIZE_RATIO = 0.875  # validation resizes to image_size / 0.875 (256 for 224), then centre-crops
 VAL_SIZE_KEYS = ("val_resize_size", "val_crop_size")
+_MASK = (1 << 64) - 1
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A seed for one sample's augmentation in one epoch, the same whatever worker decodes it."""
     return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
+def mix(seed: int) -> int:
+    """splitmix64's finaliser: 64 well-mixed bits from any seed, far cheaper than random.Random."""
+    x = (seed + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
 
 
 def train_crop_params(width: int, height: int, seed: int) -> tuple[tuple[int, int, int, int], bool]:
