@@ -17,16 +17,16 @@ from imgtrain.config import check_choices, lr_rule, unknown_keys
 from imgtrain.data import SPLITS, check_dataset, cpu_cores
 from imgtrain.data.mixing import check_mixing
 from imgtrain.data.transforms import val_sizes
-from imgtrain.distributed import (WorkerFailed, check_world, launch, planned_world_size,
-                                  started_by_torchrun)
+from imgtrain.distributed import WorkerFailed, check_world, launch
 from imgtrain.ema import check_ema
 from imgtrain.errors import (ConfigError, Preempted, config_error_line, one_line,
                              unknown_key_line)
+from imgtrain.jobenv import plan_job, started_by_torchrun
 from imgtrain.models import check_arch, check_compile, check_freeze
 from imgtrain.optim import check_schedule
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 from imgtrain.results import RESULTS, read as read_results, record_failure
-from imgtrain.slurm import job_world, requeue_count, requeue_self
+from imgtrain.slurm import requeue_count, requeue_self
 
 log = logging.getLogger("imgtrain")
 MODES = ("train", "eval", "bench_data", "predict", "export")
@@ -51,7 +51,7 @@ def resolve(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     config["overrides"] = overrides
     config["optim"]["lr_rule"] = lr_rule(cfg)
     config["device"]["resolved"] = devices.resolve_name(config["device"]["name"])
-    config["world"] = job_world(config["world"])  # a SLURM job's nodes, unless none
+    config["world"] = plan_job(config["world"]).as_world()  # a SLURM job's nodes, unless none
     return config
 
 
@@ -66,7 +66,7 @@ def check(config: dict[str, Any]) -> None:
     dtype = resolve_dtype(config["amp"]["level"], str(config["amp"]["dtype"]), device)
     resolve_loss_scale(config["amp"]["level"], dtype, config["amp"]["loss_scale"])
     evaluating = config["mode"] == "eval"  # its batch is its own, its data the val split alone
-    check_world(config["world"], device.name,
+    check_world(plan_job(config["world"]), device.name,
                 None if evaluating else config["train"]["batch_size"])
     check_eval_batch(config)
     for key in ("epochs", "print_freq", "accumulate_steps"):
@@ -96,7 +96,7 @@ def check_eval_batch(config: dict[str, Any]) -> None:
         if config["mode"] != "eval":
             return  # training validates with its micro-step's batch
         key, batch = "train.batch_size", config["train"]["batch_size"]
-    processes = planned_world_size(config["world"])
+    processes = plan_job(config["world"]).world_size
     if batch < 1 or batch % processes:
         raise ConfigError(f"{key}={batch} must be a positive multiple of the {processes} "
                           "process(es)")
@@ -105,7 +105,7 @@ def check_eval_batch(config: dict[str, Any]) -> None:
 
 def check_recipe(config: dict[str, Any]) -> None:
     """The training recipe's values that no type check catches."""
-    train, processes = config["train"], planned_world_size(config["world"])
+    train, processes = config["train"], plan_job(config["world"]).world_size
     micro_steps = processes * train["accumulate_steps"]
     if train["batch_size"] % micro_steps:
         raise ConfigError(f"train.batch_size={train['batch_size']} does not split into "
@@ -161,7 +161,7 @@ def announce_launch(config: dict[str, Any]) -> None:
     """Ranks take seconds each to start (each imports torch, then all rendezvous): a line says
     what is starting before that silence."""
     world = config["world"]
-    if planned_world_size(world) > 1 and not started_by_torchrun():
+    if plan_job(world).launches_ranks:
         node = (f" on node {world['node_rank']} of {world['nnodes']}"
                 if int(world["nnodes"]) > 1 else "")
         follows = "the start summary" if config["mode"] == "train" else "rank 0's output"
@@ -191,7 +191,7 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
         config["run_dir_reason"] = rundir.reason(output_dir)  # for the start summary
         config["resume_hint"] = _resume_hint(config, output_dir, multirun)
         with rundir.hold(output_dir) if config["mode"] == "train" else contextlib.nullcontext():
-            results = launch(_worker_entry(), config, output_dir)
+            results = launch(_worker_entry(), config, output_dir, plan_job(config["world"]))
     except ConfigError as exc:
         return _fail(config, output_dir, one_line(str(exc)), started, multirun)
     except Preempted as exc:  # the elastic agent caught the signal; its workers have stopped

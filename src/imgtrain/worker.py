@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from imgtrain import checkpoint, device as devices, preemption, weights as model_weights
+from imgtrain import checkpoint, device as devices, jobenv, preemption, weights as model_weights
 from imgtrain.data import build_loaders, cpu_cores, describe
 from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, process_group,
                                   world_from_env)
@@ -54,7 +54,7 @@ def worker(cfg: dict[str, Any], output_dir: str) -> dict[str, Any] | None:
         finally:
             logger.close()
             close_logging()
-    if stop.requested and os.environ.get("TORCHELASTIC_RUN_ID") and \
+    if stop.requested and jobenv.under_elastic_agent() and \
             (results or {}).get("status") in preemption.STOPPED:
         # An elastic agent that caught the signal shuts its workers down without reading what
         # they return: a rank that returned would wait for that read until the agent's SIGKILL.
