@@ -55,7 +55,7 @@ def bench_loader(cfg: dict[str, Any], loaders: Loaders, world: World,
     # Ranks run identical loaders on their own cores; rank 0's rate times the world size avoids a
     # collective here (nccl would need device tensors for it).
     images_per_sec = images * world.world_size / max(seconds, 1e-9)
-    results = {**identity(cfg), "status": "completed", "world_size": world.world_size,
+    results = {**identity(cfg, world.world_size), "status": "completed",
                "loader_images_per_sec": images_per_sec, "loader_images": images,
                "loader_seconds": seconds, "loader_batches": timed_batches,
                "loader_workers": loaders.train.num_workers,

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from imgtrain.checkpoint import write_json_atomic
+from imgtrain.errors import ConfigError
+from imgtrain.jobenv import plan_job
 from imgtrain.slurm import job_id
 
 RESULTS = "results.json"
@@ -19,8 +22,7 @@ def run_results(cfg: dict[str, Any], trainer: Any) -> dict[str, Any]:
     state = trainer.state
     last = state.history[-1] if state.history else {}
     return {
-        **identity(cfg),
-        "world_size": trainer.world.world_size,
+        **identity(cfg, trainer.world.world_size),
         "global_batch_size": trainer.global_batch,
         "epochs": cfg["train"]["epochs"],
         "epochs_completed": state.epoch,
@@ -37,9 +39,10 @@ def run_results(cfg: dict[str, Any], trainer: Any) -> dict[str, Any]:
     }
 
 
-def identity(cfg: dict[str, Any]) -> dict[str, Any]:
+def identity(cfg: dict[str, Any], world_size: int | None) -> dict[str, Any]:
     """What the run is, known before any process starts. mode=predict and export record no
-    training settings: they use none (no AMP, batch or lr; one process)."""
+    training settings: they use none (no AMP, batch or lr; one process). `world_size`: the
+    processes there are, or were planned (None: the world could not be planned)."""
     if cfg["mode"] in WEIGHTS_ONLY:
         return {"arch": cfg["model"]["arch"], "device": cfg["device"].get("resolved")
                 or cfg["device"]["name"], "weights": cfg["model"]["weights"],
@@ -48,7 +51,7 @@ def identity(cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "arch": cfg["model"]["arch"], "dataset": cfg["dataset"]["name"],
         "device": cfg["device"].get("resolved") or cfg["device"]["name"],
-        "world_size": cfg["world"]["nproc_per_node"] * cfg["world"]["nnodes"],
+        **({"world_size": world_size} if world_size is not None else {}),
         "amp": cfg["amp"]["level"], "torch_version": torch.__version__,
         "global_batch_size": cfg["train"]["batch_size"], "lr": cfg["optim"]["lr"],
         "overrides": cfg.get("overrides", []), "mode": cfg["mode"],
@@ -74,5 +77,14 @@ def record_failure(output_dir: Path, cfg: dict[str, Any], error: str, since: flo
     if previous is not None and not (previous.get("status") == "running"
                                      and path.stat().st_mtime >= since):
         return
-    base = previous if previous is not None else identity(cfg)
+    base = previous if previous is not None else identity(cfg, _planned_world_size(cfg))
     write_json_atomic(path, {**base, "status": "failed", "error": error})
+
+
+def _planned_world_size(cfg: dict[str, Any]) -> int | None:
+    """The world size the parent plans (an external torchrun's WORLD_SIZE included); None where
+    the world itself cannot be planned: the error being recorded may be that one."""
+    try:
+        return plan_job(cfg["world"]).world_size
+    except (ConfigError, ValueError, TypeError, OSError, subprocess.SubprocessError):
+        return None
