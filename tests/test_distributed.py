@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, assert_clean_error, read_results, run_cli, start_cli
-from imgtrain import distributed
+from imgtrain import distributed, jobenv
 from imgtrain.errors import ConfigError
 
 SYNTH = ["experiment=quickstart", "device=cpu", "train.print_freq=4", "dataset.val_size=101",
@@ -26,6 +26,8 @@ TWO_PROCS = ["world=8p", "world.nproc_per_node=2", *SYNTH]
 # test_a_crashing_worker... (start-up, steps, the failed rank's error through the agent);
 # torchrun starts its own.
 FORKED = [*TWO_PROCS, "world.start_method=fork"]
+WORLD_1P = {"nproc_per_node": 1, "nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1",
+            "master_port": None, "max_restarts": 0, "start_method": "spawn", "gres": None}
 
 pytestmark = pytest.mark.slow
 
@@ -149,33 +151,32 @@ def test_start_method_is_checked_and_fork_is_for_cpu_ranks(tmp_path: Path,
     proc = run_cli(*TWO_PROCS, "world.start_method=thread", f"hydra.run.dir={tmp_path / 'run'}")
     assert_clean_error(proc, "world.start_method=thread", "spawn, fork, forkserver")
     assert not (tmp_path / "run").exists()
-    world = {"nproc_per_node": 1, "nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1",
-             "master_port": None, "start_method": "fork"}
-    distributed.check_world(world, "cpu", 256)
+    job = jobenv.plan_job({**WORLD_1P, "start_method": "fork"})
+    distributed.check_world(job, "cpu", 256)
     monkeypatch.setattr(distributed, "visible_count", lambda name: 1)  # no GPU or NPU here
     for accelerator in ("gpu", "npu"):
         with pytest.raises(ConfigError, match="world.start_method=fork needs device=cpu"):
-            distributed.check_world(world, accelerator, 256)
+            distributed.check_world(job, accelerator, 256)
 
 
 def test_more_processes_than_visible_devices_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     # No GPU here: the device count is the one thing faked, the check itself is real.
     monkeypatch.setattr(distributed, "visible_count", lambda name: 4)
-    world = {"nproc_per_node": 8, "nnodes": 1, "node_rank": 0, "master_addr": "127.0.0.1",
-             "master_port": None}
     with pytest.raises(ConfigError, match="only 4 GPU"):
-        distributed.check_world(world, "gpu", 2048)
+        distributed.check_world(jobenv.plan_job({**WORLD_1P, "nproc_per_node": 8}), "gpu", 2048)
 
 
 def test_torchrun_environment_makes_the_process_that_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(key, value)
-    assert distributed.started_by_torchrun()
+    assert jobenv.started_by_torchrun()
     assert distributed.world_from_env() == distributed.World(3, 1, 4, 2)
+    world = {**WORLD_1P, "nproc_per_node": 8}
+    job = jobenv.plan_job(world)
+    assert (job.launcher, job.world_size, job.launches_ranks) == ("torchrun", 4, False)
     calls = []
-    distributed.launch(lambda cfg, out: calls.append(out),
-                       {"world": {"nproc_per_node": 8, "nnodes": 1}}, "/tmp/x")
+    distributed.launch(lambda cfg, out: calls.append(out), {"world": world}, "/tmp/x", job)
     assert calls == ["/tmp/x"]  # ran in-process: no second launch
 
 

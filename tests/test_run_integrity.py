@@ -355,3 +355,26 @@ def test_a_crafted_cifar_label_file_runs_nothing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="batches.meta"):
         Cifar10(str(root), train=False)
     assert not marker.exists()
+
+
+def test_a_failure_record_counts_the_processes_the_launcher_planned(
+        compose: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from imgtrain.results import RESULTS, read, record_failure
+
+    # One rank of `torchrun --nproc_per_node 4 run.py ...` (world=1p): 4 processes, not 1.
+    for key, value in {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    config = app.resolve(compose(*SMALL), [])
+    (tmp_path / "torchrun").mkdir(), (tmp_path / "slurm").mkdir()
+    record_failure(tmp_path / "torchrun", config, "boom", since=0.0)
+    assert read(tmp_path / "torchrun" / RESULTS)["world_size"] == 4
+    # A world its SLURM job cannot hold (the error being recorded): recorded without a size.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    config["world"]["nnodes"] = 2
+    record_failure(tmp_path / "slurm", config, "boom", since=0.0)
+    record = read(tmp_path / "slurm" / RESULTS)
+    assert record["status"] == "failed" and "world_size" not in record

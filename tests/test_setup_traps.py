@@ -12,6 +12,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from imgtrain import distributed
+from imgtrain.jobenv import plan_job
 from imgtrain.data import batch_pool, build_loaders
 from imgtrain.data.batch_pool import PooledLoader
 from imgtrain.device import DeviceInfo
@@ -86,12 +87,13 @@ def test_batch_pool_falls_back_with_one_warning_where_dev_shm_is_small(
 
 def test_several_nodes_need_a_master_port():
     world = {"nproc_per_node": 1, "nnodes": 2, "node_rank": 1, "master_addr": "node0",
-             "master_port": None, "start_method": "spawn"}
+             "master_port": None, "max_restarts": 0, "start_method": "spawn", "gres": None}
     with pytest.raises(ConfigError, match=r"world.nnodes=2 needs world.master_port") as info:
-        distributed.check_world(world, "cpu", 2)
+        distributed.check_world(plan_job(world), "cpu", 2)
     assert "\n" not in str(info.value)
-    distributed.check_world({**world, "master_port": 29500}, "cpu", 2)
-    distributed.check_world({**world, "nnodes": 1, "node_rank": 0}, "cpu", 2)  # one node: free port
+    distributed.check_world(plan_job({**world, "master_port": 29500}), "cpu", 2)
+    # one node: a free port
+    distributed.check_world(plan_job({**world, "nnodes": 1, "node_rank": 0}), "cpu", 2)
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from conftest import CONF, REPO, TINY, assert_clean_error, read_results, run_cli, start_cli
 from hydra_plugins.imgtrain_slurm.launcher import ImgtrainSlurmLauncher
 from imgtrain import slurm as imgtrain_slurm  # also registers the config schema
+from imgtrain.jobenv import plan_job
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 from cluster import Cluster, why_not  # noqa: E402
@@ -314,7 +315,7 @@ def test_the_launchers_own_settings_win_over_worlds_devices(tmp_path: Path) -> N
 
 
 WORLD = {"nproc_per_node": 1, "nnodes": 2, "node_rank": 0, "master_addr": "127.0.0.1",
-         "master_port": None}
+         "master_port": None, "max_restarts": 0, "start_method": "spawn", "gres": None}
 
 
 @pytest.mark.parametrize("env,fragment", [
@@ -329,8 +330,8 @@ def test_a_several_node_world_needs_its_slurm_job_and_step(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=re.escape(fragment)):
-        imgtrain_slurm.job_world(WORLD)
-    assert imgtrain_slurm.job_world({**WORLD, "nnodes": 1}) == {**WORLD, "nnodes": 1}
+        plan_job(WORLD)
+    assert plan_job({**WORLD, "nnodes": 1}).as_world() == {**WORLD, "nnodes": 1}
 
 
 def test_a_job_past_train_max_requeues_is_not_requeued_again(

@@ -12,32 +12,26 @@ import os
 import socket
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from imgtrain import jobenv
 from imgtrain.device import DeviceInfo, visible_count
 from imgtrain.errors import ConfigError, Preempted, one_line
+from imgtrain.jobenv import Job, Ranks
 from imgtrain.preemption import AGENT_SIGNALS
 
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # How long workers get, after a signal, to reach a step boundary and checkpoint before SIGKILL.
 SHUTDOWN_SECONDS = 120
 
 
 @dataclass(frozen=True)
-class World:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+class World(Ranks):
+    """This process's ranks (jobenv.Ranks) and the collectives across them."""
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """All-reduce a metric tensor in place (a no-op on one process)."""
@@ -72,21 +66,9 @@ class World:
             dist.barrier()
 
 
-def started_by_torchrun() -> bool:
-    return all(var in os.environ for var in _TORCHRUN_VARS)
-
-
 def world_from_env() -> World:
-    env = os.environ
-    world_size = int(env.get("WORLD_SIZE", 1))
-    return World(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), world_size,
-                 int(env.get("LOCAL_WORLD_SIZE", world_size)))
-
-
-def planned_world_size(world_cfg: Any) -> int:
-    if started_by_torchrun():
-        return int(os.environ["WORLD_SIZE"])
-    return int(world_cfg["nproc_per_node"]) * int(world_cfg["nnodes"])
+    """This process's place in the world, as its launcher set it."""
+    return World(**asdict(jobenv.ranks()))
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -104,36 +86,37 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def check_world(world_cfg: Any, device_name: str, global_batch: int | None) -> None:
-    """Everything about the world that can be wrong, checked before any process starts.
+def check_world(job: Job, device_name: str, global_batch: int | None) -> None:
+    """Everything about the planned world that can be wrong, checked before any process starts.
     `global_batch`: train.batch_size, None where the mode does not train (mode=eval)."""
-    nproc, nnodes, node_rank = (int(world_cfg[k]) for k in ("nproc_per_node", "nnodes", "node_rank"))
+    nproc, nnodes, node_rank = job.nproc_per_node, job.nnodes, job.node_rank
+    external = job.launcher == "torchrun"  # its ranks are already started, on its own devices
     if nproc < 1 or nnodes < 1:
         raise ConfigError("world.nproc_per_node and world.nnodes must be at least 1")
     if not 0 <= node_rank < nnodes:
         raise ConfigError(f"world.node_rank={node_rank} is out of range for world.nnodes={nnodes} "
                           f"(use 0..{nnodes - 1})")
     available = visible_count(device_name)
-    if not started_by_torchrun() and nproc > available:
+    if not external and nproc > available:
         raise ConfigError(f"world.nproc_per_node={nproc} but only {available} {device_name.upper()}"
                           f"(s) are visible; set world.nproc_per_node={available}")
-    world_size = planned_world_size(world_cfg)
+    world_size = job.world_size
     if global_batch is not None and global_batch < 1:
         raise ConfigError(f"train.batch_size={global_batch} must be at least 1")
     if global_batch is not None and global_batch % world_size:
         raise ConfigError(f"train.batch_size={global_batch} does not divide across {world_size} "
                           f"processes; use a multiple of {world_size}")
-    check_start_method(world_cfg["start_method"], device_name)
-    port = world_cfg["master_port"]
-    if nnodes > 1 and port is None and not started_by_torchrun():
+    check_start_method(job.start_method, device_name)
+    port = job.master_port
+    if nnodes > 1 and port is None and not external:
         # A free port picked on node 0 is unknowable to the others, and a node above 0 would try
         # to bind the remote master_addr itself.
         raise ConfigError(f"world.nnodes={nnodes} needs world.master_port: set the same port on "
                           "every node, e.g. world.master_port=29500")
-    if (world_size > 1 and not started_by_torchrun() and port is not None and node_rank == 0
-            and not _port_free(world_cfg["master_addr"], int(port))):
+    if (job.launches_ranks and port is not None and node_rank == 0
+            and not _port_free(job.master_addr, port)):
         raise ConfigError(f"world.master_port={port} is already in use on "
-                          f"{world_cfg['master_addr']}; choose another port")
+                          f"{job.master_addr}; choose another port")
 
 
 START_METHODS = ("spawn", "fork", "forkserver")
@@ -150,40 +133,40 @@ def check_start_method(method: str, device_name: str) -> None:
                           f"{device_name.upper()} runtime its launcher has started; use spawn")
 
 
-def launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any], output_dir: str) -> Any:
-    """Run the worker: in-process for one process, else under elastic_launch on this node."""
-    world_cfg = config["world"]
-    if started_by_torchrun() or planned_world_size(world_cfg) == 1:
-        return entrypoint(config, output_dir)
+def launch(entrypoint: Callable[[Any, str], Any], plan: Any, output_dir: str) -> Any:
+    """Run the worker: in-process for one process (or a rank torchrun started), else under
+    elastic_launch on this node."""
+    if not plan.job.launches_ranks:
+        return entrypoint(plan, output_dir)
     # The agent's per-rank files (error.json) go to a folder removed after the launch: left to
     # itself, the agent makes a torchelastic_* folder in the temp dir and leaves it behind.
     with tempfile.TemporaryDirectory(prefix="torchelastic_") as agent_files:
-        return _elastic_launch(entrypoint, config, output_dir, agent_files)
+        return _elastic_launch(entrypoint, plan, output_dir, agent_files)
 
 
-def _elastic_launch(entrypoint: Callable[[dict, str], Any], config: dict[str, Any],
-                    output_dir: str, agent_files: str) -> Any:
+def _elastic_launch(entrypoint: Callable[[Any, str], Any], plan: Any, output_dir: str,
+                    agent_files: str) -> Any:
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    world_cfg = config["world"]
-    nnodes = int(world_cfg["nnodes"])
-    port = world_cfg["master_port"] or free_port(world_cfg["master_addr"])
+    job = plan.job
+    nnodes = job.nnodes
+    port = job.master_port or free_port(job.master_addr)
     launch_config = LaunchConfig(
-        min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=int(world_cfg["nproc_per_node"]),
+        min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=job.nproc_per_node,
         run_id=f"imgtrain-{port}" if nnodes > 1 else f"imgtrain-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"{world_cfg['master_addr']}:{port}",
+        rdzv_backend="c10d", rdzv_endpoint=f"{job.master_addr}:{port}",
         # Node 0 hosts the rendezvous store; the others connect to it.
-        rdzv_configs={"is_host": int(world_cfg["node_rank"]) == 0, "timeout": 300},
-        max_restarts=int(world_cfg["max_restarts"]), monitor_interval=0.5,
-        start_method=world_cfg["start_method"],
+        rdzv_configs={"is_host": job.node_rank == 0, "timeout": 300},
+        max_restarts=job.max_restarts, monitor_interval=0.5,
+        start_method=job.start_method,
         logs_specs=DefaultLogsSpecs(log_dir=agent_files),
         **_supported(LaunchConfig, signals_to_handle=AGENT_SIGNALS,
                      shutdown_timeout=SHUTDOWN_SECONDS))
     _quiet_elastic_logs()
     try:
-        results = elastic_launch(launch_config, entrypoint)(config, output_dir)
+        results = elastic_launch(launch_config, entrypoint)(plan, output_dir)
     except SignalException as exc:
         # The agent passed the signal on to the workers, which checkpointed at the next agreed step
         # (rank 0 said where) before it let them go.
@@ -246,12 +229,12 @@ def _attempt_store(world: World) -> dist.Store | None:
     The agent keeps one store across restarts; without the prefix, restarted workers read their
     dead predecessors' gloo addresses and fail with "connection refused" (seen with torch 2.14).
     """
-    env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    address = jobenv.agent_store_address()
+    if address is None:
         return None  # plain env:// rendezvous: rank 0 hosts a fresh store
-    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.world_size,
-                          is_master=False, timeout=timedelta(minutes=10))
-    return dist.PrefixStore(f"imgtrain/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    store = dist.TCPStore(*address, world.world_size, is_master=False,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"imgtrain/attempt_{jobenv.restart_attempt()}", store)
 
 
 @contextlib.contextmanager

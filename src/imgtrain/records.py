@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from imgtrain import jobenv, slurm
 
 RECORD = ".hydra"
 # What a command writes once training has started: results.json says `running` before the first
@@ -34,13 +34,7 @@ def record_subdir(output_dir: str, node_rank: int = 0) -> str | None:
     than the first and on ranks above 0 of an external torchrun launch: they share the directory
     with global rank 0, which keeps the record. Resolved once per directory (Hydra reads it twice).
     """
-    # Here, not at the top: distributed imports torch, which `python -m imgtrain.report` (it
-    # imports this package) does not need, 3 s of its start.
-    from imgtrain import slurm
-    from imgtrain.distributed import started_by_torchrun
-
-    if (int(node_rank) != 0 or not slurm.first_task()
-            or (started_by_torchrun() and os.environ["RANK"] != "0")):
+    if int(node_rank) != 0 or not slurm.first_task() or not jobenv.is_main_process():
         return None
     if output_dir not in _chosen:
         folder = Path(output_dir)
@@ -87,32 +81,27 @@ def shared_now(pattern: str) -> str:
     Each rank resolves the run directory on its own, a moment apart; a second's difference
     would give every rank its own directory and its own resume state.
     """
-    if not _under_torchrun():
+    # torchrun's agent hosts a store the ranks reach before any process group exists (other
+    # launchers that only set RANK etc. should pass hydra.run.dir explicitly).
+    agent_store = jobenv.agent_store_address()
+    if agent_store is None or jobenv.ranks().world_size == 1:
         return datetime.datetime.now().strftime(pattern)  # cached per config, as Hydra's `now`
     if not _launch_time:
-        _launch_time.append(_rank0_time())
+        _launch_time.append(_rank0_time(agent_store))
     return _launch_time[0].strftime(pattern)
 
 
-def _under_torchrun() -> bool:
-    """Started by torchrun, whose agent hosts a store the ranks can reach before any process group
-    exists (other launchers that only set RANK etc. should pass hydra.run.dir explicitly)."""
-    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" \
-        and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _rank0_time() -> datetime.datetime:
+def _rank0_time(agent_store: tuple[str, int]) -> datetime.datetime:
     """Rank 0 publishes its time in torchrun's rendezvous store; the other ranks read it there."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          is_master=False, timeout=timedelta(minutes=5))
+    store = dist.TCPStore(*agent_store, is_master=False, timeout=timedelta(minutes=5))
     # One key for every restart of the launch: a restarted rank 0 keeps the first attempt's time,
     # so restarts land in the run directory they resume from.
     key = "imgtrain/launch_time"
-    if os.environ["RANK"] == "0":
+    if jobenv.is_main_process():
         store.compare_set(key, "", datetime.datetime.now().isoformat())
     return datetime.datetime.fromisoformat(store.get(key).decode())
 

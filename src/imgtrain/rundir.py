@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from imgtrain import slurm
+from imgtrain import jobenv, slurm
 
 RECORD = Path(".hydra") / "overrides.yaml"  # the command that made the run (records.py)
 IGNORED_KEYS = ("train.resume",)  # not part of what a run computes
@@ -60,7 +60,7 @@ def in_use(run: Path) -> bool:
     """Whether a command is training in `run` now (it holds the lock on the run's record).
     Ranks above 0 of an external torchrun do not ask: rank 0, which chose the same run a moment
     before, holds it."""
-    if os.environ.get("RANK", "0") != "0":
+    if not jobenv.is_main_process():
         return False
     try:
         fd = os.open(run / RECORD, os.O_RDONLY)

@@ -2,15 +2,17 @@
 a job, how a preempted job requeues itself, and how a job's state is read without accounting.
 
 hydra/launcher=slurm (hydra_plugins/imgtrain_slurm) asks for `request(world, device)`; inside
-the job, app.py hands `job_world(world)` to distributed.py, which knows nothing of SLURM; after a
-preemption's checkpoint app.py calls `requeue_self`. scripts/imgtrain.sbatch gets the last two
-without the launcher. Nothing here imports torch: the launcher runs on a login node.
+the job, jobenv.plan_job asks `step_nodes` for the world's nodes, so that distributed.py knows
+nothing of SLURM; after a preemption's checkpoint app.py calls `requeue_self`.
+scripts/imgtrain.sbatch gets the last two without the launcher. SLURM's variables are read here
+alone. Nothing here imports torch: the launcher runs on a login node.
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from imgtrain.errors import ConfigError
 
@@ -54,13 +56,19 @@ def request(world: Mapping[str, Any], device: str) -> dict[str, Any]:
     return params
 
 
-def job_world(world: dict[str, Any]) -> dict[str, Any]:
-    """`world` inside a SLURM job step across world.nnodes > 1 nodes: node rank, node count and
-    the first node's address from SLURM, the port from the job id unless world.master_port is
-    set. Unchanged outside SLURM and for one node."""
-    env, nnodes = os.environ, int(world["nnodes"])
+class StepNodes(NamedTuple):
+    """Where a SLURM job step across several nodes puts this node: what jobenv.plan_job takes."""
+    node_rank: int
+    master_addr: str  # the first node's address
+    job_port: int  # the job's own port, for a world.master_port left unset
+
+
+def step_nodes(nnodes: int) -> StepNodes | None:
+    """This node's place inside a SLURM job step across world.nnodes > 1 nodes, checked against
+    the job and the step. None outside SLURM and for one node."""
+    env = os.environ
     if not in_job() or nnodes == 1:
-        return world
+        return None
     job = env["SLURM_JOB_ID"]
     job_nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
     if nnodes != job_nodes:
@@ -70,9 +78,15 @@ def job_world(world: dict[str, Any]) -> dict[str, Any]:
     if step != (nnodes, nnodes):
         raise ConfigError(f"world.nnodes={nnodes} runs one task on each of the job's nodes: "
                           "start it with `srun --ntasks-per-node=1 python run.py ...`")
-    first = hostnames(env["SLURM_JOB_NODELIST"])[0]
-    return {**world, "node_rank": int(env["SLURM_NODEID"]), "master_addr": node_address(first),
-            "master_port": world["master_port"] or job_port(job)}
+    return StepNodes(int(env["SLURM_NODEID"]), first_node_address(env["SLURM_JOB_NODELIST"]),
+                     job_port(job))
+
+
+@functools.lru_cache(maxsize=None)
+def first_node_address(nodelist: str) -> str:
+    """Where the first node of `nodelist` is reached. A job's nodes stay the same while it runs:
+    scontrol is asked once per process, however often the world is planned."""
+    return node_address(hostnames(nodelist)[0])
 
 
 def first_task() -> bool:

@@ -16,7 +16,8 @@ from imgtrain import device as devices, jobenv, preemption, weights as model_wei
 from imgtrain.assembly import build_trainer
 from imgtrain.config import override_key
 from imgtrain.data import build_loaders, cpu_cores, describe
-from imgtrain.distributed import PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, process_group
+from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, process_group,
+                                  world_from_env)
 from imgtrain.errors import Preempted
 from imgtrain.logger import NullLogger, RunLogger, close_logging, setup_logging
 from imgtrain.plan import RunPlan
@@ -30,7 +31,7 @@ log = logging.getLogger("imgtrain")
 @record
 def worker(plan: RunPlan, output_dir: str) -> dict[str, Any] | None:
     """The entry point of every rank; returns rank 0's results (None elsewhere)."""
-    world = World.from_env()
+    world = world_from_env()
     out = Path(output_dir)
     setup_logging(out, world.is_main)
     device = devices.for_local_rank(plan.device, world.local_rank)
