@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -38,37 +39,25 @@ SYNC_STEPS = 20
 
 
 # ---- one check, in a process of its own ------------------------------------------------------
-def compose_config(overrides: list[str]) -> dict[str, Any]:
-    """The config exactly as run.py resolves and checks it."""
+def resolve_plan(overrides: list[str]) -> Any:
+    """The run's plan exactly as run.py resolves and checks it."""
     from hydra import compose, initialize_config_dir
-    from imgtrain import app
+    from imgtrain.plan import resolve
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    config = app.resolve(cfg, overrides)
-    app.check(config)
-    return config
+    return resolve(cfg, overrides)
 
 
-def build_trainer(config: dict[str, Any], out: Path, precision: Any = None) -> Any:
+def build_trainer(plan: Any, out: Path) -> Any:
     """A rank-0 Trainer, built as a worker builds it (no resume)."""
-    from imgtrain import device as devices
-    from imgtrain.data import build_loaders
-    from imgtrain.distributed import World
-    from imgtrain.logger import NullLogger
-    from imgtrain.models import build_model
-    from imgtrain.precision import Precision
-    from imgtrain.worker import _build_trainer
+    from imgtrain import assembly, device as devices
     import torch
 
-    torch.manual_seed(config["train"]["seed"])  # as the worker seeds: the same run every time
-    device = devices.for_local_rank(config["device"]["resolved"], 0)
+    torch.manual_seed(plan.train.seed)  # as the worker seeds: the same run every time
+    device = devices.for_local_rank(plan.device, 0)
     device.set_current()
-    device.apply_settings(config["device"])
-    loaders = build_loaders(config["dataset"], config["train"]["batch_size"], 0, 1, 1,
-                            config["train"]["seed"], accelerator=device.is_accelerator)
-    precision = precision or Precision.from_config(config["amp"], device)
-    model = build_model(config["model"]["arch"], loaders.num_classes)
-    return _build_trainer(config, out, World(), device, NullLogger(), loaders, precision, model)
+    device.apply_settings(plan.cfg.device)
+    return assembly.build_trainer(plan, out, device=device)
 
 
 def peak_memory_gib(device: str) -> float | None:
@@ -80,7 +69,7 @@ def peak_memory_gib(device: str) -> float | None:
 
 def child_train(spec: dict[str, Any]) -> dict[str, Any]:
     from imgtrain.worker import worker
-    results = worker(compose_config(spec["overrides"]), spec["out"])
+    results = worker(resolve_plan(spec["overrides"]), spec["out"])
     history = results.get("history") or [{}]
     return {"images_per_sec": results.get("images_per_sec"), "status": results.get("status"),
             "final_acc1": results.get("final_acc1"), "train_loss": history[-1].get("train_loss"),
@@ -91,7 +80,7 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
 def child_syncs(spec: dict[str, Any]) -> dict[str, Any]:
     """Host syncs in steps 1..n of n + 2 (step 0 starts the throughput timer, a designed sync)."""
     from host_syncs import CudaSyncs, HostReads, watching_steps
-    trainer = build_trainer(compose_config(spec["overrides"]), Path(spec["out"]))
+    trainer = build_trainer(resolve_plan(spec["overrides"]), Path(spec["out"]))
     steps = spec["steps"]
     counts = {}
     for name, watch in (("host_reads", HostReads()), ("cuda_sync_debug", CudaSyncs())):
@@ -108,13 +97,13 @@ def child_syncs(spec: dict[str, Any]) -> dict[str, Any]:
 def child_overflow(spec: dict[str, Any]) -> dict[str, Any]:
     """Every step of an epoch at loss scale 1e30: count the steps that changed a weight."""
     import torch
-    from imgtrain.device import DeviceInfo
-    from imgtrain.precision import Precision
-    config = compose_config(spec["overrides"])
-    precision = None
-    if spec["device"] == "cpu":  # float16 is refused on the CPU by the config: build it directly
-        precision = Precision("O2", torch.float16, 1e30, DeviceInfo("cpu"))
-    trainer = build_trainer(config, Path(spec["out"]), precision)
+    from imgtrain.plan import Amp
+    plan = resolve_plan(spec["overrides"])
+    if spec["device"] == "cpu":
+        # float16 is refused on the CPU by the config: O2 float16 at scale 1e30 (what the
+        # accelerator's overrides ask for) stands in for it, made here
+        plan = dataclasses.replace(plan, amp=Amp("O2", torch.float16, 1e30))
+    trainer = build_trainer(plan, Path(spec["out"]))
     step, applied = trainer.precision.step, []
 
     def counted_step(optimizer: Any, *args: Any) -> Any:

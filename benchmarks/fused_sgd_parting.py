@@ -57,29 +57,19 @@ def kernels(trials: int = 50) -> None:
 def trainer(amp: str, fused: bool, data: Path):
     from hydra import compose, initialize_config_dir
 
-    from imgtrain import app
-    from imgtrain.data import build_loaders
+    from imgtrain.assembly import build_trainer
     from imgtrain.device import DeviceInfo
-    from imgtrain.distributed import World
-    from imgtrain.logger import NullLogger
-    from imgtrain.models import build_model
-    from imgtrain.precision import Precision
-    from imgtrain.worker import _build_trainer
+    from imgtrain.plan import resolve
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
             "device=cpu", f"amp={amp}", "dataset=imagenet", f"dataset.root={data}",
             "dataset.image_size=32", "dataset.workers=0", "model=resnet18",
             "train.batch_size=64", "optim.lr=0.1", "sched.warmup_epochs=1", "train.epochs=10",
-            "train.seed=1", f"optim.fused={str(fused).lower()}"])
-    config = app.resolve(cfg, [])
-    cpu = DeviceInfo("cpu")
-    loaders = build_loaders(config["dataset"], 64, 0, 1, 1, 1, accelerator=False)
+            "train.seed=1", f"optim.fused={str(fused).lower()}", "train.resume=null"])
+    plan = resolve(cfg, [])
     torch.manual_seed(1)
-    model = build_model("resnet18", loaders.num_classes)
-    precision = Precision.from_config(config["amp"], cpu)
-    return _build_trainer(config, Path("/tmp"), World(), cpu, NullLogger(), loaders, precision,
-                          model)
+    return build_trainer(plan, Path("/tmp"), device=DeviceInfo("cpu"))
 
 
 def parting(amp: str, steps: int, data: Path) -> dict[str, tuple[int, str]]:

@@ -64,17 +64,16 @@ def _status_kib(field: str) -> float:
 
 
 def child(result_path: Path, run_args: list[str]) -> None:
-    """Run run.py here, with the worker's memory check wrapped to record the estimate and reset
-    the peak; write what was measured to `result_path`."""
+    """Run run.py here, with the memory check (build_trainer's) wrapped to record the estimate
+    and reset the peak; write what was measured to `result_path`."""
     sys.path.insert(0, str(REPO / "src"))
-    from imgtrain import memory, worker
+    from imgtrain import assembly, memory
 
     record: dict[str, Any] = {}
-    checked = worker.check_memory
+    checked = assembly.check_memory
 
-    def measured_check(cfg: dict[str, Any], device: Any, world: Any, num_classes: int,
-                       half: bool) -> None:
-        est, per_device = memory.plan(cfg, device, world, num_classes, half)
+    def measured_check(plan: Any, device: Any, world: Any) -> None:
+        est, per_device = memory.plan(plan, device)
         record.update(estimate=est.total(per_device), device=device.name)
         record["accelerator"] = device.is_accelerator
         if device.is_accelerator:
@@ -88,9 +87,9 @@ def child(result_path: Path, run_args: list[str]) -> None:
             record["rss_at_check"] = _status_kib("VmRSS")
             with open("/proc/self/clear_refs", "w") as clear_refs:
                 clear_refs.write("5")  # VmHWM starts again from the current RSS
-        checked(cfg, device, world, num_classes, half)
+        checked(plan, device, world)
 
-    worker.check_memory = measured_check
+    assembly.check_memory = measured_check  # build_trainer's call
     sys.argv = [str(REPO / "run.py"), *run_args]
     code: Any = 0
     try:

@@ -183,9 +183,10 @@ class CliProcess:
                      else "" for name in ("stdout", "stderr"))
 
 
-# 1: start every run as a new `python run.py`, the slow way; e2e: only the runs of the tests
-# marked e2e, the few that stand for a user's commands (CI's setting: .ci/run).
-FRESH_PYTHON = os.environ.get("IMGTRAIN_TESTS_FRESH_PYTHON", "")
+# e2e (the default, and so CI's): the runs of the tests marked e2e, the few that stand for a
+# user's commands, start as a new `python run.py`; the others fork from tests/cli_server.py.
+# 1: every run starts as a new interpreter, the slow way; 0: none does.
+FRESH_PYTHON = os.environ.get("IMGTRAIN_TESTS_FRESH_PYTHON", "e2e")
 _in_e2e_test = [False]
 
 

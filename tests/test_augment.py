@@ -12,22 +12,34 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms.v2 import functional as F
 
 from conftest import TINY, assert_clean_error, run_cli
-from imgtrain import app, weights
+from imgtrain import weights
+from imgtrain.config import DatasetConfig
 from imgtrain.data import build_datasets, build_loaders
 from imgtrain.data.augment import SampleAugment, build_augment
 from imgtrain.data.imagefolder import decode, read_bytes
 from imgtrain.data.samplers import TrainSampler
-from imgtrain.data.transforms import IMAGENET_MEAN, sample_seed
+from imgtrain.data.transforms import IMAGENET_MEAN, sample_seed, val_sizes
+from imgtrain.distributed import World
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
+from imgtrain.plan import RunPlan, resolve
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision's decoders
 KINDS = ("imagenet", "cifar10", "synthetic")
 
 
-def _data_cfg(name: str, root: Path | None = None, **keys: Any) -> dict[str, Any]:
-    return {"name": name, "root": str(root), "image_size": 32, "num_classes": 4,
-            "train_size": 64, "val_size": 16, "noise": 1.0, **keys}
+def _data_cfg(name: str, root: Path | None = None, **keys: Any) -> DatasetConfig:
+    return DatasetConfig(**{"name": name, "root": str(root), "image_size": 32, "num_classes": 4,
+                            "train_size": 64, "val_size": 16, "noise": 1.0, **keys})
+
+
+def _datasets(dataset: DatasetConfig, seed: int) -> tuple[Any, Any]:
+    """The training and validation sets, at the validation sizes a plan derives."""
+    return build_datasets(dataset, seed, val_sizes(dataset))
+
+
+def _plan(compose: Any, *overrides: str) -> RunPlan:
+    return resolve(compose("device=cpu", "amp=O0", "model=resnet18", *overrides), [])
 
 
 @pytest.fixture
@@ -36,7 +48,7 @@ def roots(image_folder: Path, cifar_root: Path) -> dict[str, Path | None]:
 
 
 def _train_set(name: str, roots: dict[str, Path | None], **keys: Any) -> Any:
-    return build_datasets(_data_cfg(name, roots[name], **keys), seed=3)[0]
+    return _datasets(_data_cfg(name, roots[name], **keys), seed=3)[0]
 
 
 # ---- auto_augment and random_erase ----------------------------------------------------------
@@ -94,20 +106,22 @@ def test_random_erase_paints_one_box_the_mean_colour(name: str, roots: dict) -> 
 @pytest.mark.parametrize("name", KINDS)
 def test_defaults_take_the_fast_path_with_the_same_images(name: str, roots: dict) -> None:
     assert build_augment(_data_cfg(name, auto_augment=None, random_erase=0.0)) is None
-    train_set, val_set = build_datasets(_data_cfg(name, roots[name], auto_augment=None,
-                                                  random_erase=0.0), seed=3)
+    train_set, val_set = _datasets(_data_cfg(name, roots[name], auto_augment=None,
+                                             random_erase=0.0), seed=3)
     assert train_set.augment is None
-    reference = _train_set(name, roots)  # the keys absent: the code as it was before #16
+    reference = _train_set(name, roots)  # the keys left at the schema's defaults
     for item in [(0, 11), (7, 12)]:
         assert torch.equal(train_set[item][0], reference[item][0])
     assert getattr(val_set, "augment", None) is None  # validation never augments
 
 
-def test_workers_make_the_same_augmented_batches(cifar_root: Path) -> None:
+def test_workers_make_the_same_augmented_batches(compose: Any, cifar_root: Path) -> None:
     def first_batch(workers: int) -> torch.Tensor:
-        cfg = _data_cfg("cifar10", cifar_root, auto_augment="ra", random_erase=0.5,
-                        workers=workers, persistent_workers=False, prefetch_factor=2)
-        loaders = build_loaders(cfg, 16, 0, 1, 1, seed=5, accelerator=False)
+        plan = _plan(compose, "dataset=cifar10", f"dataset.root={cifar_root}",
+                     "dataset.auto_augment=ra", "dataset.random_erase=0.5",
+                     f"dataset.workers={workers}", "dataset.persistent_workers=false",
+                     "dataset.prefetch_factor=2", "train.batch_size=16", "train.seed=5")
+        loaders = build_loaders(plan, World(), accelerator=False)
         return next(iter(loaders.train))[0]
 
     assert torch.equal(first_batch(0), first_batch(2))
@@ -116,14 +130,14 @@ def test_workers_make_the_same_augmented_batches(cifar_root: Path) -> None:
 # ---- validation's sizes -------------------------------------------------------------------
 def test_validation_resizes_then_centre_crops_the_given_sizes(image_folder: Path) -> None:
     cfg = _data_cfg("imagenet", image_folder, image_size=16, val_resize_size=36, val_crop_size=28)
-    val_set = build_datasets(cfg, seed=0)[1]
+    val_set = _datasets(cfg, seed=0)[1]
     path = val_set.samples[0][0]
     pixels = decode(read_bytes(path), None)
     expected = F.center_crop(F.resize(pixels, 36, antialias=True), [28, 28])
     image = val_set[0][0]
     assert image.shape == (3, 28, 28)
     assert (image.int() - expected.int()).abs().max() <= 1  # torchvision's resize, to rounding
-    default = build_datasets(_data_cfg("imagenet", image_folder, image_size=16), seed=0)[1]
+    default = _datasets(_data_cfg("imagenet", image_folder, image_size=16), seed=0)[1]
     assert default[0][0].shape == (3, 16, 16)  # image_size, resized to 18 first (16 / 0.875)
 
 
@@ -133,24 +147,30 @@ def _checkpoint(path: Path, dataset: dict[str, Any]) -> Path:
     return path
 
 
-def test_predict_and_eval_take_the_checkpoints_validation_sizes(tmp_path: Path) -> None:
+def test_predict_and_eval_take_the_checkpoints_validation_sizes(compose: Any, image_folder: Path,
+                                                               tmp_path: Path) -> None:
     trained = {"name": "imagenet", "image_size": 176, "val_resize_size": 232, "val_crop_size": 224}
     new = _checkpoint(tmp_path / "new.pt", trained)
     old = _checkpoint(tmp_path / "old.pt", {"name": "imagenet", "image_size": 176})
 
-    def sizes(path: Path, mode: str = "predict", *overrides: str) -> tuple:
-        cfg = {"mode": mode, "overrides": list(overrides), "model": {"arch": "resnet18",
-               "weights": str(path)}, "dataset": _data_cfg("imagenet", val_resize_size=None,
-                                                            val_crop_size=None)}
-        weights.for_mode(cfg)
-        return tuple(cfg["dataset"][k] for k in ("image_size", "val_resize_size", "val_crop_size"))
+    def sizes(path: Path, mode: str = "predict", *given: str) -> tuple:
+        """The config's sizes after plan.resolve (dataset=imagenet, image_size 224 unless
+        `given`), then the plan's validation (resize, crop) derived from them."""
+        overrides = [f"mode={mode}", "device=cpu", f"model.weights={path}", "dataset=imagenet",
+                     f"dataset.root={image_folder}", *given]
+        plan = resolve(compose(*overrides), overrides)
+        return (*(getattr(plan.dataset, k) for k in ("image_size", "val_resize_size",
+                                                     "val_crop_size")),
+                plan.val_resize_size, plan.val_crop_size)
 
-    assert sizes(new) == sizes(new, "eval") == (176, 232, 224)
-    assert sizes(old) == (176, None, None)  # older runs: today's rule, image_size / 0.875
-    assert sizes(new, "predict", "dataset.image_size=64") == (32, None, None)
+    assert sizes(new) == sizes(new, "eval") == (176, 232, 224, 232, 224)
+    # Older runs: today's rule, image_size / 0.875.
+    assert sizes(old) == sizes(old, "eval") == (176, None, None, 201, 176)
+    assert sizes(new, "predict", "dataset.image_size=64") == (64, None, None, 73, 64)
 
 
-def test_predict_and_export_use_the_validation_crop(image_folder: Path, tmp_path: Path,
+def test_predict_and_export_use_the_validation_crop(compose: Any, image_folder: Path,
+                                                    tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from imgtrain import export, predict
     from imgtrain.device import DeviceInfo
@@ -163,13 +183,18 @@ def test_predict_and_export_use_the_validation_crop(image_folder: Path, tmp_path
     monkeypatch.setattr(predict, "val_image", val_image)
     monkeypatch.setattr(export, "to_onnx", lambda *args: seen.setdefault("export", args[2]))
     monkeypatch.setattr(export, "check_onnxruntime", lambda *args: None)
-    state = build_model("resnet18", 4).state_dict()
-    file = weights.WeightsFile(tmp_path, state, None, "resnet18", None, None)
-    cfg = {"model": {"arch": "resnet18"}, "predict": {"topk": 1, "inputs": [str(image_folder)]},
-           "export": {"format": "onnx", "opset": 18, "exporter": "auto", "batch": "dynamic"},
-           "dataset": _data_cfg("imagenet", val_resize_size=36, val_crop_size=28)}
-    predict.predict(cfg, tmp_path, DeviceInfo("cpu"), file)
-    export.export(cfg, tmp_path, file)
+    path = tmp_path / "resnet18.pth"
+    torch.save(build_model("resnet18", 4).state_dict(), path)
+    file = weights.read(str(path))
+
+    def plan(mode: str) -> RunPlan:
+        return _plan(compose, f"mode={mode}", f"model.weights={path}", "dataset=imagenet",
+                     "dataset.val_resize_size=36", "dataset.val_crop_size=28", "predict.topk=1",
+                     f"predict.inputs=['{image_folder}']", "export.format=onnx",
+                     "export.opset=18", "export.exporter=auto", "export.batch=dynamic")
+
+    predict.predict(plan("predict"), tmp_path, DeviceInfo("cpu"), file)
+    export.export(plan("export"), tmp_path, file)
     assert seen == {"predict": (36, 28), "export": 28}
 
 
@@ -185,20 +210,18 @@ def test_predict_and_export_use_the_validation_crop(image_folder: Path, tmp_path
         "policy"])
 def test_bad_values_are_config_errors(compose: Any, image_folder: Path, overrides: list,
                                       fragments: list) -> None:
-    config = app.resolve(compose("dataset=imagenet", f"dataset.root={image_folder}",
-                                 "dataset.image_size=32", *overrides), [])
     with pytest.raises(ConfigError) as error:
-        app.check(config)
+        resolve(compose("dataset=imagenet", f"dataset.root={image_folder}",
+                        "dataset.image_size=32", *overrides), [])
     assert all(fragment in str(error.value) for fragment in fragments), error.value
 
 
 @pytest.mark.parametrize("group", ["cifar10", "synthetic"])
 def test_validation_sizes_apply_to_imagenet_only(compose: Any, cifar_root: Path,
                                                  group: str) -> None:
-    config = app.resolve(compose(f"dataset={group}", f"dataset.root={cifar_root}",
-                                 "dataset.num_classes=10", "dataset.val_crop_size=28"), [])
     with pytest.raises(ConfigError, match="val_crop_size applies to dataset=imagenet"):
-        app.check(config)
+        resolve(compose(f"dataset={group}", f"dataset.root={cifar_root}",
+                        "dataset.num_classes=10", "dataset.val_crop_size=28"), [])
 
 
 def test_an_unknown_policy_is_one_error_line(tmp_path: Path) -> None:
@@ -324,9 +347,10 @@ def test_without_repeated_augmentation_resume_skips_and_is_distributed_sampler()
         assert _pairs(31, rank, reps=1, micro_batch=3, step=2) == pairs[6:]
 
 
-def test_repeats_of_one_image_are_different_crops(cifar_root: Path) -> None:
-    cfg = _data_cfg("cifar10", cifar_root, ra_reps=2, workers=0)
-    loaders = build_loaders(cfg, 16, 0, 1, 1, seed=5, accelerator=False)
+def test_repeats_of_one_image_are_different_crops(compose: Any, cifar_root: Path) -> None:
+    plan = _plan(compose, "dataset=cifar10", f"dataset.root={cifar_root}", "dataset.ra_reps=2",
+                 "dataset.workers=0", "train.batch_size=16", "train.seed=5")
+    loaders = build_loaders(plan, World(), accelerator=False)
     assert loaders.train_sampler.ra_reps == 2
     first, second = [batch for batch, _ in zip(loaders.train.batch_sampler, range(2))]
     # One process, one micro-batch a step: a step's images are all different, and their second

@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import importlib.util
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, make_image_folder
-from imgtrain import app
-from imgtrain.data import build_loaders
-from imgtrain.device import DeviceInfo
+from imgtrain import device as devices
+from imgtrain.assembly import build_trainer
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
-from imgtrain.optim import build_optimizer, build_scheduler
-from imgtrain.precision import Precision
+from imgtrain.plan import RunPlan, resolve
 
 GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml"))
           for group in (REPO / "conf").iterdir() if group.is_dir()}
@@ -51,22 +50,18 @@ def _dataset_overrides(option: str, tmp_path: Path, cifar_root: Path) -> list[st
     return ["dataset.num_classes=4", "dataset.train_size=8", "dataset.val_size=4"]
 
 
-def _build_one_step(config: dict) -> None:
-    """Build what a worker builds and take one optimisation step."""
-    device = DeviceInfo("cpu")
-    loaders = build_loaders(config["dataset"], config["train"]["batch_size"], 0, 1, 1,
-                            config["train"]["seed"], accelerator=False)
-    precision = Precision.from_config(config["amp"], device)
-    model, params = precision.prepare(build_model(config["model"]["arch"], loaders.num_classes))
-    optimizer = build_optimizer(params, config["optim"], device)
-    scheduler = build_scheduler(optimizer, config["sched"], config["train"]["epochs"], 2)
-    images, target = next(iter(loaders.train))
-    assert images.dtype == torch.uint8 and images.shape[-1] == config["dataset"]["image_size"]
+def _build_one_step(plan: RunPlan, out: Path) -> None:
+    """Build what a worker builds (on the plan's device) and take one optimisation step."""
+    trainer = build_trainer(plan, out)
+    model, precision = trainer.model, trainer.precision
+    images, target = next(iter(trainer.loaders.train))
+    assert images.dtype == torch.uint8 and images.shape[-1] == plan.dataset.image_size
+    images, target = (t.to(trainer.device.torch_device) for t in (images, target))
     with precision.autocast():
         loss = torch.nn.functional.cross_entropy(model(images.float() / 255).float(), target)
     precision.backward(loss)
-    precision.step(optimizer)
-    scheduler.step()
+    precision.step(trainer.optimizer)
+    trainer.scheduler.step()
     assert torch.isfinite(loss)
 
 
@@ -76,7 +71,8 @@ def _present(device: str) -> bool:
         return torch.cuda.is_available()
     if device == "npu":
         try:
-            return bool(importlib.util.find_spec("torch_npu")) and app.devices.resolve_name("npu") == "npu"
+            return bool(importlib.util.find_spec("torch_npu")) and \
+                devices.resolve_name("npu") == "npu"
         except ConfigError:
             return False
     return True
@@ -108,16 +104,15 @@ def test_every_group_option_builds(compose, group: str, option: str, tmp_path: P
     cfg = compose(*overrides)
     if group == "device" and not _present(option):
         with pytest.raises(ConfigError, match=f"device={option}"):
-            app.resolve(cfg, [])
+            resolve(cfg, [])
         return
-    config = app.resolve(cfg, [])
-    app.check(config)
+    plan = resolve(cfg, [])
     if group == "model":  # the big ResNets: building and a forward pass are enough, and quick
         with torch.no_grad():
             logits = build_model(option, 4).eval()(torch.rand(1, 3, 32, 32))
         assert logits.shape == (1, 4)
         return
-    _build_one_step(config)
+    _build_one_step(plan, tmp_path / "run")
 
 
 def test_auto_workers_fit_the_dataset_and_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,10 +135,27 @@ def test_auto_workers_fit_the_dataset_and_the_device(monkeypatch: pytest.MonkeyP
 ])
 def test_compile_settings_are_checked_before_anything_starts(compose, overrides: list[str],
                                                              message: str) -> None:
-    config = app.resolve(compose("device=cpu", "dataset=synthetic", "model.compile=true",
-                                 *overrides), [])
     with pytest.raises(ConfigError) as refused:
-        app.check(config)
+        resolve(compose("device=cpu", "dataset=synthetic", "model.compile=true", *overrides), [])
     assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
-    config["model"]["compile"] = False  # the settings matter only to a compiled model
-    app.check(config)
+    # The settings matter only to a compiled model.
+    resolve(compose("device=cpu", "dataset=synthetic", "model.compile=false", *overrides), [])
+
+
+def test_the_resolved_config_is_read_only_and_workers_get_the_parents_plan(compose) -> None:
+    """Workers read the plan and never change it (#29): the config inside is sealed, and what a
+    spawned worker receives (the plan, pickled) is the parent's, sealed too."""
+    overrides = ["device=cpu", "dataset=synthetic", "model=resnet18", "train.epochs=3"]
+    plan = resolve(compose(*overrides), overrides)
+    for section, key, value in ((plan.train, "epochs", 5), (plan.cfg.train, "epochs", 5),
+                                (plan.dataset, "image_size", 64), (plan.cfg, "mode", "eval")):
+        with pytest.raises(AttributeError, match="read-only"):
+            setattr(section, key, value)
+    with pytest.raises(AttributeError):
+        plan.batches = None  # the plan itself is frozen
+    assert plan.train.epochs == 3 and plan.dataset.image_size == 224 and plan.mode == "train"
+    received = pickle.loads(pickle.dumps(plan))
+    assert received == plan and received.record() == plan.record()
+    assert received.overrides == tuple(overrides)
+    with pytest.raises(AttributeError, match="read-only"):
+        received.train.epochs = 5

@@ -182,12 +182,13 @@ def test_the_suggested_batch_fits_and_its_double_does_not() -> None:
     assert memory.fitting_batch(est, est.fixed / 2) == 0
 
 
-def _run_in_process(compose, tmp_path: Path, *overrides: str) -> None:
-    """app.run as run.py calls it, in this process (1 process: the worker runs here too)."""
+def _run_in_process(compose, tmp_path: Path, *overrides: str):
+    """app.run as run.py calls it, in this process (1 process: the worker runs here too); its
+    Outcome, which run.py turns into stderr lines and an exit code."""
     from imgtrain.app import run
     cfg = compose(*SHORT, "train.steps_per_epoch=1", *overrides)
     OmegaConf.set_struct(cfg, False)
-    run(cfg, str(tmp_path), list(overrides), multirun=False)
+    return run(cfg, str(tmp_path), list(overrides), multirun=False)
 
 
 def test_a_run_that_cannot_fit_stops_with_one_line_before_training(
@@ -197,10 +198,12 @@ def test_a_run_that_cannot_fit_stops_with_one_line_before_training(
     # The host has room for 16 of the 64 images of a step, with the margin, as far as it knows.
     room = est.total(16) * (1 + memory.MARGIN) + 1
     monkeypatch.setattr(memory, "_host_available", lambda: room)
-    with pytest.raises(SystemExit) as exit_info:
-        _run_in_process(compose, tmp_path / "run")
-    assert exit_info.value.code == 1
-    err = capsys.readouterr().err.strip()
+    outcome = _run_in_process(compose, tmp_path / "run")
+    assert outcome.exit_code == 1
+    # run.py prints the outcome's stderr lines, then `error: ` and its error: that one line only.
+    assert outcome.stderr == () and not outcome.traceback, outcome
+    assert capsys.readouterr().err.strip() == ""
+    err = f"error: {outcome.error}"
     assert len(err.splitlines()) == 1 and err.startswith("error: training needs about "), err
     needed = est.total(64) * (1 + memory.MARGIN)
     assert f"{needed / memory.GIB:.1f} GiB per process (the estimate and a 10% margin" in err
@@ -209,18 +212,19 @@ def test_a_run_that_cannot_fit_stops_with_one_line_before_training(
     assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped before training
 
     # Turned off, the same run trains.
-    _run_in_process(compose, tmp_path / "unchecked", "train.memory_check=false")
+    assert _run_in_process(compose, tmp_path / "unchecked",
+                           "train.memory_check=false").exit_code == 0
     assert (tmp_path / "unchecked" / "checkpoints" / "last.pt").is_file()
 
 
 def _check(compose, monkeypatch: pytest.MonkeyPatch, device: object, available: float,
            *overrides: str) -> None:
     """check_memory for the config `overrides` make, with `available` bytes on `device`."""
-    from imgtrain import app
     from imgtrain.distributed import World
-    config = app.resolve(compose(*SHORT, *overrides), [])
+    from imgtrain.plan import resolve
+    plan = resolve(compose(*SHORT, *overrides), [])  # resnet18, 10 classes, amp=O0
     monkeypatch.setattr(memory, "available_bytes", lambda *_: (available, "free on the device"))
-    memory.check_memory(config, device, World(), 10, half=False)
+    memory.check_memory(plan, device, World())
 
 
 def test_the_check_counts_the_ema_the_runtime_and_a_margin(
@@ -327,11 +331,12 @@ def _progress_for(monkeypatch: pytest.MonkeyPatch, ema: bool, accumulate_steps: 
     monkeypatch.setattr(eta.time, "perf_counter", clock)
     monkeypatch.setattr(progress.time, "perf_counter", clock)
     monkeypatch.setattr(progress, "live_console", lambda: None)
+    plan = SimpleNamespace(train=SimpleNamespace(epochs=2, print_freq=2),
+                           batches=SimpleNamespace(per_rank=64, accumulate_steps=accumulate_steps))
     trainer = SimpleNamespace(
-        world=SimpleNamespace(is_main=True), train_cfg={"epochs": 2, "print_freq": 2},
-        steps_per_epoch=10, device=DeviceInfo("cpu"), ema=object() if ema else None,
-        loaders=SimpleNamespace(val=_ValLoader(6, val_batch or 64 // accumulate_steps),
-                                per_rank_batch=64, accumulate_steps=accumulate_steps))
+        world=SimpleNamespace(is_main=True), plan=plan, steps_per_epoch=10,
+        device=DeviceInfo("cpu"), ema=object() if ema else None,
+        loaders=SimpleNamespace(val=_ValLoader(6, val_batch or 64 // accumulate_steps)))
     return progress.Progress.for_trainer(trainer), clock
 
 
@@ -369,29 +374,29 @@ def test_the_eta_counts_the_emas_validation_pass(monkeypatch: pytest.MonkeyPatch
 
 
 def test_the_start_summary_fits_80_columns_and_says_whose_print_point_numbers_they_are(
-        compose) -> None:
+        compose, image_folder: Path) -> None:
     """world=8p's summary (long lr rule, recipe and paths) as rank 0 prints it, built from the
-    real config with the trainer's parts stood in by what the summary reads."""
+    real plan with the trainer's parts stood in by what the summary reads."""
     from types import SimpleNamespace
 
     import torch
 
+    from imgtrain.plan import resolve
     from imgtrain.summary import start_lines
-    cfg = OmegaConf.to_container(compose("world=8p", "sched.warmup_epochs=1",
-                                         "train.label_smoothing=0.1", "ema.decay=0.9999"),
-                                 resolve=True)
-    cfg["optim"]["lr_rule"] = ("optim.lr_base 0.1 x global batch 2048 / 256 (the seed's linear "
-                               "rule; set optim.lr to override)")
+    plan = resolve(compose("world=8p", "device=cpu", f"dataset.root={image_folder}",
+                           "sched.warmup_epochs=1", "train.label_smoothing=0.1",
+                           "ema.decay=0.9999"), [])
+    assert plan.lr_rule == ("optim.lr_base 0.1 x global batch 2048 / 256 (the seed's linear "
+                            "rule; set optim.lr to override)")
     images = SimpleNamespace(dataset=[0] * 1281167)
     trainer = SimpleNamespace(
-        loaders=SimpleNamespace(train=images, val=SimpleNamespace(dataset=[0] * 50000),
-                                num_classes=1000, accumulate_steps=1),
-        world=SimpleNamespace(world_size=8), state=None, global_batch=2048, steps_per_epoch=625,
-        model=torch.nn.Linear(2, 2), ema=SimpleNamespace(every_steps=32, decay=0.99),
+        loaders=SimpleNamespace(train=images, val=SimpleNamespace(dataset=[0] * 50000)),
+        state=None, steps_per_epoch=625, model=torch.nn.Linear(2, 2),
+        ema=SimpleNamespace(every_steps=32, decay=0.99),
         device=SimpleNamespace(device_string="npu", backend="hccl"),
         precision=SimpleNamespace(dtype=torch.float16, scaler=object(), static_scale=1024.0,
                                   level="O2"))
-    lines = start_lines(cfg, trainer, Path("outputs/2026-12-03/10-00-00_world-8p"), None)
+    lines = start_lines(plan, trainer, Path("outputs/2026-12-03/10-00-00_world-8p"), None)
     assert max(map(len, lines)) <= 80, "\n".join(lines)
     text = "\n".join(lines)
     assert "  batch      2048 global (256 per device)\n" in text

@@ -15,7 +15,9 @@ import pytest
 
 from conftest import REPO, assert_clean_error, read_results, run_cli, start_cli
 from imgtrain import distributed, jobenv
+from imgtrain.config import WorldConfig
 from imgtrain.errors import ConfigError
+from imgtrain.plan import resolve
 
 SYNTH = ["experiment=quickstart", "device=cpu", "train.print_freq=4", "dataset.val_size=101",
          "dataset.train_size=512", "train.batch_size=32",
@@ -151,7 +153,7 @@ def test_start_method_is_checked_and_fork_is_for_cpu_ranks(tmp_path: Path,
     proc = run_cli(*TWO_PROCS, "world.start_method=thread", f"hydra.run.dir={tmp_path / 'run'}")
     assert_clean_error(proc, "world.start_method=thread", "spawn, fork, forkserver")
     assert not (tmp_path / "run").exists()
-    job = jobenv.plan_job({**WORLD_1P, "start_method": "fork"})
+    job = jobenv.plan_job(WorldConfig(**{**WORLD_1P, "start_method": "fork"}))
     distributed.check_world(job, "cpu", 256)
     monkeypatch.setattr(distributed, "visible_count", lambda name: 1)  # no GPU or NPU here
     for accelerator in ("gpu", "npu"):
@@ -163,21 +165,23 @@ def test_more_processes_than_visible_devices_is_refused(monkeypatch: pytest.Monk
     # No GPU here: the device count is the one thing faked, the check itself is real.
     monkeypatch.setattr(distributed, "visible_count", lambda name: 4)
     with pytest.raises(ConfigError, match="only 4 GPU"):
-        distributed.check_world(jobenv.plan_job({**WORLD_1P, "nproc_per_node": 8}), "gpu", 2048)
+        eight = WorldConfig(**{**WORLD_1P, "nproc_per_node": 8})
+        distributed.check_world(jobenv.plan_job(eight), "gpu", 2048)
 
 
-def test_torchrun_environment_makes_the_process_that_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torchrun_environment_makes_the_process_that_rank(monkeypatch: pytest.MonkeyPatch,
+                                                          compose) -> None:
     for key, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(key, value)
     assert jobenv.started_by_torchrun()
     assert distributed.world_from_env() == distributed.World(3, 1, 4, 2)
-    world = {**WORLD_1P, "nproc_per_node": 8}
-    job = jobenv.plan_job(world)
+    plan = resolve(compose(*SYNTH, "world=8p", "world.nproc_per_node=8"), [])
+    job = plan.job
     assert (job.launcher, job.world_size, job.launches_ranks) == ("torchrun", 4, False)
     calls = []
-    distributed.launch(lambda cfg, out: calls.append(out), {"world": world}, "/tmp/x", job)
-    assert calls == ["/tmp/x"]  # ran in-process: no second launch
+    distributed.launch(lambda plan, out: calls.append((plan, out)), plan, "/tmp/x")
+    assert calls == [(plan, "/tmp/x")]  # ran in-process: no second launch
 
 
 

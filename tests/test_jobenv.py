@@ -2,6 +2,7 @@
 No launcher runs here: their variables are set, and SLURM's `scontrol` is a script on PATH."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from conftest import REPO
 from imgtrain import jobenv, slurm
+from imgtrain.config import WorldConfig
 from imgtrain.errors import ConfigError
 from imgtrain.jobenv import Job, Ranks, plan_job
 
@@ -57,6 +59,16 @@ def scontrol_calls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return log
 
 
+def world(**changes: object) -> WorldConfig:
+    """The `world` group as a command composes it: world=1p with `changes`."""
+    return WorldConfig(**{**WORLD_1P, **changes})
+
+
+def as_given(job: Job) -> WorldConfig:
+    """A `world` group holding the values `job` planned."""
+    return WorldConfig(**{f.name: getattr(job, f.name) for f in dataclasses.fields(WorldConfig)})
+
+
 def _set(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -71,14 +83,14 @@ def test_jobenv_imports_no_torch() -> None:
 
 
 def test_a_plain_command_plans_the_world_it_is_given() -> None:
-    job = plan_job({**WORLD_1P, "nproc_per_node": 2, "nnodes": 3, "node_rank": 1,
-                    "master_port": 29400, "gres": "gpu"})
+    job = plan_job(world(nproc_per_node=2, nnodes=3, node_rank=1, master_port=29400,
+                         gres="gpu"))
     assert job == Job(launcher="local", nnodes=3, nproc_per_node=2, node_rank=1,
                       master_addr="127.0.0.1", master_port=29400, world_size=6,
                       start_method="spawn", max_restarts=0, gres="gpu")
     assert job.launches_ranks
-    assert not plan_job(WORLD_1P).launches_ranks  # one process: the worker runs in this one
-    assert plan_job(WORLD_1P).as_world() == WORLD_1P
+    assert not plan_job(world()).launches_ranks  # one process: the worker runs in this one
+    assert plan_job(world()) == Job(launcher="local", **WORLD_1P, world_size=1)
     assert jobenv.ranks() == Ranks(0, 0, 1, 1) and jobenv.is_main_process()
     assert not jobenv.started_by_torchrun() and not jobenv.under_elastic_agent()
     assert jobenv.agent_store_address() is None and jobenv.restart_attempt() == 0
@@ -87,7 +99,7 @@ def test_a_plain_command_plans_the_world_it_is_given() -> None:
 def test_a_rank_torchrun_started_takes_its_world_from_torchrun(
         monkeypatch: pytest.MonkeyPatch) -> None:
     _set(monkeypatch, TORCHRUN)
-    job = plan_job({**WORLD_1P, "nproc_per_node": 8})
+    job = plan_job(world(nproc_per_node=8))
     assert (job.launcher, job.world_size, job.nproc_per_node) == ("torchrun", 4, 8)
     assert not job.launches_ranks  # torchrun started the ranks: this is one of them
     assert jobenv.ranks() == Ranks(rank=3, local_rank=1, world_size=4, local_world_size=2)
@@ -95,7 +107,7 @@ def test_a_rank_torchrun_started_takes_its_world_from_torchrun(
     monkeypatch.setenv("RANK", "0")
     assert jobenv.is_main_process()
     monkeypatch.delenv("MASTER_PORT")  # RANK and WORLD_SIZE alone are not torchrun
-    assert not jobenv.started_by_torchrun() and plan_job(WORLD_1P).world_size == 1
+    assert not jobenv.started_by_torchrun() and plan_job(world()).world_size == 1
 
 
 def test_the_elastic_agents_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,24 +122,24 @@ def test_the_elastic_agents_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_slurm_step_across_nodes_places_this_node(monkeypatch: pytest.MonkeyPatch,
                                                     scontrol_calls: Path) -> None:
     _set(monkeypatch, SLURM_STEP)
-    world = {**WORLD_1P, "nproc_per_node": 2, "nnodes": 2}
-    job = plan_job(world)
+    job = plan_job(world(nproc_per_node=2, nnodes=2))
     assert job == Job(launcher="slurm", nnodes=2, nproc_per_node=2, node_rank=1,
                       master_addr="10.1.0.7", master_port=slurm.job_port("7"), world_size=4,
                       start_method="spawn", max_restarts=0, gres=None)
     assert job.master_port == 20007 and job.launches_ranks
-    # The config keeps the plan; planning it again changes nothing and asks scontrol nothing.
-    assert plan_job(job.as_world()) == job
+    # A world holding the plan's values plans the same job, and asks scontrol nothing again.
+    assert plan_job(as_given(job)) == job
     assert scontrol_calls.read_text().splitlines() == ["show hostnames n[7-8]",
                                                        "show node --oneliner n7"]
-    assert plan_job({**world, "master_port": 29400}).master_port == 29400  # set: it wins
+    set_port = world(nproc_per_node=2, nnodes=2, master_port=29400)
+    assert plan_job(set_port).master_port == 29400  # set: it wins
 
 
 def test_a_slurm_job_of_one_node_plans_the_world_as_given(monkeypatch: pytest.MonkeyPatch,
                                                           scontrol_calls: Path) -> None:
     _set(monkeypatch, {**SLURM_STEP, "SLURM_JOB_NUM_NODES": "1"})
-    job = plan_job({**WORLD_1P, "nproc_per_node": 2})
-    assert job.launcher == "slurm" and job.as_world() == {**WORLD_1P, "nproc_per_node": 2}
+    job = plan_job(world(nproc_per_node=2))
+    assert job == Job(launcher="slurm", **{**WORLD_1P, "nproc_per_node": 2}, world_size=2)
     assert not scontrol_calls.exists()
 
 
@@ -150,5 +162,5 @@ def test_a_world_its_slurm_job_cannot_hold_is_one_error(
         message: str) -> None:
     _set(monkeypatch, {**SLURM_STEP, **env})
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
-        plan_job({**WORLD_1P, "nnodes": 2})
+        plan_job(world(nnodes=2))
     assert not scontrol_calls.exists()  # refused before SLURM is asked anything

@@ -24,6 +24,8 @@ from imgtrain.data import transforms as imgtrain_transforms
 from imgtrain.data.batch_pool import HELD
 from imgtrain.data.imagefolder import JpegFolder, jpeg_size
 from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalizer
+from imgtrain.distributed import World
+from imgtrain.plan import resolve
 
 # torchvision 0.29 deprecates its decoders (still libjpeg-turbo); imagefolder.py silences it in runs.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -189,11 +191,12 @@ def test_jpeg_batches_are_nhwc_and_normalise_like_contiguous_ones(photo_folder: 
 
 def _jpeg_loaders(compose, root: Path, reuse_batch_memory: bool):
     """imagenet loaders as run.py builds them: 2 workers, 2 batches of 8 prefetched by each."""
-    cfg = compose("dataset=imagenet", f"dataset.root={root}", "dataset.image_size=32",
-                  "dataset.workers=2", "dataset.prefetch_factor=2",
-                  f"dataset.reuse_batch_memory={reuse_batch_memory}")
-    return build_loaders(cfg.dataset, 8, rank=0, world_size=1, local_world_size=1, seed=49,
-                         accelerator=False)
+    plan = resolve(compose("device=cpu", "dataset=imagenet", f"dataset.root={root}",
+                           "dataset.image_size=32", "dataset.workers=2",
+                           "dataset.prefetch_factor=2",
+                           f"dataset.reuse_batch_memory={reuse_batch_memory}",
+                           "train.batch_size=8", "train.seed=49"), [])
+    return build_loaders(plan, World(), accelerator=False)
 
 
 def test_reused_batch_memory_yields_the_same_batches_and_never_changes_one_in_use(

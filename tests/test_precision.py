@@ -7,23 +7,23 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import TINY, assert_clean_error, read_results, run_cli
-from imgtrain.data import build_loaders
+from imgtrain.assembly import build_trainer
+from imgtrain.config import OptimConfig
 from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
 from imgtrain.errors import ConfigError
 from imgtrain.logger import NullLogger
 from imgtrain.models import build_model
 from imgtrain.optim import build_optimizer
+from imgtrain.plan import RunPlan, resolve
 from imgtrain.precision import Precision, resolve_dtype, resolve_loss_scale
-from imgtrain.worker import _build_trainer
 
 CPU = DeviceInfo("cpu")
-SGD = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False,
-       "fused": False}
+SGD = OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=False,
+                  fused=False)
 
 
 def small_net(seed: int = 0) -> nn.Module:
@@ -37,7 +37,7 @@ def o2(loss_scale: float | str | None = None, model: nn.Module | None = None):
     """An O2 Precision on the CPU, its prepared model and an SGD over the parameters it returns."""
     precision = Precision("O2", torch.bfloat16, loss_scale, CPU)
     model, params = precision.prepare(model or small_net())
-    return precision, model, build_optimizer(params, SGD, CPU)
+    return precision, model, build_optimizer(params, SGD, CPU, fused=False)
 
 
 def train_step(precision: Precision, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -72,10 +72,11 @@ def scale_of(precision: Precision) -> float:
 
 
 # ---- O2's shape ------------------------------------------------------------------------------
-def test_o2_holds_half_convs_and_linears_fp32_batchnorm_and_fp32_masters():
-    precision = Precision.from_config({"level": "O2", "dtype": "auto", "loss_scale": "auto"}, CPU)
+def test_o2_holds_half_convs_and_linears_fp32_batchnorm_and_fp32_masters(compose):
+    plan = resolve(compose("device=cpu", "dataset=synthetic", "amp=O2"), [])  # dtype, scale: auto
+    precision = Precision.from_plan(plan.amp, CPU)
     model, params = precision.prepare(build_model("resnet18", 10))
-    optimizer = build_optimizer(params, SGD, CPU)
+    optimizer = build_optimizer(params, SGD, CPU, fused=False)
     halves = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(halves) == 21 and len(norms) == 20  # resnet18: 20 convs + fc, 20 BatchNorms
@@ -113,19 +114,17 @@ def test_checkpoint_state_holds_the_fp32_masters_not_the_rounded_halves():
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
-def _first_weights_of_rank(rank: int, cfg: dict, init_file: str, out_dir: str) -> None:
+def _first_weights_of_rank(rank: int, plan: RunPlan, init_file: str, out_dir: str) -> None:
     """One rank of a 2-process gloo group, seeded per rank as the worker seeds, building its
     Trainer as the worker does: save the model it started from, its EMA and its O2 masters."""
     torch.set_num_threads(1)  # forked: as a DataLoader worker, away from the parent's thread pool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        loaders = build_loaders(cfg["dataset"], 8, rank, 2, 2, cfg["train"]["seed"],
-                                accelerator=False)
-        torch.manual_seed(cfg["train"]["seed"] + rank)
+        torch.manual_seed(plan.train.seed + rank)
         model = small_net(seed=rank)
         own = {k: v.clone() for k, v in model.state_dict().items()}
-        trainer = _build_trainer(cfg, Path(out_dir), World(rank, rank, 2, 2), CPU, NullLogger(),
-                                 loaders, Precision("O2", torch.bfloat16, None, CPU), model)
+        trainer = build_trainer(plan, out_dir, world=World(rank, rank, 2, 2), device=CPU,
+                                logger=NullLogger(), model=model)
         masters = [p.detach() for group in trainer.optimizer.param_groups for p in group["params"]]
         torch.save({"own": own, "ema": trainer.ema.module.state_dict(), "masters": masters},
                    Path(out_dir) / f"{rank}.pt")
@@ -138,11 +137,15 @@ def test_every_rank_starts_its_ema_and_o2_masters_from_rank_0s_weights(compose, 
     only when it wraps the model, after the EMA and the masters were copied. Before any update,
     every rank's EMA and masters are rank 0's model (as torchvision's EMA, built from the
     DDP-synchronised model)."""
-    cfg = OmegaConf.to_container(compose("device=cpu", "dataset=synthetic", "dataset.workers=0",
-                                         "dataset.image_size=8", "dataset.num_classes=4",
-                                         "dataset.train_size=16", "dataset.val_size=8",
-                                         "train.batch_size=8", "ema.decay=0.9"), resolve=True)
-    mp.start_processes(_first_weights_of_rank, args=(cfg, str(tmp_path / "init"), str(tmp_path)),
+    # amp=O2 on the CPU: bfloat16 masters. The memory check is off: it estimates the plan's
+    # model.arch, and the ranks train small_net instead.
+    plan = resolve(compose("device=cpu", "dataset=synthetic", "dataset.workers=0", "amp=O2",
+                           "dataset.image_size=8", "dataset.num_classes=4",
+                           "dataset.train_size=16", "dataset.val_size=8",
+                           "world.nproc_per_node=2", "train.batch_size=16", "ema.decay=0.9",
+                           "train.memory_check=false"), [])
+    assert (plan.world_size, plan.batches.per_rank, plan.amp.dtype) == (2, 8, torch.bfloat16)
+    mp.start_processes(_first_weights_of_rank, args=(plan, str(tmp_path / "init"), str(tmp_path)),
                        nprocs=2, start_method="fork")  # spawned, each would import torch (~8 s)
     rank0, rank1 = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
     assert not torch.equal(rank0["own"]["0.weight"], rank1["own"]["0.weight"]), \
@@ -249,7 +252,7 @@ def saturation_mode_o2(loss_scale: float | str, fused: bool, register: OverflowR
     precision = Precision("O2", torch.float16, loss_scale, CPU)
     model, params = precision.prepare(small_net())
     precision.scaler = SaturationModeScaler(register, init_scale=1024.0)
-    return precision, model, build_optimizer(params, {**SGD, "fused": fused}, CPU)
+    return precision, model, build_optimizer(params, SGD, CPU, fused=fused)
 
 
 def saturating_step(precision: Precision, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -400,7 +403,7 @@ def test_each_level_learns_a_noisy_colour_task(level: str):
     torch.manual_seed(0)
     precision = Precision(level, None if level == "O0" else torch.bfloat16, None, CPU)
     model, params = precision.prepare(small_net())
-    optimizer = build_optimizer(params, SGD, CPU)
+    optimizer = build_optimizer(params, SGD, CPU, fused=False)
     held_out, target = coloured_batch(seed=1000, size=256)
 
     def accuracy() -> float:

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from imgtrain import app
-from imgtrain.data import build_loaders
+from imgtrain.assembly import build_trainer
+from imgtrain.checkpoint_files import rng_state
+from imgtrain.config import DatasetConfig, SchedConfig
 from imgtrain.data.mixing import build_batch_mix, dominant_label
 from imgtrain.data.transforms import Normalizer
 from imgtrain.device import DeviceInfo
@@ -24,6 +25,7 @@ from imgtrain.errors import ConfigError
 from imgtrain.logger import NullLogger
 from imgtrain.models import build_model
 from imgtrain.optim import build_optimizer, lr_factor
+from imgtrain.plan import identify, resolve
 from imgtrain.precision import Precision
 from test_precision import SGD, coloured_batch, small_net
 
@@ -34,21 +36,12 @@ SMALL = ["experiment=quickstart", "device=cpu", "amp=O0", "dataset.train_size=64
 
 
 def make_trainer(compose: Any, tmp_path: Path, *overrides: str, model: nn.Module | None = None,
-                 precision: Precision | None = None, seed: int = 0) -> Any:
+                 seed: int = 0) -> Any:
     """The Trainer `worker` builds, for SMALL plus `overrides`, in this process."""
-    from imgtrain.worker import _build_trainer
-
-    config = app.resolve(compose(*SMALL, *overrides), [])
-    app.check(config)
-    loaders = build_loaders(config["dataset"], config["train"]["batch_size"], 0, 1, 1,
-                            config["train"]["seed"], accelerator=False,
-                            accumulate_steps=config["train"]["accumulate_steps"])
+    plan = resolve(compose(*SMALL, *overrides), [])
     torch.manual_seed(seed)
-    if model is None:
-        model = build_model("resnet18", loaders.num_classes,
-                            zero_init_residual=config["model"]["zero_init_residual"])
-    precision = precision or Precision.from_config(config["amp"], CPU)
-    return _build_trainer(config, tmp_path, World(), CPU, NullLogger(), loaders, precision, model)
+    return build_trainer(plan, tmp_path, world=World(), device=CPU, logger=NullLogger(),
+                         model=model)
 
 
 def recording_losses(trainer: Any) -> list[torch.Tensor]:
@@ -84,8 +77,7 @@ def test_defaults_train_bit_for_bit_as_the_seeds_bare_step(compose: Any, tmp_pat
     assert all(bn.weight.abs().sum() > 0 for bn in blocks)  # zero_init_residual is off
     reference = build_model("resnet18", trainer.loaders.num_classes)
     reference.load_state_dict(trainer.model.state_dict())
-    optim = trainer.cfg["optim"]
-    optimizer = torch.optim.SGD(reference.parameters(), lr=optim["lr"], momentum=0.9,
+    optimizer = torch.optim.SGD(reference.parameters(), lr=trainer.plan.optim.lr, momentum=0.9,
                                 weight_decay=1e-4)  # the seed's: torch's plain loop on the CPU
     steps = trainer.steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -125,9 +117,10 @@ def _groups(trainer: Any) -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("level", ["O0", "O2"])
 def test_norm_and_bias_weight_decay_make_torchvisions_groups(compose: Any, tmp_path: Path,
                                                              level: str) -> None:
-    precision = Precision(level, torch.bfloat16 if level == "O2" else None, None, CPU)
-    trainer = make_trainer(compose, tmp_path, "optim.norm_weight_decay=0",
-                           "optim.bias_weight_decay=0.5", precision=precision)
+    trainer = make_trainer(compose, tmp_path, f"amp={level}", "optim.norm_weight_decay=0",
+                           "optim.bias_weight_decay=0.5")
+    # amp=O2 on the CPU: bfloat16, no loss scale
+    assert trainer.precision.dtype == (torch.bfloat16 if level == "O2" else None)
     groups, model = _groups(trainer), trainer.model
     assert (groups["norm"]["weight_decay"], groups["bias"]["weight_decay"],
             groups["other"]["weight_decay"]) == (0.0, 0.5, 1e-4)
@@ -151,10 +144,10 @@ def test_norm_weight_decay_alone_puts_batchnorm_biases_with_their_layer(compose:
 
 def test_a_resume_applies_this_runs_group_decays_and_refuses_other_groups(compose: Any,
                                                                           tmp_path: Path) -> None:
-    saved = make_trainer(compose, tmp_path, "optim.norm_weight_decay=0").state_dict([{}])
+    saved = make_trainer(compose, tmp_path, "optim.norm_weight_decay=0").state_dict(
+        [rng_state()])
     resumed = make_trainer(compose, tmp_path, "optim.norm_weight_decay=0.01",
                            "optim.weight_decay=0.001")
-    resumed._restore_rng = lambda _saved: None
     resumed.load_state_dict(saved)
     groups = _groups(resumed)
     assert (groups["norm"]["weight_decay"], groups["other"]["weight_decay"]) == (0.01, 0.001)
@@ -179,7 +172,7 @@ def test_label_smoothing_reaches_the_loss(compose: Any, tmp_path: Path) -> None:
 
 
 def test_mixup_and_cutmix_give_soft_targets_drawn_from_the_cpu_generator() -> None:
-    mix = build_batch_mix({"mixup_alpha": 0.2, "cutmix_alpha": 1.0}, num_classes=4)
+    mix = build_batch_mix(DatasetConfig(mixup_alpha=0.2, cutmix_alpha=1.0), num_classes=4)
     images, labels = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     torch.manual_seed(5)
     mixed, soft = mix(images, labels)
@@ -190,7 +183,7 @@ def test_mixup_and_cutmix_give_soft_targets_drawn_from_the_cpu_generator() -> No
     torch.manual_seed(5)  # a resume restores this generator: the same draw, the same batch
     again, soft_again = mix(images, labels)
     assert torch.equal(again, mixed) and torch.equal(soft_again, soft)
-    assert build_batch_mix({"mixup_alpha": 0.0, "cutmix_alpha": 0.0}, 4) is None
+    assert build_batch_mix(DatasetConfig(mixup_alpha=0.0, cutmix_alpha=0.0), 4) is None
 
 
 def test_the_trainer_mixes_normalised_batches_and_counts_the_dominant_label(
@@ -224,7 +217,7 @@ def no_norm_net() -> nn.Module:
 def test_accumulated_micro_steps_equal_one_full_batch(compose: Any, tmp_path: Path) -> None:
     whole = make_trainer(compose, tmp_path, model=no_norm_net())
     accumulated = make_trainer(compose, tmp_path, "train.accumulate_steps=2", model=no_norm_net())
-    assert accumulated.loaders.train.batch_size == 8 and accumulated.global_batch == 16
+    assert accumulated.loaders.train.batch_size == 8 and accumulated.plan.batches.global_batch == 16
     assert accumulated.steps_per_epoch == whole.steps_per_epoch == 4
     whole_metrics, accumulated_metrics = whole.train_epoch(0), accumulated.train_epoch(0)
     for a, b in zip(whole.model.parameters(), accumulated.model.parameters()):
@@ -269,7 +262,7 @@ def test_clipping_scales_the_stepped_gradients_after_unscaling(level: str) -> No
     precision = Precision(level, torch.bfloat16 if level == "O2" else None,
                           128.0 if level == "O2" else None, CPU)
     model, params = precision.prepare(small_net())
-    optimizer = build_optimizer(params, SGD, CPU)
+    optimizer = build_optimizer(params, SGD, CPU, fused=False)
     images, target = coloured_batch(0)
     precision.backward(nn.functional.cross_entropy(model(images * 50).float(), target))
     precision.step(optimizer, clip_grad_norm=0.01)
@@ -280,7 +273,7 @@ def test_clipping_scales_the_stepped_gradients_after_unscaling(level: str) -> No
 def test_an_overflowed_step_is_still_skipped_when_clipping() -> None:
     precision = Precision("O2", torch.bfloat16, 128.0, CPU)
     model, params = precision.prepare(small_net())
-    optimizer = build_optimizer(params, SGD, CPU)
+    optimizer = build_optimizer(params, SGD, CPU, fused=False)
     before = [p.detach().clone() for p in params]
     images, target = coloured_batch(0)
     precision.backward(nn.functional.cross_entropy(model(images).float(), target))
@@ -290,11 +283,11 @@ def test_an_overflowed_step_is_still_skipped_when_clipping() -> None:
 
 
 def test_warmup_starts_at_the_start_factor_and_reaches_the_lr() -> None:
-    sched = {"name": "cosine", "warmup_epochs": 2, "warmup_start_factor": 0.01}
+    sched = SchedConfig(name="cosine", warmup_epochs=2, warmup_start_factor=0.01)
     assert lr_factor(0, 10, sched, 5) == pytest.approx(0.01)
     assert lr_factor(10, 10, sched, 5) == pytest.approx(0.01 + 0.99 * 0.5)
     assert lr_factor(20, 10, sched, 5) == pytest.approx(1.0)  # warm-up over: cosine at its top
-    seed = {**sched, "warmup_start_factor": None}
+    seed = SchedConfig(name="cosine", warmup_epochs=2, warmup_start_factor=None)
     assert [lr_factor(s, 10, seed, 5) for s in (0, 19)] == [pytest.approx(0.05), 1.0]
 
 
@@ -308,7 +301,7 @@ def test_ema_decay_is_adjusted_as_torchvision_does() -> None:
 def test_ema_averages_o2s_fp32_masters_every_n_steps_and_restarts_in_warmup() -> None:
     precision = Precision("O2", torch.bfloat16, None, CPU)
     model, params = precision.prepare(small_net())
-    optimizer = build_optimizer(params, SGD, CPU)
+    optimizer = build_optimizer(params, SGD, CPU, fused=False)
     ema = WeightAverage(small_net(), decay=0.5, every_steps=2, warmup_epochs=1)
     expected = [p.detach().clone() for p in params]
     for step in range(1, 7):
@@ -337,7 +330,7 @@ def test_the_trainers_ema_under_o2_follows_the_fp32_masters(compose: Any, tmp_pa
     # decay 0.5 adjusted for 16 images x 1 step / 2 epochs: alpha capped at 1, a plain copy.
     trainer = make_trainer(compose, tmp_path, "ema.decay=0.5", "ema.steps=1",
                            "train.steps_per_epoch=1", "sched.warmup_epochs=0", "train.batch_size=4",
-                           precision=Precision("O2", torch.bfloat16, None, CPU))
+                           "amp=O2")  # on the CPU: bfloat16, no loss scale
     trainer.train_epoch(0)
     masters = trainer.precision.master_params(trainer.model)
     averaged = list(trainer.ema.module.parameters())
@@ -364,24 +357,23 @@ def test_the_trainers_ema_under_o2_follows_the_fp32_masters(compose: Any, tmp_pa
     ("ema.steps=0", "ema.steps=0"),
 ])
 def test_each_bad_value_is_one_error_naming_it(compose: Any, override: str, named: str) -> None:
-    config = app.resolve(compose(*SMALL, override), [])
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        app.check(config)
+        resolve(compose(*SMALL, override), [])
 
 
 # ---- experiment=resnet152_v2 ---------------------------------------------------------------
 @pytest.mark.parametrize("world,accumulate", [([], 8), (["world=8p"], 1)])
 def test_the_v2_experiment_holds_torchvisions_recipe_on_any_world(compose: Any, world: list[str],
                                                                   accumulate: int) -> None:
-    config = app.resolve(compose("experiment=resnet152_v2", *world), [])
-    train, data, optim = config["train"], config["dataset"], config["optim"]
+    # What the composed config says, before the checks (dataset.root is not set here).
+    config = identify(compose("experiment=resnet152_v2", *world), []).cfg
+    train, data, optim = config.train, config.dataset, config.optim
     # The global batch of 1024 stays, in micro-steps of 128 per device.
-    assert (train["batch_size"], train["accumulate_steps"], optim["lr"]) == (1024, accumulate, 0.5)
-    assert (train["epochs"], train["label_smoothing"], config["model"]["arch"]) == \
-        (600, 0.1, "resnet152")
-    assert (optim["weight_decay"], optim["norm_weight_decay"]) == (2e-5, 0.0)
-    assert (config["sched"]["warmup_epochs"], config["sched"]["warmup_start_factor"]) == (5, 0.01)
-    assert (data["image_size"], data["val_resize_size"], data["val_crop_size"]) == (176, 232, 224)
-    assert (data["auto_augment"], data["random_erase"], data["mixup_alpha"],
-            data["cutmix_alpha"], data["ra_reps"]) == ("ta_wide", 0.1, 0.2, 1.0, 4)
-    assert (config["ema"]["decay"], config["ema"]["steps"]) == (0.99998, 32)
+    assert (train.batch_size, train.accumulate_steps, optim.lr) == (1024, accumulate, 0.5)
+    assert (train.epochs, train.label_smoothing, config.model.arch) == (600, 0.1, "resnet152")
+    assert (optim.weight_decay, optim.norm_weight_decay) == (2e-5, 0.0)
+    assert (config.sched.warmup_epochs, config.sched.warmup_start_factor) == (5, 0.01)
+    assert (data.image_size, data.val_resize_size, data.val_crop_size) == (176, 232, 224)
+    assert (data.auto_augment, data.random_erase, data.mixup_alpha, data.cutmix_alpha,
+            data.ra_reps) == ("ta_wide", 0.1, 0.2, 1.0, 4)
+    assert (config.ema.decay, config.ema.steps) == (0.99998, 32)

@@ -12,11 +12,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from imgtrain import distributed
+from imgtrain.config import WorldConfig
 from imgtrain.jobenv import plan_job
 from imgtrain.data import batch_pool, build_loaders
 from imgtrain.data.batch_pool import PooledLoader
 from imgtrain.device import DeviceInfo
+from imgtrain.distributed import World
 from imgtrain.errors import ConfigError
+from imgtrain.plan import resolve
 from imgtrain.trainer import Trainer
 
 
@@ -62,9 +65,12 @@ def test_nhwc_host_batches_travel_contiguous_and_arrive_as_nchw():
 
 
 def _jpeg_loaders(compose, root: Path):
-    cfg = compose("dataset=imagenet", f"dataset.root={root}", "dataset.image_size=32",
-                  "dataset.workers=2", "dataset.prefetch_factor=2", "dataset.reuse_batch_memory=true")
-    return build_loaders(cfg.dataset, 8, rank=0, world_size=1, local_world_size=2, seed=49,
+    plan = resolve(compose("dataset=imagenet", f"dataset.root={root}", "dataset.image_size=32",
+                           "dataset.workers=2", "dataset.prefetch_factor=2",
+                           "dataset.reuse_batch_memory=true", "train.batch_size=8",
+                           "device=cpu"), [])
+    # Rank 0 of one, with two processes on its node sharing /dev/shm.
+    return build_loaders(plan, World(rank=0, local_rank=0, world_size=1, local_world_size=2),
                          accelerator=False)
 
 
@@ -89,11 +95,12 @@ def test_several_nodes_need_a_master_port():
     world = {"nproc_per_node": 1, "nnodes": 2, "node_rank": 1, "master_addr": "node0",
              "master_port": None, "max_restarts": 0, "start_method": "spawn", "gres": None}
     with pytest.raises(ConfigError, match=r"world.nnodes=2 needs world.master_port") as info:
-        distributed.check_world(plan_job(world), "cpu", 2)
+        distributed.check_world(plan_job(WorldConfig(**world)), "cpu", 2)
     assert "\n" not in str(info.value)
-    distributed.check_world(plan_job({**world, "master_port": 29500}), "cpu", 2)
+    distributed.check_world(plan_job(WorldConfig(**{**world, "master_port": 29500})), "cpu", 2)
     # one node: a free port
-    distributed.check_world(plan_job({**world, "nnodes": 1, "node_rank": 0}), "cpu", 2)
+    one_node = WorldConfig(**{**world, "nnodes": 1, "node_rank": 0})
+    distributed.check_world(plan_job(one_node), "cpu", 2)
 
 
 @pytest.mark.slow

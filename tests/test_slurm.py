@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 from conftest import CONF, REPO, TINY, assert_clean_error, read_results, run_cli, start_cli
 from hydra_plugins.imgtrain_slurm.launcher import ImgtrainSlurmLauncher
 from imgtrain import slurm as imgtrain_slurm  # also registers the config schema
-from imgtrain.jobenv import plan_job
+from imgtrain.config import WorldConfig
+from imgtrain.jobenv import Job, plan_job
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 from cluster import Cluster, why_not  # noqa: E402
@@ -330,8 +331,9 @@ def test_a_several_node_world_needs_its_slurm_job_and_step(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ConfigError, match=re.escape(fragment)):
-        plan_job(WORLD)
-    assert plan_job({**WORLD, "nnodes": 1}).as_world() == {**WORLD, "nnodes": 1}
+        plan_job(WorldConfig(**WORLD))
+    job = plan_job(WorldConfig(**{**WORLD, "nnodes": 1}))  # one node: the world as given
+    assert job == Job(launcher="slurm", **{**WORLD, "nnodes": 1}, world_size=1)
 
 
 def test_a_job_past_train_max_requeues_is_not_requeued_again(

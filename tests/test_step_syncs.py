@@ -2,31 +2,32 @@
 overflowed step applied whatever the loss scaler does, and optimizers that keep views of the
 gradients (torch_npu's fused ones) stepping this step's gradients.
 
-The steps run through the real Trainer, built as a worker builds it, on synthetic data; the
-model is a small Conv-BatchNorm-Linear net (every kind of layer O2 treats differently) to keep
-the tests fast. float16 is refused on the CPU by the config (it is slow there), so the float16
-cases build the Precision directly: CPU autocast, the float16 model, torch's GradScaler and the
-fused SGD kernel all run on the CPU in torch 2.14, so the scaled code paths are the real ones.
+The steps run through the real Trainer, built as a worker builds it (assembly.build_trainer),
+on synthetic data; the model is a small Conv-BatchNorm-Linear net (every kind of layer O2 treats
+differently) to keep the tests fast. float16 is refused on the CPU by the config (it is slow
+there), so each case sets the plan's AMP itself: CPU autocast, the float16 model, torch's
+GradScaler and the fused SGD kernel all run on the CPU in torch 2.14, so the scaled code paths are
+the real ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from conftest import REPO
-from imgtrain.data import build_loaders
+from imgtrain.assembly import build_trainer
+from imgtrain.config import DatasetConfig
 from imgtrain.data.mixing import build_batch_mix
 from imgtrain.device import DeviceInfo
-from imgtrain.distributed import World
 from imgtrain.logger import NullLogger
 from imgtrain.optim import build_optimizer
+from imgtrain.plan import Amp, RunPlan, resolve
 from imgtrain.precision import Precision
-from imgtrain.worker import _build_trainer
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from host_syncs import HostReads, watching_steps  # noqa: E402
@@ -35,27 +36,33 @@ CPU = DeviceInfo("cpu")
 STEPS, PRINT_FREQ = 6, 3  # print points after steps 3 and 6
 
 
-def make_trainer(compose, tmp_path: Path, level: str, dtype: torch.dtype | None,
-                 loss_scale: float | str | None, *overrides: str, optimizer_class=None,
-                 device: DeviceInfo = CPU):
-    if dtype == torch.float16 and not any(o.startswith("optim.fused=") for o in overrides):
-        # What optim.fused=auto gives the GPU that these float16 CPU steps stand in for.
-        overrides = ("optim.fused=true", *overrides)
-    cfg = OmegaConf.to_container(compose(
-        "device=cpu", "dataset=synthetic", "dataset.image_size=8",
+def make_plan(compose, *overrides: str, device: str = "cpu") -> RunPlan:
+    """The plan of these tests' runs: 6 steps of 8 synthetic 8-px images, 4 classes. The memory
+    check is off: it estimates the plan's model.arch, and the steps train small_net instead."""
+    return resolve(compose(
+        f"device={device}", "dataset=synthetic", "dataset.image_size=8",
         "dataset.num_classes=4", "dataset.train_size=96", "dataset.val_size=8",
         "dataset.workers=0", "train.batch_size=8", "train.epochs=1",
         f"train.steps_per_epoch={STEPS}", f"train.print_freq={PRINT_FREQ}",
-        "train.fps_warmup_steps=1", *overrides), resolve=True)
-    cfg["device"]["resolved"] = "cpu"
-    loaders = build_loaders(cfg["dataset"], 8, 0, 1, 1, cfg["train"]["seed"], accelerator=False,
-                            accumulate_steps=cfg["train"]["accumulate_steps"])
-    precision = Precision(level, dtype, loss_scale, CPU)
+        "train.fps_warmup_steps=1", "train.memory_check=false", *overrides), [])
+
+
+def small_net() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    trainer = _build_trainer(cfg, tmp_path, World(), device, NullLogger(), loaders, precision,
-                             model)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def make_trainer(compose, tmp_path: Path, level: str, dtype: torch.dtype | None,
+                 loss_scale: float | str | None, *overrides: str, optimizer_class=None):
+    if dtype == torch.float16 and not any(o.startswith("optim.fused=") for o in overrides):
+        # What optim.fused=auto gives the GPU that these float16 CPU steps stand in for.
+        overrides = ("optim.fused=true", *overrides)
+    # The AMP is set by hand: (level, dtype, loss_scale) stands for what amp= resolves to on an
+    # accelerator (float16, loss scaled), which resolve refuses on the CPU.
+    plan = dataclasses.replace(make_plan(compose, *overrides),
+                               amp=Amp(level, dtype, loss_scale))
+    trainer = build_trainer(plan, tmp_path, device=CPU, logger=NullLogger(), model=small_net())
     if optimizer_class is not None:
         trainer.optimizer = optimizer_class(
             [p for group in trainer.optimizer.param_groups for p in group["params"]])
@@ -112,7 +119,7 @@ def test_the_v2_recipes_steps_read_nothing_on_the_host(compose, tmp_path: Path, 
 
 def test_mixup_and_cutmix_never_read_the_batch():
     """On the meta device a tensor has no values: a read of the images or labels would raise."""
-    mix = build_batch_mix({"mixup_alpha": 0.2, "cutmix_alpha": 1.0}, num_classes=4)
+    mix = build_batch_mix(DatasetConfig(mixup_alpha=0.2, cutmix_alpha=1.0), num_classes=4)
     for seed in range(8):  # both transforms, several boxes
         torch.manual_seed(seed)
         images, soft = mix(torch.empty(8, 3, 8, 8, device="meta"),
@@ -272,8 +279,8 @@ def test_fused_sgd_starts_from_zero_momentum_and_matches_torchs_default(compose,
     default = make_trainer(compose, tmp_path, "O0", None, None, "optim.fused=false")
     for a, b in zip(_trained(fused), _trained(default)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert isinstance(build_optimizer(nn.Linear(2, 2).parameters(), fused.cfg["optim"], CPU),
-                      torch.optim.SGD)
+    assert isinstance(build_optimizer(nn.Linear(2, 2).parameters(), fused.plan.optim, CPU,
+                                      fused=fused.plan.fused_sgd), torch.optim.SGD)
 
 
 class NamedGpu(DeviceInfo):
@@ -283,23 +290,30 @@ class NamedGpu(DeviceInfo):
     torch_device = torch.device("cpu")
 
 
-@pytest.mark.parametrize("device, level, dtype, loss_scale, fused", [
-    (CPU, "O2", torch.bfloat16, None, False),              # the seed's defaults on the CPU
-    (NamedGpu("gpu", 0), "O2", torch.float16, 1024.0, True),  # ... and on a GPU
-    (NamedGpu("gpu", 0), "O2", torch.bfloat16, None, False),
-    (NamedGpu("gpu", 0), "O0", None, None, False)],
+@pytest.mark.parametrize("device, amp, level, dtype, loss_scale, fused", [
+    (CPU, ["amp=O2"], "O2", torch.bfloat16, None, False),    # the seed's defaults on the CPU
+    (NamedGpu("gpu", 0), ["amp=O2"], "O2", torch.float16, 1024.0, True),  # ... and on a GPU
+    (NamedGpu("gpu", 0), ["amp=O2", "amp.dtype=bfloat16"], "O2", torch.bfloat16, None, False),
+    (NamedGpu("gpu", 0), ["amp=O0"], "O0", None, None, False)],
     ids=["cpu-O2-bfloat16", "gpu-O2-float16-scaled", "gpu-O2-bfloat16", "gpu-O0"])
 def test_optim_fused_auto_is_fused_only_for_scaled_float16_on_a_gpu(
-        compose, tmp_path: Path, device: DeviceInfo, level, dtype, loss_scale, fused: bool):
+        compose, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: DeviceInfo,
+        amp: list[str], level, dtype, loss_scale, fused: bool):
     """auto keeps torch's fused SGD only where it removes a host sync (it takes the loss scaler's
     verdict on the device); elsewhere it is torch's default SGD, the plain loop on the CPU, the
     kernel the seed's recipe ran (benchmarks/README.md: fused rounds differently on the CPU)."""
-    trainer = make_trainer(compose, tmp_path, level, dtype, loss_scale, "optim.fused=auto",
-                           device=device)
+    if device.name == "gpu":
+        # The plan is made as on a machine with one GPU (none here): device=gpu is found, and
+        # one device is visible for world=1p. What it resolves (amp, fused SGD) is the plan's own.
+        monkeypatch.setattr("imgtrain.device.resolve_name", lambda requested: "gpu")
+        monkeypatch.setattr("imgtrain.distributed.visible_count", lambda name: 1)
+    plan = make_plan(compose, *amp, "optim.fused=auto", device=device.name)
+    assert (plan.device, plan.amp) == (device.name, Amp(level, dtype, loss_scale))
+    trainer = build_trainer(plan, tmp_path, device=device, logger=NullLogger(), model=small_net())
     defaults = trainer.optimizer.defaults
     assert type(trainer.optimizer) is torch.optim.SGD and bool(defaults["fused"]) is fused
     assert not defaults["foreach"]  # None: torch's choice, the plain loop for CPU tensors
     if device is CPU:  # what the seed's defaults give on the CPU: bfloat16 O2, no loss scale
-        cfg = OmegaConf.to_container(compose("device=cpu"), resolve=True)
-        assert (cfg["amp"]["level"], cfg["optim"]["fused"]) == ("O2", "auto")
-        assert Precision.from_config(cfg["amp"], CPU).scaler is None
+        seed = resolve(compose("device=cpu", "dataset=synthetic"), [])
+        assert (seed.amp.level, seed.optim.fused) == ("O2", "auto")
+        assert Precision.from_plan(seed.amp, CPU).scaler is None

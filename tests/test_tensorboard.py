@@ -16,11 +16,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.utils import make_grid
 
 from imgtrain.data import build_loaders
+from imgtrain.distributed import World
+from imgtrain.plan import resolve
 from conftest import SHORT, run_cli
 
 NEW_TAGS = {"throughput/loader_wait_percent", "time/eta_hours", "train/memory_host_rss_gib"}
@@ -187,9 +188,7 @@ def test_train_log_images_adds_the_first_training_batch_as_a_grid(server: str, c
     grid = Image.open(io.BytesIO(get(server, f"images/individualImage?{entry['query']}")))
     # What the network saw: the run's first batch, rebuilt here, in its uint8 colours (a
     # normalised tensor would show clipped to black and white), 32 images 8 a row.
-    cfg = OmegaConf.to_container(compose(*SHORT), resolve=True)
-    loaders = build_loaders(cfg["dataset"], cfg["train"]["batch_size"], 0, 1, 1,
-                            cfg["train"]["seed"], accelerator=False)
+    loaders = build_loaders(resolve(compose(*SHORT), list(SHORT)), World(), accelerator=False)
     loaders.train_sampler.set_epoch(0)
     images, _ = next(iter(loaders.train))
     expected = make_grid(images[:32], nrow=8, padding=2).permute(1, 2, 0).numpy()

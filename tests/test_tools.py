@@ -20,6 +20,7 @@ from imgtrain.data.transforms import Normalizer
 from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
+from imgtrain.plan import resolve
 from imgtrain.predict import predict
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision's decoders
@@ -28,12 +29,16 @@ FOLDER = ["dataset=imagenet", "dataset.image_size=32", "train.batch_size=16", "o
           "sched.warmup_epochs=0"]
 
 
-def run_app(run_dir: Path, *overrides: str) -> None:
-    """What run.py does with these command-line overrides, in this process."""
+def run_app(run_dir: Path, *overrides: str, succeed: bool = True) -> app.Outcome:
+    """What run.py does with these command-line overrides, in this process: how it ended
+    (`succeed`: asserted to have ended well)."""
     from hydra import compose, initialize_config_dir
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
-    app.run(cfg, str(run_dir), list(overrides), multirun=False)
+    outcome = app.run(cfg, str(run_dir), list(overrides), multirun=False)
+    if succeed:
+        assert outcome.exit_code == 0, outcome.error or outcome.traceback
+    return outcome
 
 
 def _pretrained_pth_tar(image_folder: Path, path: Path) -> dict[str, torch.Tensor]:
@@ -202,12 +207,15 @@ def test_failed_predict_and_export_leave_no_folder(mode: str, weights: str, fail
     (lambda d: (d / "empty").mkdir() or d / "empty", "has no image files"),
     (lambda d: (d / "notes.jpg").write_text("not an image") and d / "notes.jpg",
      "is not a readable image")])
-def test_predict_bad_inputs(make, fragment: str, fine_tuned: dict, tmp_path: Path) -> None:
-    checkpoint = weights.read(str(fine_tuned["run_dir"] / "checkpoints/last.pt"))
-    cfg = {"predict": {"inputs": [str(make(tmp_path))], "topk": 5},
-           "model": {"arch": "resnet18"}, "dataset": {"image_size": 32}}
+def test_predict_bad_inputs(make, fragment: str, fine_tuned: dict, tmp_path: Path,
+                            compose) -> None:
+    path = fine_tuned["run_dir"] / "checkpoints/last.pt"
+    overrides = ["mode=predict", "device=cpu", f"model.weights={path}",
+                 f"predict.inputs=[{make(tmp_path)}]"]
+    plan = resolve(compose(*overrides), overrides)  # resnet18 and 32 px, from the checkpoint
+    assert (plan.model.arch, plan.dataset.image_size, plan.predict.topk) == ("resnet18", 32, 5)
     with pytest.raises(ConfigError, match=fragment):  # run.py shows it as one `error:` line
-        predict(cfg, tmp_path / "run", DeviceInfo("cpu"), checkpoint)
+        predict(plan, tmp_path / "run", DeviceInfo("cpu"), weights.read(str(path)))
     assert not (tmp_path / "run/predictions.csv").exists()
 
 
@@ -250,12 +258,12 @@ def test_unknown_freeze_setting_is_refused() -> None:
         check_freeze("head")
 
 
-def test_resume_with_another_freeze_is_refused(fine_tuned: dict, tmp_path: Path, capsys) -> None:
+def test_resume_with_another_freeze_is_refused(fine_tuned: dict, tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()
     saved = tmp_path / "checkpoints/last.pt"
     saved.write_bytes((fine_tuned["run_dir"] / "checkpoints/last.pt").read_bytes())
-    with pytest.raises(SystemExit):
-        run_app(tmp_path, *TINY, *FOLDER, f"dataset.root={fine_tuned['root']}",
-                "model.freeze=none", "train.epochs=3")
-    assert "trained with freeze=backbone, this run has freeze=none" in capsys.readouterr().err
+    outcome = run_app(tmp_path, *TINY, *FOLDER, f"dataset.root={fine_tuned['root']}",
+                      "model.freeze=none", "train.epochs=3", succeed=False)
+    assert outcome.exit_code != 0  # run.py prints the error as one `error:` line and exits
+    assert "trained with freeze=backbone, this run has freeze=none" in outcome.error
     assert saved.read_bytes() == (fine_tuned["run_dir"] / "checkpoints/last.pt").read_bytes()

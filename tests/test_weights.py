@@ -14,6 +14,7 @@ from imgtrain.data.imagefolder import JpegFolder
 from imgtrain.data.transforms import Normalizer
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
+from imgtrain.plan import RunPlan, resolve
 
 # torchvision 0.29 announces its decoders' deprecation on every call; JpegFolder still uses them.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -130,26 +131,26 @@ def test_missing_entry_lists_the_keys_found(tmp_path: Path) -> None:
         weights.read(str(path), "ema")
 
 
-def test_eval_modes_take_arch_and_size_from_the_checkpoint(tmp_path: Path) -> None:
+def test_eval_modes_take_arch_and_size_from_the_checkpoint(tmp_path: Path, compose) -> None:
     path = tmp_path / "imgtrain.pt"
     torch.save({"format_version": 1, "model": _model(0).state_dict(),
                 "identity": {"arch": "resnet18", "num_classes": 4}, "class_names": list("abcd"),
                 "config": {"dataset": {"image_size": 48}}}, path)
 
-    def config(*overrides: str, arch: str = "resnet152") -> dict:
-        return {"mode": "predict", "overrides": list(overrides),
-                "model": {"arch": arch, "weights": str(path), "weights_key": None},
-                "dataset": {"image_size": 224}}
+    def plan(*overrides: str) -> RunPlan:
+        """mode=predict's plan, from the defaults (model.arch=resnet152, 224 px) and `overrides`
+        given on the command line."""
+        given = ["mode=predict", "device=cpu", f"model.weights={path}", *overrides]
+        return resolve(compose(*given), given)
 
-    cfg = config()
-    assert weights.for_mode(cfg).class_names == list("abcd")
-    assert cfg["model"]["arch"] == "resnet18" and cfg["dataset"]["image_size"] == 48
-    cfg = config("dataset.image_size=64")  # given on the command line: kept
-    cfg["dataset"]["image_size"] = 64
-    weights.for_mode(cfg)
-    assert cfg["dataset"]["image_size"] == 64
+    assert weights.read(str(path)).class_names == list("abcd")
+    predicting = plan()
+    assert predicting.model.arch == "resnet18" and predicting.dataset.image_size == 48
+    assert "using model.arch=resnet18 from imgtrain.pt" in predicting.adopted
+    predicting = plan("dataset.image_size=64")  # given on the command line: kept
+    assert predicting.dataset.image_size == 64
     with pytest.raises(ConfigError, match="holds resnet18 weights, but model.arch=resnet50"):
-        weights.for_mode(config("model=resnet50", arch="resnet50"))
+        plan("model=resnet50")
     model = build_model("resnet18", 10)
     with pytest.raises(ConfigError, match="trained for 4 classes, but this dataset has 10"):
         weights.load_into(model, weights.read(str(path)), "resnet18", allow_new_fc=False)

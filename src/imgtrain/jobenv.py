@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from imgtrain import slurm
 
@@ -41,19 +41,11 @@ class Job:
         """This process starts the ranks (elastic launch): not under torchrun, more than one."""
         return self.launcher != "torchrun" and self.world_size > 1
 
-    def as_world(self) -> dict[str, Any]:
-        """The `world` group as planned (a SLURM step's node rank, address and port in place):
-        what the config holds from here on."""
-        return {"nproc_per_node": self.nproc_per_node, "nnodes": self.nnodes,
-                "node_rank": self.node_rank, "master_addr": self.master_addr,
-                "master_port": self.master_port, "max_restarts": self.max_restarts,
-                "start_method": self.start_method, "gres": self.gres}
-
 
 def plan_job(world: WorldConfig) -> Job:
     """The `world` group resolved with the environment: torchrun's WORLD_SIZE and, inside a SLURM
     job step across nodes, SLURM's node rank, first node's address and the job's port (unless
-    world.master_port is set). Planning a planned world gives the same Job."""
+    world.master_port is set). Planning a world that holds a Job's values gives that Job."""
     nproc, nnodes = world.nproc_per_node, world.nnodes
     node_rank, master_addr, port = world.node_rank, world.master_addr, world.master_port
     nodes = slurm.step_nodes(nnodes)

@@ -65,10 +65,9 @@ def as_written(composed: dict[str, Any]) -> dict[str, Any] | None:
         if mode in WEIGHTS_ONLY:
             return {"arch": model["arch"], "device": device, "weights": model["weights"],
                     "torch_version": _torch_version(), "overrides": [], "mode": mode}
-        world = composed["world"]
+        # No world_size: the processes are unknown until the job is planned (jobenv.plan_job).
         return {
             "arch": model["arch"], "dataset": composed["dataset"]["name"], "device": device,
-            "world_size": world["nproc_per_node"] * world["nnodes"],
             "amp": composed["amp"]["level"], "torch_version": _torch_version(),
             "global_batch_size": composed["train"]["batch_size"], "lr": composed["optim"]["lr"],
             "overrides": [], "mode": mode, **({"slurm_job_id": job_id()} if job_id() else {}),

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import yaml
 
 from imgtrain import jobenv, slurm
+from imgtrain.config import override_key
 
 RECORD = Path(".hydra") / "overrides.yaml"  # the command that made the run (records.py)
 IGNORED_KEYS = ("train.resume",)  # not part of what a run computes
@@ -33,13 +34,9 @@ _reasons: dict[str, str] = {}  # chosen run folder -> why, for the start summary
 _new: list[Path] = []  # the new run folders chosen: Hydra makes them before the run starts
 
 
-def _key(override: str) -> str:
-    return override.partition("=")[0].lstrip("+~")
-
-
 def _command(overrides: list[str]) -> list[str]:
     """The overrides that identify a command: train.resume aside, in any order."""
-    return sorted(o for o in overrides if _key(o) not in IGNORED_KEYS)
+    return sorted(o for o in overrides if override_key(o) not in IGNORED_KEYS)
 
 
 def _read_overrides(run: Path) -> list[str] | None:
@@ -115,7 +112,8 @@ def _resumable(run: Path) -> bool:
 def choose(root: str, overrides: Any, new: str) -> str:
     """`${imgtrain.run_dir:...}`: the run folder for a command with these task overrides."""
     overrides = [str(o) for o in overrides]
-    resume = next((o.partition("=")[2] for o in overrides if _key(o) == "train.resume"), None)
+    resume = next((o.partition("=")[2] for o in overrides if override_key(o) == "train.resume"),
+                  None)
     if resume == NEW or not Path(root).is_dir():
         _new.append(Path(root) / new)
         return str(Path(root) / new)
@@ -162,10 +160,10 @@ def with_recorded_overrides(argv: list[str]) -> tuple[list[str], str | None]:
     recorded = _read_overrides(Path(run_dir)) if run_dir else None
     if not recorded:
         return argv, None
-    given = {_key(a): a for a in argv if "=" in a and not a.startswith("-")}
-    taken = [o for o in recorded if _setting(given, _key(o)) is None]
+    given = {override_key(a): a for a in argv if "=" in a and not a.startswith("-")}
+    taken = [o for o in recorded if _setting(given, override_key(o)) is None]
     differ = [_differs(given[key], o) for o in recorded
-              if (key := _setting(given, _key(o))) is not None and given[key] != o]
+              if (key := _setting(given, override_key(o))) is not None and given[key] != o]
     if not taken and not differ:
         return argv, None
     note = f"resume     {run_dir}: its recorded overrides {' '.join(taken) or '(none taken)'}"
@@ -181,7 +179,7 @@ def _setting(given: dict[str, str], key: str) -> str | None:
 
 
 def _differs(given: str, recorded: str) -> str:
-    if _key(given) == _key(recorded):
+    if override_key(given) == override_key(recorded):
         return f"{given} (was {recorded.partition('=')[2]})"
     return f"{given} (instead of {recorded})"
 
