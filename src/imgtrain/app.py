@@ -19,7 +19,8 @@ from imgtrain import preemption, records, rundir
 from imgtrain.data import cpu_cores
 from imgtrain.distributed import WorkerFailed, launch
 from imgtrain.errors import ConfigError, Preempted, one_line
-from imgtrain.plan import Launch, RunPlan, identify, resolve
+from imgtrain.plan import Launch, RunPlan
+from imgtrain.resolve import identify, resolve
 from imgtrain.results import RESULTS, as_written, identity, read as read_results, record_failure
 from imgtrain.slurm import requeue_self
 

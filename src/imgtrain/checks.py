@@ -1,6 +1,6 @@
 """What can be wrong with a config, checked once, in the parent, before any process starts.
 
-plan.resolve calls these in order while it derives the run's values; each raises ConfigError
+resolve.py calls these in order while it derives the run's values; each raises ConfigError
 with the key and the fix. A check of one group's own keys lives with that group's module
 (data/, optim.py, ema.py, models.py); what spans groups, or belongs to no module, is here.
 """

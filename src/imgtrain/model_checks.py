@@ -8,7 +8,8 @@ from torch import nn
 
 from imgtrain.distributed import World
 from imgtrain.errors import ConfigError
-from imgtrain.precision import Precision, bare_model
+from imgtrain.masters import bare_model
+from imgtrain.precision import Precision
 
 
 def sync_buffers(world: World, modules: list[nn.Module]) -> None:

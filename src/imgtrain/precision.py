@@ -21,8 +21,7 @@ from torch import nn
 
 from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
-# bare_model is re-exported: the trainer and the checkpoint code strip wrappers with it.
-from imgtrain.masters import MasterWeights, bare_model  # noqa: F401
+from imgtrain.masters import MasterWeights
 
 if TYPE_CHECKING:
     from imgtrain.plan import Amp

@@ -28,7 +28,8 @@ from imgtrain.meter import EpochMeter
 from imgtrain.model_checks import check_finite, sync_buffers
 from imgtrain.optim import group_weight_decay, load_optimizer_state
 from imgtrain.plan import RunPlan
-from imgtrain.precision import Precision, bare_model
+from imgtrain.masters import bare_model
+from imgtrain.precision import Precision
 from imgtrain.preemption import StopSignals
 from imgtrain.profiling import build_profiler
 from imgtrain.progress import Progress

@@ -227,7 +227,7 @@ def explicit_keys(overrides: list[str]) -> set[str]:
 def adopt(config: Any, given: set[str]) -> list[str]:
     """mode=eval|predict|export: read model.weights and take its arch and image size (unless given
     on the command line), so the checkpoint alone says what model it holds. Called once, by
-    plan.resolve, before the config is sealed; returns the lines that say what was taken."""
+    resolve.py, before the config is sealed; returns the lines that say what was taken."""
     mode, model = config.mode, config.model
     if not model.weights:
         raise ConfigError(f"mode={mode} needs model.weights=<checkpoint or state-dict file>")
