@@ -42,7 +42,7 @@ SYNC_STEPS = 20
 def resolve_plan(overrides: list[str]) -> Any:
     """The run's plan exactly as run.py resolves and checks it."""
     from hydra import compose, initialize_config_dir
-    from imgtrain.plan import resolve
+    from imgtrain.resolve import resolve
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     return resolve(cfg, overrides)

@@ -59,7 +59,7 @@ def trainer(amp: str, fused: bool, data: Path):
 
     from imgtrain.assembly import build_trainer
     from imgtrain.device import DeviceInfo
-    from imgtrain.plan import resolve
+    from imgtrain.resolve import resolve
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[

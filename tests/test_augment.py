@@ -22,7 +22,8 @@ from imgtrain.data.transforms import IMAGENET_MEAN, sample_seed, val_sizes
 from imgtrain.distributed import World
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
-from imgtrain.plan import RunPlan, resolve
+from imgtrain.plan import RunPlan
+from imgtrain.resolve import resolve
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision's decoders
 KINDS = ("imagenet", "cifar10", "synthetic")
@@ -154,7 +155,7 @@ def test_predict_and_eval_take_the_checkpoints_validation_sizes(compose: Any, im
     old = _checkpoint(tmp_path / "old.pt", {"name": "imagenet", "image_size": 176})
 
     def sizes(path: Path, mode: str = "predict", *given: str) -> tuple:
-        """The config's sizes after plan.resolve (dataset=imagenet, image_size 224 unless
+        """The config's sizes after resolve (dataset=imagenet, image_size 224 unless
         `given`), then the plan's validation (resize, crop) derived from them."""
         overrides = [f"mode={mode}", "device=cpu", f"model.weights={path}", "dataset=imagenet",
                      f"dataset.root={image_folder}", *given]

@@ -13,7 +13,8 @@ from imgtrain import device as devices
 from imgtrain.assembly import build_trainer
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
-from imgtrain.plan import RunPlan, resolve
+from imgtrain.plan import RunPlan
+from imgtrain.resolve import resolve
 
 GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml"))
           for group in (REPO / "conf").iterdir() if group.is_dir()}

@@ -221,7 +221,7 @@ def _check(compose, monkeypatch: pytest.MonkeyPatch, device: object, available: 
            *overrides: str) -> None:
     """check_memory for the config `overrides` make, with `available` bytes on `device`."""
     from imgtrain.distributed import World
-    from imgtrain.plan import resolve
+    from imgtrain.resolve import resolve
     plan = resolve(compose(*SHORT, *overrides), [])  # resnet18, 10 classes, amp=O0
     monkeypatch.setattr(memory, "available_bytes", lambda *_: (available, "free on the device"))
     memory.check_memory(plan, device, World())
@@ -381,7 +381,7 @@ def test_the_start_summary_fits_80_columns_and_says_whose_print_point_numbers_th
 
     import torch
 
-    from imgtrain.plan import resolve
+    from imgtrain.resolve import resolve
     from imgtrain.summary import start_lines
     plan = resolve(compose("world=8p", "device=cpu", f"dataset.root={image_folder}",
                            "sched.warmup_epochs=1", "train.label_smoothing=0.1",

@@ -17,7 +17,7 @@ from conftest import REPO, assert_clean_error, read_results, run_cli, start_cli
 from imgtrain import distributed, jobenv
 from imgtrain.config import WorldConfig
 from imgtrain.errors import ConfigError
-from imgtrain.plan import resolve
+from imgtrain.resolve import resolve
 
 SYNTH = ["experiment=quickstart", "device=cpu", "train.print_freq=4", "dataset.val_size=101",
          "dataset.train_size=512", "train.batch_size=32",

@@ -1,7 +1,7 @@
 """Bad input: one `error:` line on stderr, a non-zero exit, no traceback, nothing overwritten.
 
 Most mistakes are checked in this process, at the layer of run.py's path that meets them: Hydra's
-refusal of the command line (worded as cli.run_main words it), plan.resolve's ConfigError, or the
+refusal of the command line (worded as cli.run_main words it), resolve's ConfigError, or the
 Outcome of app.run (which run.py prints and exits with) for what only a worker finds. The tests
 marked e2e run `python run.py` as a user types it, each a new interpreter (tests/conftest.py):
 an override and a group option that Hydra refuses, a config error (a missing weights file) that
@@ -10,6 +10,7 @@ and the lines printed before the ranks start.
 """
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -24,14 +25,15 @@ from conftest import TINY, assert_clean_error, make_image_folder, run_cli
 from imgtrain import app, records
 from imgtrain.cli import config_error_line
 from imgtrain.errors import ConfigError, one_line
-from imgtrain.plan import resolve
+from imgtrain.logger import close_logging
+from imgtrain.resolve import resolve
 
 FOLDER_RUN = [*TINY, "dataset=imagenet", "dataset.image_size=32", "train.batch_size=8",
               "train.epochs=1"]
 
 
 def refused(compose, *overrides: str, match: str) -> str:
-    """plan.resolve's ConfigError for this command, as the one line run.py prints after
+    """resolve's ConfigError for this command, as the one line run.py prints after
     `error: ` (app.run shows `one_line` of it)."""
     with pytest.raises(ConfigError, match=match) as caught:
         resolve(compose(*overrides), list(overrides))
@@ -52,9 +54,17 @@ def run_app(compose, run_dir: Path, *overrides: str) -> app.Outcome:
     """`python run.py *overrides hydra.run.dir=run_dir`, in this process, from where Hydra hands
     over: Hydra has composed the config and chosen the run's record folder (hydra.output_subdir
     calls records.record_subdir, which notes whether the run folder is new), and run.py calls
-    app.run with Hydra's task overrides."""
+    app.run with Hydra's task overrides. imgtrain's logger is left as it was found (app.run sets
+    it up for the console and stops its propagation): caplog in a later test here reads it."""
+    log = logging.getLogger("imgtrain")
+    propagate, level = log.propagate, log.level
     records.record_subdir(str(run_dir))
-    return app.run(compose(*overrides), str(run_dir), list(overrides), multirun=False)
+    try:
+        return app.run(compose(*overrides), str(run_dir), list(overrides), multirun=False)
+    finally:
+        close_logging()
+        log.propagate = propagate
+        log.setLevel(level)
 
 
 def assert_failed(outcome: app.Outcome, *fragments: str) -> str:
@@ -228,7 +238,7 @@ def test_a_wrong_type_is_one_line_naming_the_key(compose) -> None:
 def test_unknown_key_fails(compose) -> None:
     line = hydra_refusal(compose, "experiment=quickstart", "train.epoch=3")
     assert "unknown config key train.epoch (did you mean train.epochs?)" in line, line
-    # Hydra's refusal, and imgtrain's (plan.resolve: the schema has no such key)
+    # Hydra's refusal, and imgtrain's (resolve: the schema has no such key)
     line = hydra_refusal(compose, "experiment=quickstart", "optim.lrr=0.1")
     assert "unknown config key optim.lrr (did you mean optim.lr?)" in line, line
     line = refused(compose, "experiment=quickstart", "+optim.lrr=0.1", match="optim.lrr")

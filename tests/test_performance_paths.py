@@ -25,7 +25,7 @@ from imgtrain.data.batch_pool import HELD
 from imgtrain.data.imagefolder import JpegFolder, jpeg_size
 from imgtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalizer
 from imgtrain.distributed import World
-from imgtrain.plan import resolve
+from imgtrain.resolve import resolve
 
 # torchvision 0.29 deprecates its decoders (still libjpeg-turbo); imagefolder.py silences it in runs.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")

@@ -18,7 +18,8 @@ from imgtrain.errors import ConfigError
 from imgtrain.logger import NullLogger
 from imgtrain.models import build_model
 from imgtrain.optim import build_optimizer
-from imgtrain.plan import RunPlan, resolve
+from imgtrain.plan import RunPlan
+from imgtrain.resolve import resolve
 from imgtrain.precision import Precision, resolve_dtype, resolve_loss_scale
 
 CPU = DeviceInfo("cpu")

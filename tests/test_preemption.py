@@ -15,6 +15,7 @@ import torch
 from conftest import (CliProcess, assert_clean_error, read_results, run_cli, start_cli,
                       wait_for)
 from imgtrain import cli, preemption, rundir
+from imgtrain.config import SchedConfig
 from imgtrain.distributed import SHUTDOWN_SECONDS
 from imgtrain.optim import lr_factor
 
@@ -346,7 +347,7 @@ def test_changed_lr_on_resume_is_applied_and_logged(one_epoch_run: Path, tmp_pat
     saved = torch.load(tmp_path / "checkpoints/last.pt", map_location="cpu", weights_only=True)
     assert saved["optimizer"]["param_groups"][0]["initial_lr"] == 0.01
     # The lr each step used: the new base on the saved position of the (new) schedule.
-    sched = saved["config"]["sched"]
+    sched = SchedConfig(**saved["config"]["sched"])
     used = _lr_points(tmp_path)
     for step in (12, 16, 20):  # epoch 2, printed every 2 steps; step n logs the lr for step n + 1
         assert used[step] == pytest.approx(0.01 * lr_factor(step, 10, sched, 2), rel=1e-5), step

@@ -25,7 +25,7 @@ from imgtrain.errors import ConfigError
 from imgtrain.logger import NullLogger
 from imgtrain.models import build_model
 from imgtrain.optim import build_optimizer, lr_factor
-from imgtrain.plan import identify, resolve
+from imgtrain.resolve import identify, resolve
 from imgtrain.precision import Precision
 from test_precision import SGD, coloured_batch, small_net
 

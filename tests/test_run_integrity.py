@@ -25,7 +25,8 @@ from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
 from imgtrain.logger import NullLogger
 from imgtrain.optim import build_scheduler, lr_factor
-from imgtrain.plan import Amp, resolve
+from imgtrain.plan import Amp
+from imgtrain.resolve import resolve
 
 SMALL = ["experiment=quickstart", "device=cpu", "dataset.train_size=64", "dataset.val_size=16",
          "train.batch_size=16", "train.print_freq=2", "train.epochs=2"]

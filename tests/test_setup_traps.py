@@ -19,7 +19,7 @@ from imgtrain.data.batch_pool import PooledLoader
 from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
 from imgtrain.errors import ConfigError
-from imgtrain.plan import resolve
+from imgtrain.resolve import resolve
 from imgtrain.trainer import Trainer
 
 

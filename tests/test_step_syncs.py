@@ -26,7 +26,8 @@ from imgtrain.data.mixing import build_batch_mix
 from imgtrain.device import DeviceInfo
 from imgtrain.logger import NullLogger
 from imgtrain.optim import build_optimizer
-from imgtrain.plan import Amp, RunPlan, resolve
+from imgtrain.plan import Amp, RunPlan
+from imgtrain.resolve import resolve
 from imgtrain.precision import Precision
 
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -21,7 +21,7 @@ from torchvision.utils import make_grid
 
 from imgtrain.data import build_loaders
 from imgtrain.distributed import World
-from imgtrain.plan import resolve
+from imgtrain.resolve import resolve
 from conftest import SHORT, run_cli
 
 NEW_TAGS = {"throughput/loader_wait_percent", "time/eta_hours", "train/memory_host_rss_gib"}

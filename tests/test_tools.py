@@ -20,7 +20,7 @@ from imgtrain.data.transforms import Normalizer
 from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
-from imgtrain.plan import resolve
+from imgtrain.resolve import resolve
 from imgtrain.predict import predict
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision's decoders

@@ -14,7 +14,8 @@ from imgtrain.data.imagefolder import JpegFolder
 from imgtrain.data.transforms import Normalizer
 from imgtrain.errors import ConfigError
 from imgtrain.models import build_model
-from imgtrain.plan import RunPlan, resolve
+from imgtrain.plan import RunPlan
+from imgtrain.resolve import resolve
 
 # torchvision 0.29 announces its decoders' deprecation on every call; JpegFolder still uses them.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
