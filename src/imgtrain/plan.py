@@ -20,7 +20,6 @@ from imgtrain.config import (Config, DatasetConfig, EmaConfig, EvalConfig,
 from imgtrain.jobenv import Job
 
 
-
 @dataclass(frozen=True)
 class Batches:
     """Images per step at each level. mode=eval's batch is its own (eval.batch_size, else
@@ -135,9 +134,8 @@ class RunPlan:
         record["device"]["resolved"] = self.device
         record["world"].update(node_rank=self.job.node_rank, master_addr=self.job.master_addr,
                                master_port=self.job.master_port)
-        record["dataset"].update(num_classes=self.num_classes,
-                                 val_resize_size=self.val_resize_size,
-                                 val_crop_size=self.val_crop_size)
+        # The val sizes stay as set (null: derived): weights.py takes set ones as the run's own.
+        record["dataset"]["num_classes"] = self.num_classes
         record["eval"]["batch_size"] = (self.batches.global_batch if self.cfg.mode == "eval"
                                         else self.cfg.eval.batch_size)
         return record

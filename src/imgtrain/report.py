@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from imgtrain.config import override_key
 from imgtrain.report_fit import FIXED_COLUMNS, RUN, STATUS, fit
 
 # Override keys the fixed columns already show, or that only say where files went.
@@ -65,8 +66,7 @@ def override_values(run: dict[str, Any]) -> dict[str, str]:
     """The run's `key=value` overrides as a dict, with `+`/`++`/`~` prefixes dropped."""
     values = {}
     for override in run.get("overrides") or []:
-        key, _, value = str(override).partition("=")
-        key = key.lstrip("+~")
+        key, value = override_key(override), str(override).partition("=")[2]
         if not key.startswith(_LOCATION_PREFIXES) and key not in _SHOWN_ELSEWHERE:
             values[key] = value
     return values
