@@ -156,11 +156,17 @@ def test_a_signal_mid_epoch_two_then_resume_gives_the_same_weights(
 
 @pytest.mark.parametrize("sig", preemption.STOP_SIGNALS)
 def test_every_stop_signal_is_a_request_and_says_how_the_run_ends(sig: signal.Signals) -> None:
-    with preemption.StopSignals() as stop:
-        os.kill(os.getpid(), sig)  # handled before kill returns: the signal is to this thread
-        assert stop.received == sig
-        os.kill(os.getpid(), signal.SIGTERM)  # a second one changes nothing
-        assert stop.received == sig
+    # Ctrl-C as in a terminal's foreground: pytest started as a background job of a script (`&`
+    # without job control) inherits SIGINT ignored, which StopSignals rightly leaves alone.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with preemption.StopSignals() as stop:
+            os.kill(os.getpid(), sig)  # handled before kill returns: the signal is to this thread
+            assert stop.received == sig
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one changes nothing
+            assert stop.received == sig
+    finally:
+        signal.signal(signal.SIGINT, previous)
     expected = ("interrupted", 130) if sig == signal.SIGINT else ("preempted", 143)
     assert preemption.outcome(sig, 143) == expected
     assert sig.name in preemption.AGENT_SIGNALS  # the elastic agent forwards it to the ranks
