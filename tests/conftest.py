@@ -183,6 +183,12 @@ class CliProcess:
                      else "" for name in ("stdout", "stderr"))
 
 
+# The most a test waits for a run to reach a state (a line in its log, a file, a status) or to
+# end: a bound for a run that never gets there, not an estimate of how long it takes. The state
+# reached ends the wait at once, so only a failing test ever waits this long.
+STATE_BOUND_S = 600
+
+
 # e2e (the default, and so CI's): the runs of the tests marked e2e, the few that stand for a
 # user's commands, start as a new `python run.py`; the others fork from tests/cli_server.py.
 # 1: every run starts as a new interpreter, the slow way; 0: none does.
@@ -229,10 +235,12 @@ def _full_disk(max_file_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
 
-def run_cli(*overrides: str, cwd: Path | None = None, timeout: float = 300,
+def run_cli(*overrides: str, cwd: Path | None = None, timeout: float | None = None,
             env: dict | None = None,
             max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
-    """start_cli's run to its end, as subprocess.run: killed with its ranks past `timeout`."""
+    """start_cli's run to its end, as subprocess.run: killed with its ranks past `timeout`
+    (STATE_BOUND_S unless given)."""
+    timeout = STATE_BOUND_S if timeout is None else timeout
     proc = start_cli(*overrides, cwd=cwd, env=env, max_file_bytes=max_file_bytes)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -244,16 +252,55 @@ def run_cli(*overrides: str, cwd: Path | None = None, timeout: float = 300,
 
 
 def wait_for(proc: subprocess.Popen, condition: Callable[[], Any], failure: str) -> None:
-    """Poll `condition` (a file it reads may not exist yet) while the run lasts, up to 3 minutes."""
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
+    """Poll `condition` (a file it reads may not exist yet) while the run lasts (at most
+    STATE_BOUND_S): fails at once if the run ends without it."""
+    deadline = time.monotonic() + STATE_BOUND_S
+    while time.monotonic() < deadline:
+        ended = proc.poll() is not None
         try:
             if condition():
                 return
         except OSError:
             pass
+        if ended:
+            raise AssertionError(f"{failure} (the run ended first, exit code {proc.returncode})")
         time.sleep(0.01)
-    raise AssertionError(failure)
+    raise AssertionError(f"{failure} (after {STATE_BOUND_S} s)")
+
+
+def _group_states(pgid: int) -> list[str]:
+    """The state letter (/proc/PID/stat) of each process in process group `pgid`."""
+    states = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+            if int(fields[2]) == pgid:  # state, ppid, pgrp
+                states.append(fields[0])
+    return states
+
+
+@contextlib.contextmanager
+def paused(proc: subprocess.Popen | CliProcess) -> Iterator[None]:
+    """Within: the run's process group (its ranks, agent and loader workers) stopped by SIGSTOP,
+    so what the test reads of it stays true until the test has acted on it (signalled it),
+    however fast or slow the machine; SIGCONT after. A signal sent within is delivered when the
+    run goes on."""
+    deadline = time.monotonic() + STATE_BOUND_S
+    try:
+        while True:  # again until every member is stopped: one may have forked meanwhile
+            os.killpg(proc.pid, signal.SIGSTOP)
+            # T: stopped; Z/X: exited. A process in a system call (D, an fsync) stops on return.
+            if all(state in "TtZX" for state in _group_states(proc.pid)):
+                break
+            assert time.monotonic() < deadline, "the run's processes never stopped"
+            time.sleep(0.001)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGCONT)
 
 
 def read_results(run_dir: Path) -> dict:

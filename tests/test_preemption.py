@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (CliProcess, assert_clean_error, read_results, run_cli, start_cli,
-                      wait_for)
+from conftest import (STATE_BOUND_S, CliProcess, assert_clean_error, paused, read_results,
+                      run_cli, start_cli, wait_for)
 from imgtrain import cli, preemption, rundir
 from imgtrain.config import SchedConfig
 from imgtrain.distributed import SHUTDOWN_SECONDS
@@ -72,6 +72,12 @@ def _wait_for_log(proc: CliProcess, run_dir: Path, pattern: str) -> None:
               f"no {pattern!r} in train.log")
 
 
+def _last_step(run_dir: Path, epoch: int, steps: int) -> int:
+    """The last step of `epoch` (1-based) that train.log has printed (0 before the first)."""
+    printed = re.findall(rf"epoch {epoch} \[(\d+)/{steps}\]", (run_dir / "train.log").read_text())
+    return int(printed[-1]) if printed else 0
+
+
 def _signal(proc: CliProcess, sig: signal.Signals, to_group: bool) -> None:
     """To the run's process alone (`kill`), or to its whole process group: every rank and loader
     worker, as SLURM signals a job step's processes and a terminal's Ctrl-C its foreground group."""
@@ -115,15 +121,21 @@ def test_a_signal_mid_epoch_two_then_resume_gives_the_same_weights(
 
     proc = start_cli(*args, *where, cwd=tmp_path, env=job)
     stopped = _new_run_folder(proc, tmp_path) if in_slurm else tmp_path / "stopped"
-    _wait_for_log(proc, stopped, r"epoch 2 \[4/10\]")
-    _signal(proc, sig, to_group=in_slurm)
-    stdout, stderr = proc.communicate(timeout=120)
+    # Epoch 2's first print point, 8 steps before its end; the run is paused while the test reads
+    # where it is and signals it, so that the signal goes at a known step whatever the speed.
+    _wait_for_log(proc, stopped, r"epoch 2 \[2/10\]")
+    with paused(proc):
+        printed = _last_step(stopped, 2, 10)
+        assert printed <= 6, f"the run was at epoch 2 step {printed} already"
+        _signal(proc, sig, to_group=in_slurm)
+    stdout, stderr = proc.communicate(timeout=STATE_BOUND_S)
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr and "error" not in stderr, stderr
     saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
-    # One process agrees with itself at every step: it stops at the next one, inside epoch 2.
+    # One process agrees with itself at every step: it stops at the next one, inside epoch 2
+    # (the run was past step `printed`, not yet at the next print point, printed + 2).
     step = saved["state"]["step_in_epoch"]
-    assert saved["state"]["epoch"] == 1 and 4 <= step < 10
+    assert saved["state"]["epoch"] == 1 and printed <= step <= printed + 2, (printed, step)
     line = _stop_line(stdout, "preempted")
     assert f"by {sig.name} at epoch 2 step {step}; checkpoint saved" in line, line
     assert "exit code 143" in line, line
@@ -145,11 +157,17 @@ def test_a_signal_mid_epoch_two_then_resume_gives_the_same_weights(
 
 @pytest.mark.parametrize("sig", preemption.STOP_SIGNALS)
 def test_every_stop_signal_is_a_request_and_says_how_the_run_ends(sig: signal.Signals) -> None:
-    with preemption.StopSignals() as stop:
-        os.kill(os.getpid(), sig)  # handled before kill returns: the signal is to this thread
-        assert stop.received == sig
-        os.kill(os.getpid(), signal.SIGTERM)  # a second one changes nothing
-        assert stop.received == sig
+    # Ctrl-C as in a terminal's foreground: pytest started as a background job of a script (`&`
+    # without job control) inherits SIGINT ignored, which StopSignals rightly leaves alone.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with preemption.StopSignals() as stop:
+            os.kill(os.getpid(), sig)  # handled before kill returns: the signal is to this thread
+            assert stop.received == sig
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one changes nothing
+            assert stop.received == sig
+    finally:
+        signal.signal(signal.SIGINT, previous)
     expected = ("interrupted", 130) if sig == signal.SIGINT else ("preempted", 143)
     assert preemption.outcome(sig, 143) == expected
     assert sig.name in preemption.AGENT_SIGNALS  # the elastic agent forwards it to the ranks
@@ -181,17 +199,28 @@ def test_ctrl_c_twice_stops_at_a_step_and_the_save_stays_whole(straight_run: Pat
     proc = start_cli(*args, cwd=tmp_path)  # the run folder under tmp_path/outputs
     stopped = _new_run_folder(proc, tmp_path)
     _wait_for_log(proc, stopped, r"epoch 2 \[2/10\]")
-    os.killpg(proc.pid, signal.SIGINT)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(".tmp-" in p.name for p in
-                                             (stopped / "checkpoints").glob(".*")):
-        time.sleep(0.001)  # until the stop's checkpoint is being written
-    os.killpg(proc.pid, signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    with paused(proc):
+        printed = _last_step(stopped, 2, 10)
+        assert printed <= 6, f"the run was at epoch 2 step {printed} already"
+        os.killpg(proc.pid, signal.SIGINT)
+    # Ctrl-C again once the stop's checkpoint is being written (its temporary file is there):
+    # each look is made with the run paused, so the write seen is still going on when the
+    # second Ctrl-C goes. Between looks the run goes on (1 ms).
+    again = False
+    deadline = time.monotonic() + STATE_BOUND_S
+    while not again and proc.poll() is None and time.monotonic() < deadline:
+        with paused(proc):
+            if any(".tmp-" in p.name for p in (stopped / "checkpoints").glob(".*")):
+                os.killpg(proc.pid, signal.SIGINT)
+                again = True
+        time.sleep(0.001)
+    stdout, stderr = proc.communicate(timeout=STATE_BOUND_S)
+    assert again, "the run ended before its stop's checkpoint was seen being written"
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
-    assert saved["state"]["epoch"] == 1 and saved["state"]["step_in_epoch"] > 0
+    step = saved["state"]["step_in_epoch"]
+    assert saved["state"]["epoch"] == 1 and printed <= step <= printed + 2, (printed, step)
     line = _stop_line(stdout, "interrupted")
     assert f"at epoch 2 step {saved['state']['step_in_epoch']}; checkpoint saved" in line, line
     assert "to resume" in line and "exit code 130" in line, line
@@ -248,16 +277,24 @@ def test_usr2_to_every_process_of_a_two_process_run_stops_mid_epoch_then_resumes
     args = [*TWO_PROC_RUN, "dataset.workers=1", "train.print_freq=2"]
     stopped = tmp_path / "stopped"
     proc = _start(args, stopped)
+    # Epoch 2's first print point: the ranks agree at steps 2, 4 and 6 (8 ends the last epoch).
+    # Paused, rank 0 is past the print of step `printed` and before the next, so both ranks can
+    # have passed at most the agreement at `printed`: they stop at it or at the next one.
     _wait_for_log(proc, stopped, r"epoch 2 \[2/8\]")
-    os.killpg(proc.pid, signal.SIGUSR2)
-    signalled = time.monotonic()
-    stdout, stderr = proc.communicate(timeout=180)
+    with paused(proc):
+        printed = _last_step(stopped, 2, 8)
+        assert printed <= 4, f"the run was at epoch 2 step {printed} already"
+        signalled = time.monotonic()  # the agent's grace (SHUTDOWN_SECONDS) starts after this
+        os.killpg(proc.pid, signal.SIGUSR2)
+    stdout, stderr = proc.communicate(timeout=STATE_BOUND_S)
     assert proc.returncode == 143, stderr[-3000:]
-    # The ranks exit once stopped: not at the agent's SIGKILL after SHUTDOWN_SECONDS (120 s).
-    assert time.monotonic() - signalled < SHUTDOWN_SECONDS / 2
+    # The ranks exit once stopped, not at the agent's SIGKILL: that comes SHUTDOWN_SECONDS after
+    # the signal at the earliest, so a run that ended sooner was not ended by it.
+    assert time.monotonic() - signalled < SHUTDOWN_SECONDS
     assert "Traceback" not in stderr and "error" not in stderr, stderr[-3000:]
     saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)
-    assert saved["state"]["epoch"] == 1 and 0 < saved["state"]["step_in_epoch"] < 8  # mid-epoch
+    step = saved["state"]["step_in_epoch"]
+    assert saved["state"]["epoch"] == 1 and step in (printed, printed + 2), (printed, step)
     assert "by SIGUSR2 at epoch 2 step" in _stop_line(stdout, "preempted")
     assert read_results(stopped)["status"] == "preempted"
 
@@ -274,10 +311,14 @@ def test_a_stop_on_an_epochs_last_step_finishes_the_epoch_then_resumes_exactly(
     args = [*TWO_PROC_RUN, "dataset.workers=0", "train.print_freq=8"]
     straight, stopped = straight_two_procs, tmp_path / "stopped"
     proc = _start(args, stopped)
+    # `running` comes from rank 0 once the process group is up, which every rank joins after
+    # putting its signal handlers in place. Paused, epoch 1 is not over (its `done` line comes
+    # before the ranks agree at its end), so the signal is acted on at the end of epoch 1.
     _wait_for_running(proc, stopped)
-    time.sleep(0.5)  # every rank's signal handlers are in place; the epoch takes seconds more
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=180)
+    with paused(proc):
+        assert "epoch 1 done" not in (stopped / "train.log").read_text()
+        proc.send_signal(signal.SIGTERM)  # to the launcher alone: its agent passes it on
+    _, stderr = proc.communicate(timeout=STATE_BOUND_S)
     assert proc.returncode == 143, stderr[-3000:]
     assert read_results(stopped)["status"] == "preempted"
     saved = torch.load(stopped / "checkpoints/last.pt", map_location="cpu", weights_only=True)

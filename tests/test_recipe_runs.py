@@ -4,8 +4,8 @@ weights, on one process and on two with two loader workers each; the EMA's resul
 tags and `model.weights_key=ema`."""
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import signal
 import subprocess
 from collections.abc import Callable
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_results, run_cli, start_cli, wait_for
+from conftest import paused, read_results, run_cli, start_cli, wait_for
 from imgtrain import weights
 
 # The V2 recipe at test size: accumulation made explicit (the experiment's rule gives 1 for a
@@ -77,14 +77,19 @@ def test_a_sigkill_mid_epoch_resumes_to_the_same_weights_and_ema(
     try:
         wait_for(proc, lambda: (tmp_path / "checkpoints" / checkpoint).exists(),
                  f"no mid-epoch checkpoint {checkpoint}")
+        with paused(proc):  # killed where it is seen: last.pt, read now, is what it resumes from
+            at = _saved(tmp_path)["state"]
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank and loader worker
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank and loader worker
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # also when the wait failed
         proc.wait()
     assert read_results(tmp_path)["status"] == "running"
+    assert at["epoch"] == epoch - 1 and at["step_in_epoch"] > 0, at  # mid-epoch `epoch`
 
     resumed = run_cli(*args, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
-    assert re.search(rf"resumed from epoch {epoch} step [1-5] \(restart 1\)", resumed.stdout)
+    assert f"resumed from epoch {epoch} step {at['step_in_epoch']} (restart 1)" in resumed.stdout
     straight, again = _saved(straight_run(world)), _saved(tmp_path)
     assert _max_diff(straight["model"], again["model"]) <= 1e-6
     assert _max_diff(straight["model_ema"], again["model_ema"]) <= 1e-6

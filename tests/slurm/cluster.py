@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
-START_TIMEOUT_S = 60
+START_TIMEOUT_S = 300  # a bound for daemons that never come up, not how long they take
 NODE_CPUS = 4
 
 
@@ -167,7 +167,7 @@ class Cluster:
         self._wait(idle, "idle nodes in sinfo")
 
     def run(self, *argv: str, check: bool = True,
-            timeout: float = 30) -> subprocess.CompletedProcess:
+            timeout: float = 120) -> subprocess.CompletedProcess:
         """A SLURM client command against this cluster."""
         return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=timeout,
                               env={**os.environ, **self.env})
