@@ -71,6 +71,7 @@ def train_settings(config: Config) -> None:
             raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
     if config.mode != "eval":
         recipe(config)
+    check_ema(config.ema)  # mode=eval builds the average too
     requeues(config)
     if train.on_checkpoint_error not in CHECKPOINT_ERRORS:
         raise ConfigError("train.on_checkpoint_error must be fail or warn")
@@ -88,7 +89,6 @@ def recipe(config: Config) -> None:
             raise ConfigError(f"optim.{key}={getattr(optim, key)} must not be negative")
     check_schedule(config.sched)
     check_mixing(config.dataset)
-    check_ema(config.ema)
 
 
 def requeues(config: Config) -> None:

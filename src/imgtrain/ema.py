@@ -54,7 +54,6 @@ class WeightAverage:
         """The plan's average (ema.decay set), starting at `copy`'s weights (an fp32 network of
         its own)."""
         ema = plan.ema
-        check_ema(ema)  # resolve.py checks it where the mode trains; mode=eval builds one too
         decay = adjusted_decay(ema.decay, ema.steps, plan.batches.global_batch, plan.train.epochs)
         return cls(copy, decay, ema.steps, plan.sched.warmup_epochs)
 
