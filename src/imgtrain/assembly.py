@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from copy import deepcopy
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +45,7 @@ def build_trainer(plan: RunPlan, output_dir: Path | str, *, world: World | None 
                     precision.level)
     check_memory(plan, device, world)
     resume_from = checkpoint_files.resume_path(out, plan.train.resume) if plan.trains else None
-    saved = _read_resume(plan, resume_from) if resume_from else None
+    saved = checkpoint_files.load_resume(resume_from, plan) if resume_from else None
     if model is None:
         model = _network(plan, loaders, from_weights=not saved)
     steps_per_epoch = plan.batches.steps_per_epoch(len(loaders.train), plan.train.steps_per_epoch) \
@@ -61,15 +60,6 @@ def build_trainer(plan: RunPlan, output_dir: Path | str, *, world: World | None 
                            "restart": trainer.state.restarts}
         trainer.resumed_from = resume_from
     return trainer
-
-
-def _read_resume(plan: RunPlan, path: Path) -> dict[str, Any]:
-    saved = checkpoint_files.load(path)
-    checkpoint_files.check_compatible(saved, {"arch": plan.model.arch,
-                                              "num_classes": plan.num_classes,
-                                              "global_batch_size": plan.batches.global_batch,
-                                              "freeze": plan.model.freeze}, path)
-    return saved
 
 
 def _network(plan: RunPlan, loaders: Loaders, from_weights: bool) -> nn.Module:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
-    from imgtrain.checkpoint_policy import TrainState
+    from imgtrain.train_state import TrainState
     from imgtrain.config import TrainConfig
 
 
