@@ -100,23 +100,36 @@ class JpegFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = item if isinstance(item, tuple) else (item, 0)
-        for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+        for attempt in range(len(self)):
+            sample = (index + attempt) % len(self)
+            label, where = self.label(sample), self.where(sample)
             try:
-                image = self._load(path, seed)
+                image = self._load(self.read(sample), seed)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 reason = _reason(exc)
                 if not self.skip_bad_images:
-                    raise ConfigError(f"corrupt or truncated image file: {path} ({reason}); set "
+                    raise ConfigError(f"corrupt or truncated image file: {where} ({reason}); set "
                                       "dataset.skip_bad_images=true to skip such files") from None
-                log.warning("warning: skipped bad image file %s: %s", path, reason)
+                log.warning("warning: skipped bad image file %s: %s", where, reason)
                 continue
             # Outside the try: an augmentation's error is a bug, not a bad file.
             return (image if self.augment is None else self.augment(image, seed)), label
-        raise ConfigError(f"no readable image in {self.samples[0][0]}'s dataset")
+        raise ConfigError(f"no readable image in {self.where(0)}'s dataset")
 
-    def _load(self, path: str, seed: int) -> torch.Tensor:
-        data = read_bytes(path)
+    # The sample's source: a subclass that stores images elsewhere (packed shards) overrides these
+    # three and keeps the decoding, so its batches are this class's bit for bit.
+    def read(self, index: int) -> bytearray:
+        """Sample `index`'s encoded bytes."""
+        return read_bytes(self.samples[index][0])
+
+    def label(self, index: int) -> int:
+        return self.samples[index][1]
+
+    def where(self, index: int) -> str:
+        """Where sample `index` is, for an error message: its path."""
+        return self.samples[index][0]
+
+    def _load(self, data: bytearray, seed: int) -> torch.Tensor:
         size = jpeg_size(data)  # from the header: none of PIL's Image.open (~20 us an image)
         if not self.train:
             return val_image(data, size, self.image_size, self.val_resize_size)
