@@ -6,6 +6,7 @@ import os
 import random
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,6 +19,8 @@ from imgtrain.data.batch_pool import BatchPool, PooledLoader, pool_fits
 from imgtrain.data.cifar import Cifar10, find_root
 from imgtrain.data.imagefolder import JpegFolder, check_layout
 from imgtrain.data.samplers import ExactValSampler, TrainSampler
+from imgtrain.data.shard_format import INDEX_FILE
+from imgtrain.data.shards import ShardFolder, check_shards
 from imgtrain.data.synthetic import Synthetic
 from imgtrain.errors import ConfigError
 from imgtrain.preemption import ignore_stop_signals
@@ -46,8 +49,11 @@ class Loaders:
 
 def describe(dataset: DatasetConfig, with_root: bool = True) -> str:
     """The data as the console names it: `imagefolder <root>` (dataset=imagenet reads any
-    ImageFolder tree, ImageNet or not), `cifar10 <root>`, or `synthetic`."""
-    label = "imagefolder" if dataset.name == "imagenet" else dataset.name
+    ImageFolder tree, ImageNet or not), `shards <root>` (one packed by imgtrain.pack),
+    `cifar10 <root>`, or `synthetic`."""
+    label = dataset.name
+    if dataset.name == "imagenet":
+        label = "shards" if dataset.format == "shards" else "imagefolder"
     if not with_root or dataset.name == "synthetic" or not dataset.root:
         return label
     return f"{label} {dataset.root}"
@@ -58,7 +64,12 @@ def check_dataset(dataset: DatasetConfig, splits: tuple[str, ...] = SPLITS) -> i
     `splits`: the ones the mode reads (mode=eval: val alone). Run once, in the parent
     (checks.data_for_mode): the workers build what it passed."""
     name = dataset.name
-    if name == "imagenet":
+    if dataset.format == "shards" and name != "imagenet":
+        raise ConfigError(f"dataset.format=shards applies to dataset=imagenet only, not {name}")
+    if name == "imagenet" and dataset.format == "shards":
+        inferred = len(check_shards(dataset.root, splits, dataset.skip_bad_images))
+    elif name == "imagenet":
+        _not_packed(dataset.root)
         inferred = len(check_layout(dataset.root, splits))
     elif name == "cifar10":
         find_root(dataset.root, dataset.download)
@@ -75,6 +86,13 @@ def check_dataset(dataset: DatasetConfig, splits: tuple[str, ...] = SPLITS) -> i
                           f"{inferred} class folders")
     check_augmentation(dataset)
     return inferred
+
+
+def _not_packed(root: str | None) -> None:
+    """A packed folder given as an ImageFolder would fail on its missing train/: say what it is."""
+    if root and (Path(root).expanduser() / INDEX_FILE).is_file():
+        raise ConfigError(f"dataset.root {root} holds packed shards ({INDEX_FILE}): add "
+                          "dataset.format=shards to read them")
 
 
 def check_augmentation(dataset: DatasetConfig) -> None:
@@ -98,9 +116,10 @@ def build_datasets(dataset: DatasetConfig, seed: int, val_sizes: tuple[int, int]
     if name == "imagenet":
         skip = dataset.skip_bad_images
         val_resize, val_crop = val_sizes
-        return (JpegFolder(dataset.root, "train", size, True, skip, augment) if train
-                else None, JpegFolder(dataset.root, "val", val_crop, False, skip,
-                                      val_resize_size=val_resize))
+        store = ShardFolder if dataset.format == "shards" else JpegFolder
+        return (store(dataset.root, "train", size, True, skip, augment) if train
+                else None, store(dataset.root, "val", val_crop, False, skip,
+                                 val_resize_size=val_resize))
     if name == "cifar10":
         return (Cifar10(dataset.root, True, dataset.download, augment) if train else None,
                 Cifar10(dataset.root, False))
