@@ -346,7 +346,7 @@ def test_two_ranks_on_shards_stopped_mid_epoch_resume_on_one_with_the_folders_im
         proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=STATE_BOUND_S)
     assert proc.returncode == 143, stderr[-3000:]
-    again = run_cli(*common, env={**env, "IMGTRAIN_TEST_TRACE": str(second)})
+    again = run_cli("world=1p", *common, env={**env, "IMGTRAIN_TEST_TRACE": str(second)})
     assert again.returncode == 0, again.stderr[-3000:]
     results = read_results(run_dir)
     assert results["epochs_completed"] == 2 and results["val_samples"] == 20
