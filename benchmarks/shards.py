@@ -64,6 +64,22 @@ def images_per_sec(root: Path, fmt: str, workers: int, sizes: Sizes, batches: in
     return images / seconds
 
 
+def read_microseconds(root: Path, fmt: str, passes: int = 3) -> float:
+    """Microseconds to read one image's bytes (dataset.read, no decode) in this process, over
+    every training image in a shuffled order; the page cache holds them all."""
+    import random
+
+    from imgtrain.data.imagefolder import JpegFolder
+    from imgtrain.data.shards import ShardFolder
+    dataset = (ShardFolder if fmt == "shards" else JpegFolder)(str(root), "train", 224, True)
+    order = list(range(len(dataset))) * passes
+    random.Random(0).shuffle(order)
+    started = time.perf_counter()
+    for index in order:
+        dataset.read(index)
+    return (time.perf_counter() - started) / len(order) * 1e6
+
+
 def load_only(root: Path, fmt: str, images: int, sizes: Sizes) -> None:
     """What strace watches: one worker loading `images` training images, nothing else."""
     from imgtrain.bench import time_loader
@@ -126,6 +142,8 @@ def main() -> None:
     batches = sizes.loader_epochs * images // sizes.loader_batch
     rates: dict[tuple[str, int], list[float]] = {}
     for round_index in range(args.rounds):
+        for fmt in (FORMATS if round_index % 2 == 0 else FORMATS[::-1]):
+            rates.setdefault((fmt, 0), []).append(read_microseconds(roots[fmt], fmt))
         for workers in WORKERS:
             order = FORMATS if round_index % 2 == 0 else FORMATS[::-1]
             for fmt in order:
@@ -164,6 +182,11 @@ def report(calls: dict, rates: dict, sizes: Sizes, images: int, batches: int,
         ratio = statistics.median(s / f for s, f in zip(shards, folder))
         lines.append(f"| {workers} | {', '.join(f'{r:.0f}' for r in folder)} | "
                      f"{', '.join(f'{r:.0f}' for r in shards)} | {ratio:.2f} |")
+    folder, shards = rates[("folder", 0)], rates[("shards", 0)]
+    lines += ["", "reading an image's bytes alone (dataset.read, one process, us per image):",
+              "", f"folder {', '.join(f'{r:.1f}' for r in folder)}; shards "
+              f"{', '.join(f'{r:.1f}' for r in shards)}; median ratio folder/shards "
+              f"{statistics.median(f / s for f, s in zip(folder, shards)):.2f}"]
     return "\n".join(lines)
 
 

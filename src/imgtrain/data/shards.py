@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -39,13 +40,10 @@ class OpenFiles:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._pid = os.getpid()
         self._fds: OrderedDict[str, int] = OrderedDict()
+        _ALL.add(self)
 
     def fd(self, path: str) -> int:
-        if self._pid != os.getpid():
-            self.close()
-            self._pid = os.getpid()
         fd = self._fds.get(path)
         if fd is not None:
             self._fds.move_to_end(path)
@@ -62,6 +60,12 @@ class OpenFiles:
 
     def __len__(self) -> int:
         return len(self._fds)
+
+
+# Every OpenFiles of this process, closed in a forked child as it starts: a check of the pid on
+# each read would cost a getpid() system call per image.
+_ALL: weakref.WeakSet[OpenFiles] = weakref.WeakSet()
+os.register_at_fork(after_in_child=lambda: [files.close() for files in list(_ALL)])
 
 
 def read_at(fd: int, offset: int, length: int) -> bytearray:
