@@ -64,9 +64,10 @@ def images_per_sec(root: Path, fmt: str, workers: int, sizes: Sizes, batches: in
     return images / seconds
 
 
-def read_microseconds(root: Path, fmt: str, passes: int = 3) -> float:
-    """Microseconds to read one image's bytes (dataset.read, no decode) in this process, over
-    every training image in a shuffled order; the page cache holds them all."""
+def per_image_cost(root: Path, fmt: str, what: str, passes: int = 2) -> float:
+    """Microseconds of this process's CPU time (time.process_time: user + system, so another
+    process's load on the machine does not count) per training image: `read` its bytes alone,
+    or `item`, the whole dataset[i] (read, decode, crop, flip), over every image shuffled."""
     import random
 
     from imgtrain.data.imagefolder import JpegFolder
@@ -74,23 +75,26 @@ def read_microseconds(root: Path, fmt: str, passes: int = 3) -> float:
     dataset = (ShardFolder if fmt == "shards" else JpegFolder)(str(root), "train", 224, True)
     order = list(range(len(dataset))) * passes
     random.Random(0).shuffle(order)
-    started = time.perf_counter()
+    started = time.process_time()
     for index in order:
-        dataset.read(index)
-    return (time.perf_counter() - started) / len(order) * 1e6
+        dataset.read(index) if what == "read" else dataset[(index, index)]
+    return (time.process_time() - started) / len(order) * 1e6
 
 
-def load_only(root: Path, fmt: str, images: int, sizes: Sizes) -> None:
-    """What strace watches: one worker loading `images` training images, nothing else."""
-    from imgtrain.bench import time_loader
+def load_only(root: Path, fmt: str, epochs: int, sizes: Sizes) -> None:
+    """What strace watches: one worker loading `epochs` whole epochs of training images. Whole
+    epochs, so that the images read are exactly those (prefetching stops at an epoch's end)."""
     loaders = loaders_for(root, fmt, 1, sizes)
-    time_loader(loaders, warmup_batches=0, timed_batches=images // sizes.loader_batch)
+    for epoch in range(epochs):
+        loaders.train_sampler.set_epoch(epoch)
+        for _ in loaders.train:
+            pass
 
 
-def syscalls(root: Path, fmt: str, images: int, sizes: Sizes, work: Path) -> Counter:
-    out = work / f"strace-{fmt}-{images}.txt"
+def syscalls(root: Path, fmt: str, epochs: int, sizes: Sizes, work: Path) -> Counter:
+    out = work / f"strace-{fmt}-{epochs}.txt"
     subprocess.run(["strace", "-f", "-c", "-o", str(out), sys.executable, __file__, "--load",
-                    fmt, str(images), "--root", str(root)] + (["--quick"] if sizes is QUICK
+                    fmt, str(epochs), "--root", str(root)] + (["--quick"] if sizes is QUICK
                                                               else []),
                    check=True, capture_output=True, cwd=REPO)
     counts: Counter = Counter()
@@ -101,11 +105,12 @@ def syscalls(root: Path, fmt: str, images: int, sizes: Sizes, work: Path) -> Cou
     return counts
 
 
-def per_image_calls(root: Path, fmt: str, sizes: Sizes, work: Path, small: int,
-                    large: int) -> dict[str, float]:
-    before = syscalls(root, fmt, small, sizes, work)
-    after = syscalls(root, fmt, large, sizes, work)
-    return {name: (after[name] - before[name]) / (large - small)
+def per_image_calls(root: Path, fmt: str, sizes: Sizes, work: Path,
+                    images_per_epoch: int) -> dict[str, float]:
+    """System calls per image: 3 epochs' counts less 1 epoch's, over 2 epochs' images."""
+    before = syscalls(root, fmt, 1, sizes, work)
+    after = syscalls(root, fmt, 3, sizes, work)
+    return {name: (after[name] - before[name]) / (2 * images_per_epoch)
             for name in set(before) | set(after)}
 
 
@@ -114,13 +119,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the script runs")
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--load", nargs=2, metavar=("FORMAT", "IMAGES"), help=argparse.SUPPRESS)
+    parser.add_argument("--load", nargs=2, metavar=("FORMAT", "EPOCHS"), help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
     if args.load:
-        fmt, images = args.load
-        return load_only(args.root, fmt, int(images), sizes)
+        fmt, epochs = args.load
+        return load_only(args.root, fmt, int(epochs), sizes)
 
     work = args.work or Path(tempfile.mkdtemp(prefix="shards_bench"))
     started = time.monotonic()
@@ -136,14 +141,15 @@ def main() -> None:
     roots = {"folder": folder, "shards": packed}
     images = sum(1 for _ in (folder / "train").rglob("*.JPEG"))
 
-    small, large = (sizes.loader_batch, 4 * sizes.loader_batch)
-    calls = {fmt: per_image_calls(roots[fmt], fmt, sizes, work, small, large) for fmt in FORMATS}
+    per_epoch = images // sizes.loader_batch * sizes.loader_batch  # drop_last
+    calls = {fmt: per_image_calls(roots[fmt], fmt, sizes, work, per_epoch) for fmt in FORMATS}
 
     batches = sizes.loader_epochs * images // sizes.loader_batch
     rates: dict[tuple[str, int], list[float]] = {}
     for round_index in range(args.rounds):
         for fmt in (FORMATS if round_index % 2 == 0 else FORMATS[::-1]):
-            rates.setdefault((fmt, 0), []).append(read_microseconds(roots[fmt], fmt))
+            for what in ("read", "item"):
+                rates.setdefault((fmt, what), []).append(per_image_cost(roots[fmt], fmt, what))
         for workers in WORKERS:
             order = FORMATS if round_index % 2 == 0 else FORMATS[::-1]
             for fmt in order:
@@ -152,11 +158,11 @@ def main() -> None:
                 print(f"round {round_index + 1} {fmt} {workers} workers: {rate:.1f} img/s",
                       flush=True)
     print(report(calls, rates, sizes, images, batches, pack_seconds, args.rounds,
-                 time.monotonic() - started, small, large))
+                 time.monotonic() - started, per_epoch))
 
 
 def report(calls: dict, rates: dict, sizes: Sizes, images: int, batches: int,
-           pack_seconds: float, rounds: int, seconds: float, small: int, large: int) -> str:
+           pack_seconds: float, rounds: int, seconds: float, per_epoch: int) -> str:
     load = os.getloadavg()
     lines = [f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
              f"{platform.machine()}, {os.cpu_count()} cores, load average "
@@ -164,7 +170,8 @@ def report(calls: dict, rates: dict, sizes: Sizes, images: int, batches: int,
              f"{images} training JPEGs {sizes.jpeg_width}x{sizes.jpeg_height} at "
              f"{sizes.loader_image_size} px, batch {sizes.loader_batch}; packed in "
              f"{pack_seconds:.1f} s (2 pack workers)", "",
-             f"system calls per image (strace -f -c, {large} - {small} images, 1 worker):", "",
+             f"system calls per image (strace -f -c: 3 epochs less 1 epoch, over {2 * per_epoch} "
+             "images; 1 worker):", "",
              "| call | folder | shards |", "|---|---|---|"]
     names = sorted({name for fmt in FORMATS for name, count in calls[fmt].items()
                     if count >= 0.05}, key=lambda name: -calls["folder"].get(name, 0.0))
@@ -182,11 +189,14 @@ def report(calls: dict, rates: dict, sizes: Sizes, images: int, batches: int,
         ratio = statistics.median(s / f for s, f in zip(shards, folder))
         lines.append(f"| {workers} | {', '.join(f'{r:.0f}' for r in folder)} | "
                      f"{', '.join(f'{r:.0f}' for r in shards)} | {ratio:.2f} |")
-    folder, shards = rates[("folder", 0)], rates[("shards", 0)]
-    lines += ["", "reading an image's bytes alone (dataset.read, one process, us per image):",
-              "", f"folder {', '.join(f'{r:.1f}' for r in folder)}; shards "
-              f"{', '.join(f'{r:.1f}' for r in shards)}; median ratio folder/shards "
-              f"{statistics.median(f / s for f, s in zip(folder, shards)):.2f}"]
+    lines += ["", "CPU time per image in one process (time.process_time, us; median ratio "
+              "folder/shards):", ""]
+    for what, meaning in (("read", "the bytes alone (dataset.read)"),
+                          ("item", "the whole item (dataset[i]: read, decode, crop, flip)")):
+        folder, shards = rates[("folder", what)], rates[("shards", what)]
+        lines.append(f"- {meaning}: folder {', '.join(f'{r:.0f}' for r in folder)}; shards "
+                     f"{', '.join(f'{r:.0f}' for r in shards)}; "
+                     f"{statistics.median(f / s for f, s in zip(folder, shards)):.2f}")
     return "\n".join(lines)
 
 
