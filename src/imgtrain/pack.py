@@ -55,16 +55,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m imgtrain.pack", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m imgtrain.pack",
+                     description="Pack an ImageFolder tree into WebDataset-layout tar shards "
+                                 "with an index, for dataset.format=shards. Run it again after "
+                                 "an interruption: finished shards are kept.")
     parser.add_argument("source", help="an ImageFolder tree: train/<class>/*, val/<class>/*")
     parser.add_argument("out", help="the folder to write the shards and index to")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--shard-size", type=shard_size, default=shard_size("1G"),
+    size.add_argument("--shard-size", type=shard_size, default=shard_size("1G"), metavar="BYTES",
                       help="bytes a shard holds at most (default 1G: ImageNet-1k's train split "
                            "in ~140 shards)")
-    size.add_argument("--samples-per-shard", type=positive,
+    size.add_argument("--samples-per-shard", type=positive, metavar="N",
                       help="images a shard holds, instead of --shard-size")
-    parser.add_argument("--workers", type=positive, default=None,
+    parser.add_argument("--workers", type=positive, default=None, metavar="N",
                         help="processes writing shards (default: the cores this process may use)")
     return parser.parse_args(argv)
 
