@@ -101,7 +101,8 @@ def syscalls(root: Path, fmt: str, epochs: int, sizes: Sizes, work: Path) -> Cou
     for line in out.read_text().splitlines():
         fields = line.split()
         if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
-            counts[fields[-1]] = int(fields[3])  # % time, seconds, usecs/call, calls, [errors,] name
+            # % time, seconds, usecs/call, calls, [errors,] name
+            counts[fields[-1]] = int(fields[3])
     return counts
 
 
