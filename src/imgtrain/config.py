@@ -161,6 +161,7 @@ class DatasetConfig(Section):
     val_resize_size: Optional[int] = None  # null: the validation crop / 0.875
     val_crop_size: Optional[int] = None    # null: image_size
     ra_reps: int = 1
+    index_cache: Optional[str] = "auto"  # auto | a folder | null (data/index.py)
 
 
 @dataclass
