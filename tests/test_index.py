@@ -16,7 +16,7 @@ import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from conftest import make_image_folder
-from imgtrain.data import build_loaders, index
+from imgtrain.data import build_loaders, index, index_cache
 from imgtrain.data.imagefolder import JpegFolder
 from imgtrain.distributed import World
 from imgtrain.errors import ConfigError
@@ -137,7 +137,7 @@ def test_a_damaged_cached_index_is_listed_again_never_read_short(
     assert len(index.load(plan.sample_index["train"])) == 18
     assert any("its cached index is damaged: its arrays hold 5 samples where index.json says 18"
                in r.getMessage() for r in caplog.records)
-    pointer = build.parent / index.POINTER
+    pointer = build.parent / index_cache.POINTER
     pointer.write_text("{not json")
     assert len(index.load(_plan(compose, tree, cache).sample_index["train"])) == 18
     assert json.loads(pointer.read_text())["count"] == 18
@@ -157,23 +157,23 @@ def test_the_jobs_other_processes_wait_for_its_one_builder(
     waiter_listed, got = [], []
 
     def waiter() -> None:
-        got.append(index.prepare(folder, cache, builds=False))
+        got.append(index_cache.prepare(folder, cache, builds=False))
         waiter_listed.append(sum(n for path, n in listings.items() if path.startswith(folder)))
 
     thread = threading.Thread(target=waiter)
     thread.start()
     thread.join(1.0)
     assert thread.is_alive() and not got  # nothing to map yet: it waits, it does not list
-    built = index.prepare(folder, cache, builds=True)
+    built = index_cache.prepare(folder, cache, builds=True)
     thread.join(60)
     assert got == [built]
     # Counted while the builder listed too: its listings are the only ones.
     assert sum(n for path, n in listings.items() if path.startswith(folder)) == \
         waiter_listed[0] == 1 + 3  # train/ itself, then each class folder once
     # A node whose cache the builder never writes to (a node-local folder) gives up, in one line.
-    monkeypatch.setattr(index, "BUILDER_START_S", 0.3)
+    monkeypatch.setattr(index_cache, "BUILDER_START_S", 0.3)
     with pytest.raises(ConfigError, match="dataset.index_cache must be a folder every node sees"):
-        index.prepare(str(tree / "val"), tmp_path / "elsewhere", builds=False)
+        index_cache.prepare(str(tree / "val"), tmp_path / "elsewhere", builds=False)
 
 
 @pytest.mark.parametrize("env, world, builds", [

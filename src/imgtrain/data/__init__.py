@@ -17,7 +17,8 @@ from imgtrain.data.augment import build_augment, check_augment
 from imgtrain.data.batch_pool import BatchPool, PooledLoader, pool_fits
 from imgtrain.data.cifar import Cifar10, find_root
 from imgtrain.data.imagefolder import JpegFolder, check_layout
-from imgtrain.data.index import cache_folder as index_cache_folder, load as load_index
+from imgtrain.data.index import load as load_index
+from imgtrain.data.index_cache import cache_folder as index_cache_folder
 from imgtrain.data.samplers import ExactValSampler, TrainSampler
 from imgtrain.data.synthetic import Synthetic
 from imgtrain.errors import ConfigError

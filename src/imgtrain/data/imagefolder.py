@@ -33,8 +33,8 @@ from torchvision.datasets.folder import find_classes
 
 from imgtrain.data import transforms as T
 from imgtrain.data.augment import SampleAugment
-from imgtrain.data.index import (SampleIndex, list_split, load as load_index,
-                                 prepare as prepare_index)
+from imgtrain.data.index import SampleIndex, list_split, load as load_index
+from imgtrain.data.index_cache import prepare as prepare_index
 from imgtrain.errors import ConfigError
 
 log = logging.getLogger("imgtrain")
