@@ -10,8 +10,10 @@ once, after the parent's part: before, the parent checked the layout (the class 
 and every rank listed both splits itself (torchvision's make_dataset); now the parent builds the
 index (the first run) or checks it against the tree's directory times (a later run, a resume, a
 requeue), and each rank maps it. A rank's time runs from its start to its first training batch
-(256 images, 32 px, no loader workers). `--strace` counts each part's directory and stat calls
-with `strace -f -c` (one part per traced process; Python's imports counted alone and taken off).
+(256 images, 32 px, no loader workers), and its datasets' part of that (listing or mapping; the
+rest is the sampler's epoch and the batch, the same work either way). `--strace` counts each
+part's directory and stat calls with `strace -f -c` (one part per traced process; Python's
+imports counted alone and taken off).
 """
 from __future__ import annotations
 
@@ -46,28 +48,36 @@ def first_batch(train: JpegFolder, rank: int, world_size: int) -> None:
     assert images.shape[0] == BATCH
 
 
-def rank_listing(root: str, rank: int, world_size: int) -> None:
-    """Before: each rank lists both splits into lists of tuples."""
+def rank_listing(root: str, rank: int, world_size: int) -> float:
+    """Before: each rank lists both splits into lists of tuples. Returns the datasets' seconds."""
+    started = time.monotonic()
     train = ListedFolder(root, "train", 32, True)
     ListedFolder(root, "val", 32, False)
+    datasets = time.monotonic() - started
     first_batch(train, rank, world_size)
+    return datasets
 
 
-def rank_index(root: str, builds: dict[str, str], rank: int, world_size: int) -> None:
-    """Now: each rank maps the parent's index."""
+def rank_index(root: str, builds: dict[str, str], rank: int, world_size: int) -> float:
+    """Now: each rank maps the parent's index. Returns the datasets' seconds."""
+    started = time.monotonic()
     train = JpegFolder(root, "train", 32, True, sample_index=load(builds["train"]))
     JpegFolder(root, "val", 32, False, sample_index=load(builds["val"]))
+    datasets = time.monotonic() - started
     first_batch(train, rank, world_size)
+    return datasets
 
 
 def _timed_rank(target, args, results) -> None:
     started = time.monotonic()
-    target(*args)
-    results.put(time.monotonic() - started)
+    datasets = target(*args)
+    results.put((datasets, time.monotonic() - started))
 
 
-def measure(root: str, world_size: int, cache: Path | None) -> tuple[float, list[float], float]:
-    """(parent s, each rank's s to its first batch, s from the start to the last first batch)."""
+def measure(root: str, world_size: int,
+            cache: Path | None) -> tuple[float, list[tuple[float, float]], float]:
+    """(parent s, each rank's (datasets s, s to its first batch), s from the start to the last
+    rank's first batch)."""
     started = time.monotonic()
     _, builds = check_layout(root, SPLITS, cache)
     parent = time.monotonic() - started
@@ -151,8 +161,8 @@ def main() -> None:
     if args.piece:
         return run_piece(args.piece, args.root, str(cache))
     root = str(make_tree(Path(args.root), args.classes, args.per_class))
-    print("| start-up | ranks | parent s | each rank to its first batch, s | to the last first "
-          "batch, s |\n|---|---|---|---|---|")
+    print("| start-up | ranks | parent s | each rank: its datasets s | each rank: to its first "
+          "batch s | to the last first batch s |\n|---|---|---|---|---|---|")
     for world_size in (1, 2):
         for label, use_cache, fresh in (("before: every rank lists", None, False),
                                         ("now, first run: index built", cache, True),
@@ -161,7 +171,8 @@ def main() -> None:
                 shutil.rmtree(cache, ignore_errors=True)
             parent, ranks, total = measure(root, world_size, use_cache)
             print(f"| {label} | {world_size} | {parent:.2f} | "
-                  f"{', '.join(f'{t:.2f}' for t in ranks)} | {total:.2f} |", flush=True)
+                  f"{', '.join(f'{datasets:.2f}' for datasets, _ in ranks)} | "
+                  f"{', '.join(f'{batch:.2f}' for _, batch in ranks)} | {total:.2f} |", flush=True)
     if args.strace:
         syscall_table(root, cache)
     shutil.rmtree(cache, ignore_errors=True)
