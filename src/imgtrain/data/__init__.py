@@ -63,6 +63,9 @@ def check_dataset(dataset: DatasetConfig, splits: tuple[str, ...] = SPLITS,
     `splits`: the ones the mode reads (mode=eval: val alone). Run once, in the parent
     (checks.data_for_mode): the workers build what it passed."""
     name, sample_index = dataset.name, {}
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    check_augmentation(dataset)  # first: listing a large tree for the index may take minutes
     if name == "imagenet":
         cache = None if dataset.index_cache is None else index_cache_folder(dataset.index_cache)
         classes, sample_index = check_layout(dataset.root, splits, cache, builds_index)
@@ -70,17 +73,14 @@ def check_dataset(dataset: DatasetConfig, splits: tuple[str, ...] = SPLITS,
     elif name == "cifar10":
         find_root(dataset.root, dataset.download)
         inferred = Cifar10.num_classes
-    elif name == "synthetic":
+    else:
         inferred = dataset.num_classes
         if min(dataset.train_size, dataset.val_size, inferred) < 1:
             raise ConfigError("dataset.train_size, val_size and num_classes must be at least 1")
-    else:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     wanted = dataset.num_classes
     if name == "imagenet" and wanted not in (None, inferred):
         raise ConfigError(f"dataset.num_classes={wanted} but {dataset.root}/{splits[0]} has "
                           f"{inferred} class folders")
-    check_augmentation(dataset)
     return inferred, sample_index
 
 
