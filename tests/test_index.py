@@ -174,6 +174,11 @@ def test_the_jobs_other_processes_wait_for_its_one_builder(
     monkeypatch.setattr(index_cache, "BUILDER_START_S", 0.3)
     with pytest.raises(ConfigError, match="dataset.index_cache must be a folder every node sees"):
         index_cache.prepare(str(tree / "val"), tmp_path / "elsewhere", builds=False)
+    # A builder that stopped (its own error, e.g. an empty class folder): the others stop too.
+    looks = iter([True, False])
+    monkeypatch.setattr(index_cache, "_builder_alive", lambda entry: next(looks, False))
+    with pytest.raises(ConfigError, match="the job's first process stopped listing .*val"):
+        index_cache.prepare(str(tree / "val"), tmp_path / "elsewhere", builds=False)
 
 
 @pytest.mark.parametrize("env, world, builds", [

@@ -240,14 +240,21 @@ def _wait(entry: Path, folder: str, builds: bool) -> str:
         if current is not None:
             return current
         alive = _builder_alive(entry)
+        if not alive:  # it may have finished between the two looks
+            current, _ = current_build(entry, folder)
+            if current is not None:
+                return current
         seen_builder = seen_builder or alive
         waited = time.monotonic() - started
         if builds and not alive:  # the other run stopped: list it here
             return _build(entry, folder, "the run that was listing it stopped")
-        if not alive and (seen_builder or waited > BUILDER_START_S):
+        if not alive and seen_builder:
+            raise ConfigError(f"the job's first process stopped listing {folder} for the sample "
+                              f"index (in {entry}) after {waited:.0f} s: its own error says why")
+        if not alive and waited > BUILDER_START_S:
             raise ConfigError(
-                f"waited {waited:.0f} s for the job's first process to write the sample index of "
-                f"{folder} in {entry}, and {'it stopped' if seen_builder else 'it never began'}; "
-                "with several nodes, dataset.index_cache must be a folder every node sees "
-                "(e.g. dataset.index_cache=/shared/imgtrain-index)")
+                f"waited {waited:.0f} s for the job's first process to list {folder} for the "
+                f"sample index in {entry}, and it never began; with several nodes, "
+                "dataset.index_cache must be a folder every node sees (e.g. "
+                "dataset.index_cache=/shared/imgtrain-index)")
         time.sleep(POLL_S)
