@@ -108,14 +108,11 @@ class JpegFolder(torch.utils.data.Dataset):
         self.classes, self.image_size, self.train = list(self.index.classes), image_size, train
         self.skip_bad_images, self.augment = skip_bad_images, augment
         self.val_resize_size = val_resize_size
+        # torchvision's ImageFolder.samples, `(path, class)` pairs, each made as it is read.
+        self.samples = Samples(self)
 
     def __len__(self) -> int:
         return len(self.index)
-
-    @property
-    def samples(self) -> Samples:
-        """torchvision's ImageFolder.samples, `(path, class)` pairs, made as they are read."""
-        return Samples(self)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = item if isinstance(item, tuple) else (item, 0)
