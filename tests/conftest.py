@@ -1,6 +1,7 @@
 """Shared fixtures: real generated data (JPEG folders, CIFAR-10 pickles) and a `python run.py` runner."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -31,6 +32,18 @@ def _split_cores_between_workers() -> None:
 
 
 _split_cores_between_workers()
+
+
+def _private_index_cache() -> None:
+    """dataset.index_cache=auto writes to $XDG_CACHE_HOME: the tests' trees are indexed in a
+    folder of their own, not in the user's ~/.cache, and every run they start inherits it."""
+    if "IMGTRAIN_TESTS_CACHE" not in os.environ:
+        cache = tempfile.mkdtemp(prefix="imgtrain-tests-cache-")
+        os.environ["IMGTRAIN_TESTS_CACHE"] = os.environ["XDG_CACHE_HOME"] = cache
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+
+
+_private_index_cache()
 
 
 REPO = Path(__file__).resolve().parents[1]

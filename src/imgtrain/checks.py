@@ -13,7 +13,7 @@ from imgtrain.data.transforms import val_sizes
 from imgtrain.distributed import check_world
 from imgtrain.ema import check_ema
 from imgtrain.errors import ConfigError
-from imgtrain.jobenv import Job
+from imgtrain.jobenv import Job, prepares_shared_files
 from imgtrain.models import check_arch, check_compile, check_freeze
 from imgtrain.optim import check_schedule
 from imgtrain.slurm import requeue_count
@@ -100,12 +100,14 @@ def requeues(config: Config) -> None:
                           "it keeps ending, or raise train.max_requeues)")
 
 
-def data_for_mode(config: Config, job: Job) -> int | None:
-    """The dataset's files, for the splits the mode reads; its number of classes (None where
-    the mode reads no dataset)."""
+def data_for_mode(config: Config, job: Job) -> tuple[int | None, dict[str, str]]:
+    """The dataset's files, for the splits the mode reads: its number of classes (None where
+    the mode reads no dataset) and its splits' sample indexes (data/index.py), listed by the
+    job's one builder (jobenv.prepares_shared_files) while its other processes wait."""
     if config.mode in NO_DATASET:
         if job.world_size > 1:
             raise ConfigError(f"mode={config.mode} runs in one process; drop world=8p")
         val_sizes(config.dataset)  # predict's preprocessing, export's input size
-        return None
-    return check_dataset(config.dataset, ("val",) if config.mode == "eval" else SPLITS)
+        return None, {}
+    return check_dataset(config.dataset, ("val",) if config.mode == "eval" else SPLITS,
+                         builds_index=prepares_shared_files(job))

@@ -162,6 +162,7 @@ class DatasetConfig(Section):
     val_crop_size: Optional[int] = None    # null: image_size
     ra_reps: int = 1
     format: str = "folder"  # folder | shards (CHOICES): dataset=imagenet's store
+    index_cache: Optional[str] = "auto"  # auto | a folder | null (data/index.py)
 
 
 @dataclass

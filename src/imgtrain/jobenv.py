@@ -84,6 +84,15 @@ def started_by_torchrun() -> bool:
     return all(var in os.environ for var in _TORCHRUN_VARS)
 
 
+def prepares_shared_files(job: Job) -> bool:
+    """The job's one process that writes what all its processes share before they start (the
+    sample index): global rank 0 where torchrun started every rank with the command; node 0's
+    process otherwise (one a node, each launching its node's ranks). The others wait for it."""
+    if job.launcher == "torchrun":
+        return ranks().is_main
+    return job.node_rank == 0
+
+
 def is_main_process() -> bool:
     """Global rank 0, or no rank at all: under an external torchrun each rank runs the command,
     and rank 0 alone keeps the run's record and lock."""

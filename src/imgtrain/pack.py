@@ -84,7 +84,7 @@ def pack(source: Path, out: Path, shard_bytes: int | None, samples_per_shard: in
     if out.resolve() == source.resolve() or any(
             out.resolve().is_relative_to((source / split).resolve()) for split in splits):
         raise ConfigError(f"the output folder {out} is inside the tree it packs; choose another")
-    classes = check_layout(str(source), splits)
+    classes = check_layout(str(source), splits)[0]  # no index: the packer lists for itself
     context = multiprocessing.get_context("fork" if "fork" in
                                           multiprocessing.get_all_start_methods() else None)
     with context.Pool(workers, initializer=_ignore_interrupts) as pool:

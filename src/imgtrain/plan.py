@@ -9,7 +9,7 @@ computed once. This module holds only the plan's shape: every module may read a 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -72,6 +72,9 @@ class RunPlan:
     val_crop_size: int               # ... and centre crop
     adopted: tuple[str, ...] = ()    # what was taken from model.weights, said in train.log
     launch: Launch = Launch()
+    # dataset=imagenet: {split: the folder of its sample index build} (data/index.py), listed
+    # once for the job; empty with dataset.index_cache=null (each process lists the tree).
+    sample_index: dict[str, str] = field(default_factory=dict)
 
     # The config's groups, read as plan.train.epochs rather than plan.cfg.train.epochs.
     @property

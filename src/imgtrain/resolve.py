@@ -60,7 +60,7 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
     checks.world(config, job, device)
     batches = plan_batches(config, job.world_size)
     checks.train_settings(config)
-    num_classes = checks.data_for_mode(config, job)
+    num_classes, sample_index = checks.data_for_mode(config, job)
     adopted = _adopt_weights(config, run.overrides)
     resize, crop = val_sizes(config.dataset)
     config.seal()
@@ -71,7 +71,7 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
                        else bool(config.model.channels_last)),
         fused_sgd=resolve_fused(config.optim.fused, info, loss_scaled=scale is not None),
         num_classes=num_classes, val_resize_size=resize, val_crop_size=crop,
-        adopted=tuple(adopted))
+        adopted=tuple(adopted), sample_index=sample_index)
 
 
 def _adopt_weights(config: Config, overrides: tuple[str, ...]) -> list[str]:

@@ -18,6 +18,8 @@ from imgtrain.data.augment import build_augment, check_augment
 from imgtrain.data.batch_pool import BatchPool, PooledLoader, pool_fits
 from imgtrain.data.cifar import Cifar10, find_root
 from imgtrain.data.imagefolder import JpegFolder, check_layout
+from imgtrain.data.index import load as load_index
+from imgtrain.data.index_cache import cache_folder as index_cache_folder
 from imgtrain.data.samplers import ExactValSampler, TrainSampler
 from imgtrain.data.shard_format import INDEX_FILE
 from imgtrain.data.shards import ShardFolder, check_shards
@@ -59,33 +61,38 @@ def describe(dataset: DatasetConfig, with_root: bool = True) -> str:
     return f"{label} {dataset.root}"
 
 
-def check_dataset(dataset: DatasetConfig, splits: tuple[str, ...] = SPLITS) -> int:
-    """Validate the dataset's files without reading images; return the number of classes.
+def check_dataset(dataset: DatasetConfig, splits: tuple[str, ...] = SPLITS,
+                  builds_index: bool = True) -> tuple[int, dict[str, str]]:
+    """Validate the dataset's files without reading images; return the number of classes and,
+    for an ImageFolder with dataset.index_cache set, each split's sample index ({split: its
+    build's folder}, data/index.py), listed by the job's one builder (`builds_index`).
     `splits`: the ones the mode reads (mode=eval: val alone). Run once, in the parent
     (checks.data_for_mode): the workers build what it passed."""
-    name = dataset.name
+    name, sample_index = dataset.name, {}
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if dataset.format == "shards" and name != "imagenet":
         raise ConfigError(f"dataset.format=shards applies to dataset=imagenet only, not {name}")
+    check_augmentation(dataset)  # first: listing a large tree for the index may take minutes
     if name == "imagenet" and dataset.format == "shards":
         inferred = len(check_shards(dataset.root, splits, dataset.skip_bad_images))
     elif name == "imagenet":
         _not_packed(dataset.root)
-        inferred = len(check_layout(dataset.root, splits))
+        cache = None if dataset.index_cache is None else index_cache_folder(dataset.index_cache)
+        classes, sample_index = check_layout(dataset.root, splits, cache, builds_index)
+        inferred = len(classes)
     elif name == "cifar10":
         find_root(dataset.root, dataset.download)
         inferred = Cifar10.num_classes
-    elif name == "synthetic":
+    else:
         inferred = dataset.num_classes
         if min(dataset.train_size, dataset.val_size, inferred) < 1:
             raise ConfigError("dataset.train_size, val_size and num_classes must be at least 1")
-    else:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     wanted = dataset.num_classes
     if name == "imagenet" and wanted not in (None, inferred):
         raise ConfigError(f"dataset.num_classes={wanted} but {dataset.root}/{splits[0]} has "
                           f"{inferred} class folders")
-    check_augmentation(dataset)
-    return inferred
+    return inferred, sample_index
 
 
 def _not_packed(root: str | None) -> None:
@@ -108,18 +115,25 @@ def check_augmentation(dataset: DatasetConfig) -> None:
 
 
 def build_datasets(dataset: DatasetConfig, seed: int, val_sizes: tuple[int, int],
-                   train: bool = True) -> tuple[Dataset | None, Dataset]:
+                   train: bool = True, sample_index: dict[str, str] | None = None
+                   ) -> tuple[Dataset | None, Dataset]:
     """The training (None unless `train`) and validation sets; `val_sizes`: validation's
-    (resize, crop), the plan's val_resize_size and val_crop_size."""
+    (resize, crop), the plan's val_resize_size and val_crop_size; `sample_index`: the plan's
+    {split: index build folder}, mapped here (a split without one is listed here)."""
     name, size = dataset.name, dataset.image_size
     augment = build_augment(dataset)  # training only: validation never augments
     if name == "imagenet":
         skip = dataset.skip_bad_images
         val_resize, val_crop = val_sizes
-        store = ShardFolder if dataset.format == "shards" else JpegFolder
-        return (store(dataset.root, "train", size, True, skip, augment) if train
-                else None, store(dataset.root, "val", val_crop, False, skip,
-                                 val_resize_size=val_resize))
+        if dataset.format == "shards":
+            return (ShardFolder(dataset.root, "train", size, True, skip, augment) if train
+                    else None, ShardFolder(dataset.root, "val", val_crop, False, skip,
+                                           val_resize_size=val_resize))
+        mapped = {split: load_index(files) for split, files in (sample_index or {}).items()}
+        return (JpegFolder(dataset.root, "train", size, True, skip, augment,
+                           sample_index=mapped.get("train")) if train
+                else None, JpegFolder(dataset.root, "val", val_crop, False, skip,
+                                      val_resize_size=val_resize, sample_index=mapped.get("val")))
     if name == "cifar10":
         return (Cifar10(dataset.root, True, dataset.download, augment) if train else None,
                 Cifar10(dataset.root, False))
@@ -169,7 +183,8 @@ def build_loaders(plan: RunPlan, world: World, accelerator: bool) -> Loaders:
     plan.batches.val_per_rank. mode=eval reads the validation split alone."""
     dataset, batches, seed = plan.dataset, plan.batches, plan.train.seed
     train_set, val_set = build_datasets(dataset, seed, (plan.val_resize_size, plan.val_crop_size),
-                                        train=plan.mode != "eval")
+                                        train=plan.mode != "eval",
+                                        sample_index=plan.sample_index)
     # The one check the parent cannot make: it counts the images, which only building tells.
     if train_set is not None and len(train_set) < batches.global_batch:
         raise ConfigError(f"train.batch_size={batches.global_batch} is larger than the training "

@@ -17,6 +17,7 @@ import os
 import re
 import struct
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,12 @@ try:
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # torchvision without its image extension: PIL decodes everything
     decode_jpeg = None
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import find_classes
 
 from imgtrain.data import transforms as T
 from imgtrain.data.augment import SampleAugment
+from imgtrain.data.index import SampleIndex, list_split, load as load_index
+from imgtrain.data.index_cache import prepare as prepare_index
 from imgtrain.errors import ConfigError
 
 log = logging.getLogger("imgtrain")
@@ -49,22 +52,30 @@ def _reason(exc: Exception) -> str:
     return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", str(exc))
 
 
-def check_layout(root: str, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
+def check_layout(root: str, splits: tuple[str, ...] = ("train", "val"),
+                 index_cache: Path | None = None,
+                 builds_index: bool = True) -> tuple[list[str], dict[str, str]]:
     """The class names under root/<split>, after checking that the splits (train/ and val/;
-    mode=eval reads val/ alone) agree."""
+    mode=eval reads val/ alone) agree, and each split's sample index (data/index.py) where
+    `index_cache` is given: {split: the build's folder}, listed only if no cached one matches
+    the tree (by the job's one builder, `builds_index`; the other processes wait for it)."""
     base = Path(root).expanduser()
     if not base.is_dir():
         raise ConfigError(f"dataset.root does not exist: {base}; give your ImageNet-style folder "
                           "(train/<class>/*, val/<class>/*) with dataset.root=/path/to/it, or "
                           "try imgtrain without data: python run.py experiment=quickstart")
-    if not any(base.iterdir()):
-        raise ConfigError(f"dataset.root is empty: {base}")
-    classes = {}
+    classes, builds = {}, {}
     for split in splits:
         folder = base / split
-        if not folder.is_dir():
+        if not folder.is_dir():  # only now list the root: a cached run never does
+            if not any(base.iterdir()):
+                raise ConfigError(f"dataset.root is empty: {base}")
             raise ConfigError(f"dataset.root {base} has no {split}/ folder (expected "
                               f"{split}/<class>/<image> as in ImageNet's layout)")
+        if index_cache is not None:
+            builds[split] = prepare_index(str(folder), index_cache, builds_index)
+            classes[split] = list(load_index(builds[split]).classes)
+            continue
         try:
             classes[split] = find_classes(str(folder))[0]
         except FileNotFoundError:
@@ -74,29 +85,34 @@ def check_layout(root: str, splits: tuple[str, ...] = ("train", "val")) -> list[
         only_val = sorted(set(classes["val"]) - set(classes["train"]))[:3]
         raise ConfigError(f"class folders differ between {base}/train and {base}/val "
                           f"(only in train: {only_train}, only in val: {only_val})")
-    return classes[splits[0]]
+    return classes[splits[0]], builds
 
 
 class JpegFolder(torch.utils.data.Dataset):
-    """One split of an ImageFolder tree; items are uint8 CHW tensors of image_size x image_size."""
+    """One split of an ImageFolder tree; items are uint8 CHW tensors of image_size x image_size.
+
+    Its samples are a SampleIndex (data/index.py): arrays that every loader worker shares, never
+    a Python object per sample, and a path is decoded from them only when its image is read.
+    """
 
     def __init__(self, root: str, split: str, image_size: int, train: bool,
                  skip_bad_images: bool = False, augment: SampleAugment | None = None,
-                 val_resize_size: int | None = None) -> None:
+                 val_resize_size: int | None = None,
+                 sample_index: SampleIndex | None = None) -> None:
         """Validation resizes to val_resize_size (None: image_size/0.875), then centre-crops
-        image_size; training crops image_size, then applies `augment` if given."""
-        folder = Path(root).expanduser() / split
-        classes, class_to_idx = find_classes(str(folder))
-        try:
-            self.samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{folder}: {exc}") from None
-        self.classes, self.image_size, self.train = classes, image_size, train
+        image_size; training crops image_size, then applies `augment` if given.
+        `sample_index`: the split's index, mapped from the job's cache (None: list it here)."""
+        self.folder = str(Path(root).expanduser() / split)
+        self.index = sample_index if sample_index is not None else \
+            list_split(self.folder).index
+        self.classes, self.image_size, self.train = list(self.index.classes), image_size, train
         self.skip_bad_images, self.augment = skip_bad_images, augment
         self.val_resize_size = val_resize_size
+        # torchvision's ImageFolder.samples, `(path, class)` pairs, each made as it is read.
+        self.samples = Samples(self)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.index)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = item if isinstance(item, tuple) else (item, 0)
@@ -120,14 +136,14 @@ class JpegFolder(torch.utils.data.Dataset):
     # three and keeps the decoding, so its batches are this class's bit for bit.
     def read(self, index: int) -> bytearray:
         """Sample `index`'s encoded bytes."""
-        return read_bytes(self.samples[index][0])
+        return read_bytes(self.where(index))
 
     def label(self, index: int) -> int:
-        return self.samples[index][1]
+        return self.index.label(index)
 
     def where(self, index: int) -> str:
         """Where sample `index` is, for an error message: its path."""
-        return self.samples[index][0]
+        return self.folder + os.sep + self.index.path(index)
 
     def _load(self, data: bytearray, seed: int) -> torch.Tensor:
         size = jpeg_size(data)  # from the header: none of PIL's Image.open (~20 us an image)
@@ -152,6 +168,23 @@ class JpegFolder(torch.utils.data.Dataset):
         """
         images, labels = default_collate([(image.permute(1, 2, 0), label) for image, label in batch])
         return images.permute(0, 3, 1, 2), labels
+
+
+class Samples(Sequence):
+    """A dataset's `(path, class)` pairs, read through its `where` and `label`: a list's
+    interface without a list's per-sample objects."""
+
+    def __init__(self, dataset: JpegFolder) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: int) -> tuple[str, int]:  # type: ignore[override]
+        if not -len(self) <= item < len(self):
+            raise IndexError(f"sample {item} of {len(self)}")
+        item %= len(self)
+        return self.dataset.where(item), self.dataset.label(item)
 
 
 def read_bytes(path: str) -> bytearray:
