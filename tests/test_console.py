@@ -354,23 +354,22 @@ def test_the_eta_guesses_validation_from_one_batch_not_a_whole_step(
     # A step is 4 micro-batches of 1 s in all; a validation batch is one micro-batch, forward only:
     # 0.25 s / 3. Left: 8 steps, this epoch's validation, 10 steps, the last validation.
     view, _ = _progress_for(monkeypatch, ema=ema, accumulate_steps=4)
-    passes = 2 if ema else 1
-    validation = passes * 6 * 0.25 / 3
+    models = 2 if ema else 1  # the EMA's forward on each batch too
+    validation = models * 6 * 0.25 / 3
     assert _eta_seconds(view, 0) == pytest.approx(8 + validation + 10 + validation)
     # With eval.batch_size=128 on one device, a validation batch holds two steps' images.
     view, _ = _progress_for(monkeypatch, ema=False, accumulate_steps=4, val_batch=128)
     assert _eta_seconds(view, 0) == pytest.approx(8 + 6 * 2 / 3 + 10 + 6 * 2 / 3)
 
 
-def test_the_eta_counts_the_emas_validation_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_eta_counts_the_validation_pass_the_ema_shares(monkeypatch: pytest.MonkeyPatch) -> None:
     view, clock = _progress_for(monkeypatch, ema=True, accumulate_steps=1)
     _eta_seconds(view, 0)
-    for _ in range(2):  # the epoch ends: the model's validation, then the EMA's, 3 s each
-        view.start_val()
-        clock.now += 3.0
-        view.end_val()
-    # In the last epoch, at step 2: 8 steps of 1 s and both validation passes.
-    assert _eta_seconds(view, 1) == pytest.approx(8 + 2 * 3.0)
+    view.start_val()  # the epoch ends: one pass, the model and the EMA on each batch, 6 s
+    clock.now += 6.0
+    view.end_val()
+    # In the last epoch, at step 2: 8 steps of 1 s and the validation pass as measured.
+    assert _eta_seconds(view, 1) == pytest.approx(8 + 6.0)
 
 
 def test_the_start_summary_fits_80_columns_and_says_whose_print_point_numbers_they_are(

@@ -83,8 +83,8 @@ class Progress:
     """Rank 0's console view of training; `NullProgress` stands in on the other ranks."""
 
     def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, device: Any,
-                 print_freq: int = 1, val_passes: int = 1, val_batch_share: float = 1.0) -> None:
-        self.eta = Eta(epochs, steps_per_epoch, val_steps, val_passes, val_batch_share)
+                 print_freq: int = 1, val_models: int = 1, val_batch_share: float = 1.0) -> None:
+        self.eta = Eta(epochs, steps_per_epoch, val_steps, val_models, val_batch_share)
         self.print_freq = print_freq
         self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
         self.device = device
@@ -102,8 +102,8 @@ class Progress:
         train, val = trainer.plan.train, trainer.loaders.val
         return cls(train.epochs, trainer.steps_per_epoch, len(val), trainer.device,
                    train.print_freq,
-                   # An epoch ends with the EMA's validation too, where there is one.
-                   val_passes=1 if trainer.ema is None else 2,
+                   # The EMA sees each validation batch too, where there is one.
+                   val_models=1 if trainer.ema is None else 2,
                    val_batch_share=val.batch_size / trainer.plan.batches.per_rank)
 
     # ---- the live display (terminals only) -----------------------------------------------
