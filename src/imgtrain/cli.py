@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
+from imgtrain import install
 from imgtrain.config import unknown_key_line
 from imgtrain.preemption import INTERRUPTED_EXIT_CODE
 from imgtrain.rundir import discard_unstarted
@@ -130,6 +131,16 @@ def _ctrl_c_before_the_run() -> Iterator[None]:
         sys.stderr.write(f"interrupted by SIGINT before training started; nothing to resume "
                          f"(exit code {INTERRUPTED_EXIT_CODE})\n")
         sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+def exit_on_install_mismatch() -> None:
+    """torch and torchvision (or torch_npu) that do not belong together: one `error:` line naming
+    both and the pair to install, and exit 1, before Hydra makes a run folder. Later, the first
+    import of torchvision would fail with a traceback (install.py)."""
+    problem = install.mismatch()
+    if problem:
+        sys.stderr.write(f"error: {problem}\n")
+        sys.exit(1)
 
 
 def run_main(main: Callable[[], Any]) -> None:
