@@ -14,6 +14,7 @@ from typing import Any
 
 from imgtrain.eta import Eta, duration
 from imgtrain.memory import memory_scalars
+from imgtrain.wrap import wrap_text
 
 log = logging.getLogger("imgtrain")
 FILE_ONLY = {"file_only": True}  # `extra` for records the live display already shows
@@ -28,7 +29,8 @@ def console_is_live() -> bool:
 
 class ConsoleHandler(logging.Handler):
     """The console's log handler. On a terminal it prints through rich's console, so log lines
-    appear above the live display instead of tearing it; records marked FILE_ONLY skip it."""
+    appear above the live display instead of tearing it, each wrapped to the terminal's width as
+    it is then, at word and path boundaries (wrap.py); records marked FILE_ONLY skip it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,7 +48,8 @@ class ConsoleHandler(logging.Handler):
                 sys.stdout.write(message + "\n")
                 sys.stdout.flush()
             else:
-                self.console.print(message, markup=False, emoji=False)
+                self.console.print(wrap_text(message, self.console.width), markup=False,
+                                   emoji=False)
         except Exception:  # noqa: BLE001 - logging must never stop training
             self.handleError(record)
 

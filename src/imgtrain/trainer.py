@@ -24,7 +24,7 @@ from imgtrain.ema import WeightAverage
 from imgtrain.errors import Preempted
 from imgtrain.faults import injected_fault
 from imgtrain.logger import RunLogger, epoch_scalars
-from imgtrain.meter import EpochMeter
+from imgtrain.meter import EpochMeter, val_sums
 from imgtrain.model_checks import check_finite, sync_buffers
 from imgtrain.optim import group_weight_decay, load_optimizer_state
 from imgtrain.plan import RunPlan
@@ -34,6 +34,7 @@ from imgtrain.preemption import StopSignals
 from imgtrain.profiling import build_profiler
 from imgtrain.progress import Progress
 from imgtrain.results import run_results
+from imgtrain.summary import epoch_done_line
 from imgtrain.train_state import TrainState
 
 log = logging.getLogger("imgtrain")
@@ -211,7 +212,9 @@ class Trainer:
             images, target = self._to_device(images, target)
             images = self.normalize(images)
             for row, model in enumerate(models):
-                sums[row] += self._val_sums(model, images, target)
+                with self.precision.autocast():
+                    output = model(images).float()
+                sums[row] += val_sums(output, target)
             samples += target.shape[0]
             self.progress.val_update(batch)  # a host counter; the display decides when to redraw
         totals = torch.cat([sums.flatten(), torch.full((1,), float(samples), device=sums.device)])
@@ -221,16 +224,6 @@ class Trainer:
         return [{"loss": loss_sum / count, "acc1": 100.0 * top1 / count,
                  "acc5": 100.0 * top5 / count, "samples": int(count)}
                 for loss_sum, top1, top5 in zip(*[iter(model_sums)] * 3)]
-
-    def _val_sums(self, model: nn.Module, images: torch.Tensor,
-                  target: torch.Tensor) -> torch.Tensor:
-        """(loss sum, top-1 hits, top-5 hits) of `model` on one normalised batch, on the device."""
-        with self.precision.autocast():
-            output = model(images).float()
-        k = min(5, output.shape[1])
-        hits = output.topk(k, dim=1).indices == target[:, None]
-        return torch.stack([nn.functional.cross_entropy(output, target, reduction="sum"),
-                            hits[:, 0].sum().float(), hits.any(dim=1).sum().float()])
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -250,12 +243,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, train: dict[str, float], val: dict[str, float]) -> None:
         is_best = self.state.end_epoch(epoch, train, val)
-        ema = "ema_acc1" in val
-        self.logger.info("epoch %d done: train loss %.4f acc1 %.2f | val loss %.4f acc1 %.3f acc5 "
-                         "%.3f (%d images)%s | %.1f img/s", epoch + 1, train["loss"], train["acc1"],
-                         val["loss"], val["acc1"], val["acc5"], val["samples"],
-                         f" | ema acc1 {val['ema_acc1']:.3f} acc5 {val['ema_acc5']:.3f}"
-                         if ema else "", train["images_per_sec"])
+        self.logger.info("%s", epoch_done_line(epoch, train, val))
         self.logger.scalars(self.state.global_step, epoch_scalars(epoch, train, val))
         self.save_checkpoint(f"epoch-{epoch + 1}.pt", best=is_best)
         self.logger.results({**run_results(self.plan, self), "status": "running"})
