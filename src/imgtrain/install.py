@@ -15,7 +15,7 @@ import importlib.util
 import re
 from pathlib import Path
 
-# What pyproject.toml pins: the pair imgtrain is tested with.
+# The pair imgtrain is tested with: pyproject.toml's upper bounds.
 TESTED_TORCH, TESTED_TORCHVISION = "2.14", "0.29"
 # torchvision's own compatibility table (its README): 0.N is released with torch 2.(N - 15) since
 # 0.15 with 2.0, and with torch 1.(N - 1) before.
