@@ -6,7 +6,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from imgtrain.cli import run_main
+from imgtrain.cli import exit_on_install_mismatch, run_main, stop_line
 from imgtrain.errors import JobFailed
 from imgtrain.rundir import with_recorded_overrides
 
@@ -23,8 +23,8 @@ def main(cfg: DictConfig) -> float | None:
     outcome = run(cfg, hydra_cfg.runtime.output_dir, overrides, multirun=multirun)
     if outcome.traceback:  # a bug in a worker: show where
         sys.stderr.write(outcome.traceback.rstrip() + "\n")
-    for line in outcome.stderr:
-        sys.stderr.write(line + "\n")
+    for line in outcome.stderr:  # a stop's, a requeue's
+        sys.stderr.write(stop_line(line) + "\n")
     if outcome.error is not None and multirun:  # Hydra runs the sweep's other jobs
         raise JobFailed(f"error: {outcome.error} (sweep job: {' '.join(overrides) or 'defaults'})")
     if outcome.error is not None:
@@ -35,6 +35,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_on_install_mismatch()  # before anything imports torchvision or makes a folder
     # hydra.run.dir=<run> alone resumes that run as it was made: its recorded overrides first.
     sys.argv[1:], note = with_recorded_overrides(sys.argv[1:])
     if note and not any(arg.startswith("-") for arg in sys.argv[1:]):  # not --help, --cfg ...

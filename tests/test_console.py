@@ -56,16 +56,25 @@ def run_in_terminal(*overrides: str, columns: int, timeout: float = 300) -> str:
 
 def test_an_80_column_terminal_shows_the_essentials_and_train_log_stays_plain(
         tmp_path: Path) -> None:
-    screen = run_in_terminal(*SHORT, f"hydra.run.dir={tmp_path}", columns=80)
+    # A run folder as long as a sweep's: its line cannot fit 80 columns whole.
+    run_dir = tmp_path / "outputs/2026-12-07/01-02-03_experiment-quickstart+train.epochs-1"
+    screen = run_in_terminal(*SHORT, f"hydra.run.dir={run_dir}", columns=80)
     assert "\x1b[" in screen  # rich redraws the display in place
     # What the eye sees, frame by frame: styles and cursor moves out, each redraw on its own line.
     text = ANSI.sub("", screen).replace("\r", "\n")
     for fragment in SUMMARY_KEYS:
         assert fragment in text, text
     summary = text[text.index("imgtrain: train"):text.index("resume     no: a new run")]
-    # A path stays whole (the run folder's, here pytest's long tmp_path): every other line fits.
-    lines = [line for line in summary.splitlines() if not line.startswith("  run dir")]
+    # Every line fits, the run folder's too: broken after a / or _, continued under the value.
+    lines = summary.splitlines()
     assert max(map(len, lines)) <= 80, summary
+    first = next(i for i, line in enumerate(lines) if line.startswith("  run dir    "))
+    folder = [lines[first][13:]] + [line[13:] for line in lines[first + 1:]
+                                    if line.startswith(" " * 13)]
+    assert len(folder) > 1 and "".join(folder) == str(run_dir), summary
+    assert all(part[-1] in "/_+," for part in folder[:-1]), folder  # never inside a word
+    done = [line for line in text[text.index("epoch 1 done:"):].splitlines() if line.strip()]
+    assert max(len(done[0]), len(done[1])) <= 80 and done[1].startswith("    "), done
     # Epoch, bar, step, loss and the run's ETA, whole; lr, data % and img/s make way for them.
     live = re.findall(r"^epoch 1/1 +[━╺╸]{10,} 2/4 loss [\d.]+ .*\| ETA .*\d:\d\d run *$", text,
                       re.MULTILINE)
@@ -76,7 +85,7 @@ def test_an_80_column_terminal_shows_the_essentials_and_train_log_stays_plain(
     # The display replaces the plain lines on the terminal...
     assert not re.search(r"^epoch 1 \[2/4\]", text, re.MULTILINE)
     # ...but train.log keeps them whole, with no control character at all.
-    log = (tmp_path / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", log), repr(log)
     steps = [PLAIN_LINE.match(line[24:]) for line in log.splitlines() if "] loss" in line]
     assert [match.group(1) for match in steps if match] == ["2", "4"], log
@@ -354,35 +363,31 @@ def test_the_eta_guesses_validation_from_one_batch_not_a_whole_step(
     # A step is 4 micro-batches of 1 s in all; a validation batch is one micro-batch, forward only:
     # 0.25 s / 3. Left: 8 steps, this epoch's validation, 10 steps, the last validation.
     view, _ = _progress_for(monkeypatch, ema=ema, accumulate_steps=4)
-    passes = 2 if ema else 1
-    validation = passes * 6 * 0.25 / 3
+    models = 2 if ema else 1  # the EMA's forward on each batch too
+    validation = models * 6 * 0.25 / 3
     assert _eta_seconds(view, 0) == pytest.approx(8 + validation + 10 + validation)
     # With eval.batch_size=128 on one device, a validation batch holds two steps' images.
     view, _ = _progress_for(monkeypatch, ema=False, accumulate_steps=4, val_batch=128)
     assert _eta_seconds(view, 0) == pytest.approx(8 + 6 * 2 / 3 + 10 + 6 * 2 / 3)
 
 
-def test_the_eta_counts_the_emas_validation_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_eta_counts_the_validation_pass_the_ema_shares(monkeypatch: pytest.MonkeyPatch) -> None:
     view, clock = _progress_for(monkeypatch, ema=True, accumulate_steps=1)
     _eta_seconds(view, 0)
-    for _ in range(2):  # the epoch ends: the model's validation, then the EMA's, 3 s each
-        view.start_val()
-        clock.now += 3.0
-        view.end_val()
-    # In the last epoch, at step 2: 8 steps of 1 s and both validation passes.
-    assert _eta_seconds(view, 1) == pytest.approx(8 + 2 * 3.0)
+    view.start_val()  # the epoch ends: one pass, the model and the EMA on each batch, 6 s
+    clock.now += 6.0
+    view.end_val()
+    # In the last epoch, at step 2: 8 steps of 1 s and the validation pass as measured.
+    assert _eta_seconds(view, 1) == pytest.approx(8 + 6.0)
 
 
-def test_the_start_summary_fits_80_columns_and_says_whose_print_point_numbers_they_are(
-        compose, image_folder: Path) -> None:
-    """world=8p's summary (long lr rule, recipe and paths) as rank 0 prints it, built from the
-    real plan with the trainer's parts stood in by what the summary reads."""
+def _summary_parts(compose, image_folder: Path):
+    """world=8p's plan (long lr rule, recipe) and the parts of a trainer its summary reads."""
     from types import SimpleNamespace
 
     import torch
 
     from imgtrain.resolve import resolve
-    from imgtrain.summary import start_lines
     plan = resolve(compose("world=8p", "device=cpu", f"dataset.root={image_folder}",
                            "sched.warmup_epochs=1", "train.label_smoothing=0.1",
                            "ema.decay=0.9999"), [])
@@ -396,6 +401,19 @@ def test_the_start_summary_fits_80_columns_and_says_whose_print_point_numbers_th
         device=SimpleNamespace(device_string="npu", backend="hccl"),
         precision=SimpleNamespace(dtype=torch.float16, scaler=object(), static_scale=1024.0,
                                   level="O2"))
+    return plan, trainer
+
+
+def test_the_start_summary_fits_80_columns_and_says_whose_print_point_numbers_they_are(
+        compose, image_folder: Path) -> None:
+    """world=8p's summary (long lr rule, recipe and paths) as rank 0 prints it, built from the
+    real plan with the trainer's parts stood in by what the summary reads."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from imgtrain.summary import start_lines
+    plan, trainer = _summary_parts(compose, image_folder)
     lines = start_lines(plan, trainer, Path("outputs/2026-12-03/10-00-00_world-8p"), None)
     assert max(map(len, lines)) <= 80, "\n".join(lines)
     text = "\n".join(lines)
@@ -404,3 +422,53 @@ def test_the_start_summary_fits_80_columns_and_says_whose_print_point_numbers_th
     assert "  length     140 epochs x 625 steps = 87,500 steps\n" in text
     assert "  console    print-point loss and acc1: rank 0's; epoch lines: all 8 processes'" \
         in lines
+
+
+# ---- lines wrapped on a terminal -------------------------------------------------------------
+LONG_RUN_DIR = Path("/tmp/pytest-of-root/pytest-12/popen-gw1/test_a_long_run_folder0/outputs/"
+                    "2026-12-07/01-02-03_experiment-quickstart+optim.lr-0.002+train.epochs-3+"
+                    "dataset.image_size-32")
+
+
+def _assert_wrapped(line: str, pieces: list[str], width: int, indent: int) -> None:
+    """Every piece fits `width`; continuations start at `indent`; the pieces are `line` broken
+    only at spaces or after a path boundary (/ + _ ,), never inside a word."""
+    assert all(len(piece) <= width for piece in pieces), (width, pieces)
+    position = 0
+    for number, piece in enumerate(pieces):
+        body = piece if number == 0 else piece[indent:]
+        assert number == 0 or (piece[:indent].isspace() and body[:1] not in ("", " ")), pieces
+        assert line.startswith(body, position), (line[position:], body)
+        position += len(body)
+        if number < len(pieces) - 1 and line[position] == " ":
+            position += len(line[position:]) - len(line[position:].lstrip(" "))
+        elif number < len(pieces) - 1:
+            assert body[-1] in "/+_,", f"broken inside a word: {body!r} | {pieces[number + 1]!r}"
+    assert position == len(line)
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_summary_epoch_and_stop_lines_wrap_at_word_and_path_boundaries(
+        compose, image_folder: Path, width: int) -> None:
+    """What rank 0's console prints on a terminal of `width` columns, with a long run folder."""
+    from imgtrain.summary import end_lines, epoch_done_line, start_lines
+    from imgtrain.wrap import wrap
+
+    plan, trainer = _summary_parts(compose, image_folder)
+    results = {"best_acc1": 76.5, "final_acc1": 76.25, "final_acc5": 93.125,
+               "images_per_sec": 4464.2, "history": [{"epoch": 140, "acc1": 76.5}]}
+    train = {"loss": 1.2345, "acc1": 71.25, "images_per_sec": 4464.2}
+    val = {"loss": 0.9876, "acc1": 76.25, "acc5": 93.125, "samples": 50000, "ema_acc1": 77.5,
+           "ema_acc5": 93.5}
+    summary = [*start_lines(plan, trainer, LONG_RUN_DIR, None),
+               *end_lines(results, 3600.0, LONG_RUN_DIR)]
+    others = [epoch_done_line(139, train, val),
+              f"preempted by SIGUSR1 at epoch 140 step 17; checkpoint saved; to resume, run the "
+              f"same command again (or python run.py hydra.run.dir={LONG_RUN_DIR}) (exit code 143)"]
+    for line in summary:
+        indent = 13 if line.startswith("  ") else 4
+        _assert_wrapped(line, wrap(line, width), width, indent)
+    for line in others:
+        _assert_wrapped(line, wrap(line, width), width, 4)
+    run_dir = next(line for line in summary if line.startswith("  run dir"))
+    assert len(wrap(run_dir, width)) > 1 and len(wrap(others[1], width)) > 1

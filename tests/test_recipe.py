@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from imgtrain.assembly import build_trainer
@@ -341,6 +342,77 @@ def test_the_trainers_ema_under_o2_follows_the_fp32_masters(compose: Any, tmp_pa
     buffers = dict(trainer.model.named_buffers())
     assert all(torch.equal(value, buffers[name]) for name, value in
                trainer.ema.module.named_buffers())  # BatchNorm statistics averaged too
+
+
+class _CountedPasses:
+    """The validation loader, counting the passes made over it."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader, self.passes = loader, 0
+
+    def __iter__(self) -> Any:
+        self.passes += 1
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+def _validate_on_rank(rank: int, plan: Any, init_file: str, out_dir: str) -> None:
+    """One rank of a 2-process gloo group: the epoch's validation of the model and its EMA in one
+    pass, then each alone, as the two passes an epoch used to be."""
+    torch.set_num_threads(1)  # forked: as a DataLoader worker, away from the parent's thread pool
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        trainer = build_trainer(plan, out_dir, world=World(rank, rank, 2, 2), device=CPU,
+                                logger=NullLogger(), model=small_net())
+        with torch.no_grad():  # an average that is not the trained weights
+            for param in trainer.ema.module.parameters():
+                param.mul_(0.5)
+        counted = trainer.loaders.val = _CountedPasses(trainer.loaders.val)
+        one_pass = trainer.validate()
+        passes = counted.passes
+        alone = {"model": trainer.evaluate(), "ema": trainer.evaluate(trainer.ema.module)}
+        torch.save({"one_pass": one_pass, "passes": passes, "alone": alone},
+                   Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_validation_pass_gives_the_model_and_the_ema_their_own_passes_numbers(
+        compose: Any, tmp_path: Path) -> None:
+    """With an EMA each validation batch is read once and evaluated by both networks: on two
+    ranks (the exact sampler gives them 11 and 10 of 21 images), one pass over the loader per
+    epoch, and every number equal to what a pass of each network alone gives."""
+    plan = resolve(compose("device=cpu", "dataset=synthetic", "dataset.workers=0", "amp=O0",
+                           "dataset.image_size=8", "dataset.num_classes=4",
+                           "dataset.train_size=16", "dataset.val_size=21",
+                           "world.nproc_per_node=2", "train.batch_size=8", "ema.decay=0.9",
+                           "train.memory_check=false"), [])
+    mp.start_processes(_validate_on_rank, args=(plan, str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=2, start_method="fork")  # spawned, each would import torch (~8 s)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        one_pass, alone = saved["one_pass"], saved["alone"]
+        assert saved["passes"] == 1, "the validation set is read once for both networks"
+        assert one_pass == {**alone["model"], **{f"ema_{key}": value for key, value in
+                                                 alone["ema"].items() if key != "samples"}}
+        assert one_pass["samples"] == 21  # every image once, over both ranks
+        assert one_pass["loss"] != one_pass["ema_loss"]  # two networks, not one twice
+
+
+def test_each_epoch_reads_the_validation_set_once_with_an_ema(compose: Any,
+                                                              tmp_path: Path) -> None:
+    trainer = make_trainer(compose, tmp_path, "ema.decay=0.5", "ema.steps=1",
+                           "train.steps_per_epoch=1", "sched.warmup_epochs=0")
+    counted = trainer.loaders.val = _CountedPasses(trainer.loaders.val)
+    val = trainer.fit()
+    assert counted.passes == trainer.plan.train.epochs == 2
+    assert {"acc1", "ema_acc1", "ema_acc5", "ema_loss"} <= set(val)
+    assert [row["ema_acc1"] for row in trainer.state.history][-1] == val["ema_acc1"]
 
 
 # ---- bad values --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from imgtrain import distributed
 from imgtrain.config import WorldConfig
 from imgtrain.jobenv import plan_job
-from imgtrain.data import batch_pool, build_loaders
+from imgtrain.data import batch_pool, build_loaders, shm_per_node
 from imgtrain.data.batch_pool import PooledLoader
 from imgtrain.device import DeviceInfo
 from imgtrain.distributed import World
@@ -64,11 +64,11 @@ def test_nhwc_host_batches_travel_contiguous_and_arrive_as_nchw():
     assert torch.equal(target_on_device, target)
 
 
-def _jpeg_loaders(compose, root: Path):
+def _jpeg_loaders(compose, root: Path, *overrides: str):
     plan = resolve(compose("dataset=imagenet", f"dataset.root={root}", "dataset.image_size=32",
                            "dataset.workers=2", "dataset.prefetch_factor=2",
                            "dataset.reuse_batch_memory=true", "train.batch_size=8",
-                           "device=cpu"), [])
+                           "device=cpu", *overrides), [])
     # Rank 0 of one, with two processes on its node sharing /dev/shm.
     return build_loaders(plan, World(rank=0, local_rank=0, world_size=1, local_world_size=2),
                          accelerator=False)
@@ -76,8 +76,8 @@ def _jpeg_loaders(compose, root: Path):
 
 def test_batch_pool_falls_back_with_one_warning_where_dev_shm_is_small(
         compose, image_folder: Path, monkeypatch, caplog):
-    """(2 x prefetch 2 + 1) x 2 workers x 8 images x 32 x 32 x 3 bytes x 2 loaders x 2 processes
-    = 1 MB: a 64 KB /dev/shm (Docker's default is 64 MB) cannot hold it, 100 MB can."""
+    """The pools of 2 processes, ~0.5 MB: a 64 KB /dev/shm (Docker's default is 64 MB) cannot
+    hold them, 100 MB can."""
     monkeypatch.setattr(batch_pool, "shm_free_bytes", lambda: 64 << 10)
     with caplog.at_level(logging.WARNING, logger="imgtrain"):
         loaders = _jpeg_loaders(compose, image_folder)
@@ -89,6 +89,41 @@ def test_batch_pool_falls_back_with_one_warning_where_dev_shm_is_small(
     assert images.shape == (8, 3, 32, 32)
     monkeypatch.setattr(batch_pool, "shm_free_bytes", lambda: 100 << 20)
     assert isinstance(_jpeg_loaders(compose, image_folder).train, PooledLoader)
+
+
+def test_the_dev_shm_check_asks_for_what_the_pools_hold_not_the_worst_case(
+        compose, image_folder: Path, monkeypatch):
+    """96 training images in batches of 8 of 32 px: 12 batches a pass, 6 for each of the 2
+    workers, who keep 3 segments each (prefetch 2 + 1) of 8 x (3 x 32 x 32 + 8) bytes:
+    147,840 bytes. Validation's 32 images in batches of 8 of its own 48 px crop: 4 batches, 2 a
+    worker, so 4 segments of 8 x (3 x 48 x 48 + 8): 221,440 bytes. Two processes on the node:
+    738,560 bytes, where the worst case (every slot of both loaders, at the larger crop, and the
+    DataLoader's own batches in flight beside them) asked for 2.2 MB."""
+    needed = 2 * (6 * 8 * (3 * 32 * 32 + 8) + 4 * 8 * (3 * 48 * 48 + 8))
+    assert needed == 738_560
+    sizes = ("dataset.val_crop_size=48", "eval.batch_size=8")
+    monkeypatch.setattr(batch_pool, "shm_free_bytes", lambda: needed)
+    loaders = _jpeg_loaders(compose, image_folder, *sizes)
+    assert isinstance(loaders.train, PooledLoader) and isinstance(loaders.val, PooledLoader)
+    images, _ = next(iter(loaders.val))
+    assert images.shape == (8, 3, 48, 48)
+    monkeypatch.setattr(batch_pool, "shm_free_bytes", lambda: needed - 1)
+    loaders = _jpeg_loaders(compose, image_folder, *sizes)
+    assert not isinstance(loaders.train, PooledLoader)
+
+
+def test_the_readmes_dev_shm_figure_for_resnet152_at_8_processes(compose, image_folder: Path):
+    """The default recipe at world=8p: 8 workers a process, ImageNet's 1,281,167 / 50,000 images.
+    Training: 625 batches of 256 a rank, 5 segments for each worker; validation: 6,250 images on
+    rank 0, 25 batches, 4 for worker 0 and 3 for the others. Segments of 256 x (3 x 224 x 224 +
+    8) bytes: (40 + 25) x 8 processes of them, 20.0 GB a node."""
+    plan = resolve(compose("world=8p", "device=cpu", f"dataset.root={image_folder}"), [])
+    segment = 256 * (3 * 224 * 224 + 8)
+    needed = shm_per_node(plan, train_images=1_281_167, val_images=50_000, workers=8)
+    assert needed == 8 * (40 + 25) * segment
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"needs {needed / 1e9:.1f} GB ({needed / 2**30:.1f} GiB) of `/dev/shm` per node" \
+        in " ".join(readme.split())
 
 
 def test_several_nodes_need_a_master_port():

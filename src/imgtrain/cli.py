@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 from typing import Any, Callable, Iterator
 
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
+from imgtrain import install
 from imgtrain.config import unknown_key_line
 from imgtrain.preemption import INTERRUPTED_EXIT_CODE
 from imgtrain.rundir import discard_unstarted
+from imgtrain.wrap import wrap_text
 
 
 _HYDRA_DETAIL = ("full_key:", "reference_type=", "object_type=", "Set the environment variable",
@@ -118,6 +121,14 @@ def one_line_job_errors() -> Iterator[None]:
         sys.stderr = original
 
 
+def stop_line(line: str) -> str:
+    """A stop line for stderr: wrapped at word and path boundaries on a terminal (wrap.py),
+    whole in a file or a pipe."""
+    if not sys.stderr.isatty():
+        return line
+    return wrap_text(line, shutil.get_terminal_size().columns)
+
+
 @contextlib.contextmanager
 def _ctrl_c_before_the_run() -> Iterator[None]:
     """Ctrl-C while Hydra starts (imports, composing, the run folder): nothing to save yet, so
@@ -127,9 +138,19 @@ def _ctrl_c_before_the_run() -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         discard_unstarted()
-        sys.stderr.write(f"interrupted by SIGINT before training started; nothing to resume "
-                         f"(exit code {INTERRUPTED_EXIT_CODE})\n")
+        sys.stderr.write(stop_line(f"interrupted by SIGINT before training started; nothing to "
+                                   f"resume (exit code {INTERRUPTED_EXIT_CODE})") + "\n")
         sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+def exit_on_install_mismatch() -> None:
+    """torch and torchvision (or torch_npu) that do not belong together: one `error:` line naming
+    both and the pair to install, and exit 1, before Hydra makes a run folder. Later, the first
+    import of torchvision would fail with a traceback (install.py)."""
+    problem = install.mismatch()
+    if problem:
+        sys.stderr.write(f"error: {problem}\n")
+        sys.exit(1)
 
 
 def run_main(main: Callable[[], Any]) -> None:

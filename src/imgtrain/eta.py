@@ -19,19 +19,20 @@ class Eta:
     """Seconds left in the epoch and in the run, from the step time measured at print points.
 
     The step time is averaged from the epoch's first print point on, which leaves out the first
-    window's warm-up (compilation, cold caches, loader start-up). An epoch ends with
-    `val_passes` validation passes (two when the EMA's weights are evaluated too), each timed when
-    it runs; before the first one, a validation batch is guessed from its images: a third of the
-    time a training step takes for as many (forward only). `val_batch_share` is a validation
-    batch's images over a training step's (1 / train.accumulate_steps, unless eval.batch_size).
+    window's warm-up (compilation, cold caches, loader start-up). An epoch ends with one
+    validation pass, timed when it runs, in which `val_models` models see each batch (two when
+    the EMA's weights are evaluated too); before the first one, a validation batch is guessed
+    from its images: a third of the time a training step takes for as many (forward only), for
+    each model. `val_batch_share` is a validation batch's images over a training step's
+    (1 / train.accumulate_steps, unless eval.batch_size).
     """
 
-    def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, val_passes: int = 1,
+    def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, val_models: int = 1,
                  val_batch_share: float = 1.0) -> None:
         self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
-        self.val_passes, self.val_batch_share = val_passes, val_batch_share
+        self.val_models, self.val_batch_share = val_models, val_batch_share
         self.seconds_per_step: float | None = None
-        self.val_seconds: float | None = None  # the last validation pass's
+        self.val_seconds: float | None = None  # the last validation's
         # (step, time) of the epoch's first print point
         self._since: tuple[int, float] | None = None
 
@@ -47,11 +48,11 @@ class Eta:
             self.seconds_per_step = (now - self._since[1]) / (step - self._since[0])
 
     def _val(self) -> float:
-        """An epoch's validation: all its passes."""
+        """An epoch's validation pass, every model's forward passes in it."""
         if self.val_seconds is not None:
-            return self.val_passes * self.val_seconds
+            return self.val_seconds
         per_batch = (self.seconds_per_step or 0.0) * self.val_batch_share / 3
-        return self.val_passes * self.val_steps * per_batch
+        return self.val_models * self.val_steps * per_batch
 
     def epoch_left(self, step: int) -> float | None:
         if self.seconds_per_step is None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from imgtrain.eta import Eta, duration
 from imgtrain.memory import memory_scalars
+from imgtrain.wrap import wrap_text
 
 log = logging.getLogger("imgtrain")
 FILE_ONLY = {"file_only": True}  # `extra` for records the live display already shows
@@ -28,7 +29,8 @@ def console_is_live() -> bool:
 
 class ConsoleHandler(logging.Handler):
     """The console's log handler. On a terminal it prints through rich's console, so log lines
-    appear above the live display instead of tearing it; records marked FILE_ONLY skip it."""
+    appear above the live display instead of tearing it, each wrapped to the terminal's width as
+    it is then, at word and path boundaries (wrap.py); records marked FILE_ONLY skip it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,7 +48,8 @@ class ConsoleHandler(logging.Handler):
                 sys.stdout.write(message + "\n")
                 sys.stdout.flush()
             else:
-                self.console.print(message, markup=False, emoji=False)
+                self.console.print(wrap_text(message, self.console.width), markup=False,
+                                   emoji=False)
         except Exception:  # noqa: BLE001 - logging must never stop training
             self.handleError(record)
 
@@ -83,8 +86,8 @@ class Progress:
     """Rank 0's console view of training; `NullProgress` stands in on the other ranks."""
 
     def __init__(self, epochs: int, steps_per_epoch: int, val_steps: int, device: Any,
-                 print_freq: int = 1, val_passes: int = 1, val_batch_share: float = 1.0) -> None:
-        self.eta = Eta(epochs, steps_per_epoch, val_steps, val_passes, val_batch_share)
+                 print_freq: int = 1, val_models: int = 1, val_batch_share: float = 1.0) -> None:
+        self.eta = Eta(epochs, steps_per_epoch, val_steps, val_models, val_batch_share)
         self.print_freq = print_freq
         self.epochs, self.steps_per_epoch, self.val_steps = epochs, steps_per_epoch, val_steps
         self.device = device
@@ -102,8 +105,8 @@ class Progress:
         train, val = trainer.plan.train, trainer.loaders.val
         return cls(train.epochs, trainer.steps_per_epoch, len(val), trainer.device,
                    train.print_freq,
-                   # An epoch ends with the EMA's validation too, where there is one.
-                   val_passes=1 if trainer.ema is None else 2,
+                   # The EMA sees each validation batch too, where there is one.
+                   val_models=1 if trainer.ema is None else 2,
                    val_batch_share=val.batch_size / trainer.plan.batches.per_rank)
 
     # ---- the live display (terminals only) -----------------------------------------------

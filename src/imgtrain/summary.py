@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from imgtrain.config import SchedConfig
 from imgtrain.data import describe
 from imgtrain.eta import duration
+from imgtrain.wrap import KEY_COLUMN
 
 if TYPE_CHECKING:
     from imgtrain.plan import RunPlan
@@ -24,7 +25,7 @@ def _precision(precision: Any) -> str:
 
 
 WIDTH = 80  # the summaries' lines fit a terminal of this width (and stay greppable in train.log)
-INDENT = " " * 13  # a wrapped value goes on under its value, past the key's column
+INDENT = " " * KEY_COLUMN  # a wrapped value goes on under its value, past the key's column
 
 
 def counted(number: float, noun: str) -> str:
@@ -45,7 +46,8 @@ def _lr(plan: RunPlan) -> str:
 
 def fitted(lines: list[str], width: int = WIDTH) -> list[str]:
     """Each `  key        value` line wrapped at spaces to `width` columns, continued under its
-    value; a word longer than the line (a path) stays whole, beside its key."""
+    value; a word longer than the line (a path) stays whole, beside its key: files keep it
+    whole, and a terminal's console breaks it at path boundaries (wrap.py)."""
     out = []
     for line in lines:
         head = len(INDENT) if line.startswith("  ") else 0  # the key's column is not split
@@ -133,6 +135,16 @@ def start_lines(plan: RunPlan, trainer: Any, output_dir: Path,
         f"  run dir    {output_dir}",
         f"  resume     {resume}",
     ])
+
+
+def epoch_done_line(epoch: int, train: dict[str, Any], val: dict[str, Any]) -> str:
+    """`epoch N done: ...`: the finished epoch's (0-based `epoch`) training and validation, the
+    EMA's where there is one."""
+    ema = (f" | ema acc1 {val['ema_acc1']:.3f} acc5 {val['ema_acc5']:.3f}"
+           if "ema_acc1" in val else "")
+    return (f"epoch {epoch + 1} done: train loss {train['loss']:.4f} acc1 {train['acc1']:.2f} | "
+            f"val loss {val['loss']:.4f} acc1 {val['acc1']:.3f} acc5 {val['acc5']:.3f} "
+            f"({val['samples']} images){ema} | {train['images_per_sec']:.1f} img/s")
 
 
 def end_lines(results: dict[str, Any], wall_seconds: float, output_dir: Path) -> list[str]:

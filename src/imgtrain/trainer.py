@@ -24,7 +24,7 @@ from imgtrain.ema import WeightAverage
 from imgtrain.errors import Preempted
 from imgtrain.faults import injected_fault
 from imgtrain.logger import RunLogger, epoch_scalars
-from imgtrain.meter import EpochMeter
+from imgtrain.meter import EpochMeter, val_sums
 from imgtrain.model_checks import check_finite, sync_buffers
 from imgtrain.optim import group_weight_decay, load_optimizer_state
 from imgtrain.plan import RunPlan
@@ -34,6 +34,7 @@ from imgtrain.preemption import StopSignals
 from imgtrain.profiling import build_profiler
 from imgtrain.progress import Progress
 from imgtrain.results import run_results
+from imgtrain.summary import epoch_done_line
 from imgtrain.train_state import TrainState
 
 log = logging.getLogger("imgtrain")
@@ -180,32 +181,49 @@ class Trainer:
         self.logger.scalars(self.state.global_step, values)
 
     # ---- evaluation -----------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         """Loss, Acc@1 and Acc@5 of `model` (the one trained) over the whole validation set, each
         sample counted exactly once."""
-        model = self.eval_model if model is None else model
-        model.eval()
+        return self.evaluate_models([self.eval_model if model is None else model])[0]
+
+    def validate(self) -> dict[str, float]:
+        """The epoch's validation: the trained model's metrics, and with an EMA the average's
+        as ema_loss, ema_acc1 and ema_acc5, from one pass over the validation set."""
+        models = [self.eval_model, *([self.ema.module] if self.ema is not None else [])]
+        val, *averaged = self.evaluate_models(models)
+        for ema in averaged:
+            val.update({f"ema_{key}": value for key, value in ema.items() if key != "samples"})
+        return val
+
+    @torch.no_grad()
+    def evaluate_models(self, models: list[nn.Module]) -> list[dict[str, float]]:
+        """Each model's metrics over the validation set, in one pass: a batch is read, decoded
+        and copied to the device once and evaluated by every model in turn. Each model's sums
+        are added in the same order as a pass of its own would add them (the same numbers), and
+        all are summed over the ranks in one collective."""
+        for model in models:
+            model.eval()
         self._sync_buffers()
-        sums = torch.zeros(3, device=self.device.torch_device)  # loss sum, top1, top5
+        # per model: loss sum, top1, top5
+        sums = torch.zeros(len(models), 3, device=self.device.torch_device)
         samples = 0
         self.progress.start_val()
         for batch, (images, target) in enumerate(self.loaders.val, start=1):
             images, target = self._to_device(images, target)
-            with self.precision.autocast():
-                output = model(self.normalize(images)).float()
-            k = min(5, output.shape[1])
-            hits = output.topk(k, dim=1).indices == target[:, None]
-            sums += torch.stack([nn.functional.cross_entropy(output, target, reduction="sum"),
-                                 hits[:, 0].sum().float(), hits.any(dim=1).sum().float()])
+            images = self.normalize(images)
+            for row, model in enumerate(models):
+                with self.precision.autocast():
+                    output = model(images).float()
+                sums[row] += val_sums(output, target)
             samples += target.shape[0]
             self.progress.val_update(batch)  # a host counter; the display decides when to redraw
-        totals = torch.cat([sums, torch.full((1,), float(samples), device=sums.device)])
-        loss_sum, top1, top5, count = self.world.sum(totals).tolist()
+        totals = torch.cat([sums.flatten(), torch.full((1,), float(samples), device=sums.device)])
+        *model_sums, count = self.world.sum(totals).tolist()
         self.progress.end_val()
         count = max(count, 1.0)
-        return {"loss": loss_sum / count, "acc1": 100.0 * top1 / count,
-                "acc5": 100.0 * top5 / count, "samples": int(count)}
+        return [{"loss": loss_sum / count, "acc1": 100.0 * top1 / count,
+                 "acc5": 100.0 * top5 / count, "samples": int(count)}
+                for loss_sum, top1, top5 in zip(*[iter(model_sums)] * 3)]
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -216,10 +234,7 @@ class Trainer:
         with self.stop_signals, self.profiler, self.progress:
             for epoch in range(self.state.epoch, epochs):
                 train = self.train_epoch(epoch)
-                val = self.evaluate()
-                if self.ema is not None:
-                    val.update({f"ema_{key}": value for key, value in
-                                self.evaluate(self.ema.module).items() if key != "samples"})
+                val = self.validate()  # the EMA's too, in the same pass
                 self._end_epoch(epoch, train, val)
                 if epoch + 1 < epochs and self.checkpoints.stop_requested():
                     raise Preempted(f"at the end of epoch {epoch + 1}; "
@@ -228,12 +243,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, train: dict[str, float], val: dict[str, float]) -> None:
         is_best = self.state.end_epoch(epoch, train, val)
-        ema = "ema_acc1" in val
-        self.logger.info("epoch %d done: train loss %.4f acc1 %.2f | val loss %.4f acc1 %.3f acc5 "
-                         "%.3f (%d images)%s | %.1f img/s", epoch + 1, train["loss"], train["acc1"],
-                         val["loss"], val["acc1"], val["acc5"], val["samples"],
-                         f" | ema acc1 {val['ema_acc1']:.3f} acc5 {val['ema_acc5']:.3f}"
-                         if ema else "", train["images_per_sec"])
+        self.logger.info("%s", epoch_done_line(epoch, train, val))
         self.logger.scalars(self.state.global_step, epoch_scalars(epoch, train, val))
         self.save_checkpoint(f"epoch-{epoch + 1}.pt", best=is_best)
         self.logger.results({**run_results(self.plan, self), "status": "running"})

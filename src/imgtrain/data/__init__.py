@@ -1,6 +1,7 @@
 """dataset=imagenet|cifar10|synthetic: datasets, samplers and loaders that yield uint8 batches."""
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import random
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from imgtrain.data import transforms as T
 from imgtrain.data.augment import build_augment, check_augment
-from imgtrain.data.batch_pool import BatchPool, PooledLoader, pool_fits
+from imgtrain.data.batch_pool import BatchPool, PooledLoader, pool_bytes, pool_fits
 from imgtrain.data.cifar import Cifar10, find_root
 from imgtrain.data.imagefolder import JpegFolder, check_layout
 from imgtrain.data.index import load as load_index
@@ -191,18 +192,20 @@ def build_loaders(plan: RunPlan, world: World, accelerator: bool) -> Loaders:
                           f"set ({len(train_set)} images)")
     common = _loader_settings(dataset, world.local_world_size, accelerator,
                               torch.Generator().manual_seed(seed + 1000 * world.rank))
-    reuse = _reuse_batch_memory(dataset, common, batches.micro, train_set or val_set,
-                                world.local_world_size, plan.val_crop_size)
-    train_sampler, train_loader = None, None
+    train_sampler = None
     if train_set is not None:
         train_sampler = TrainSampler(len(train_set), world.rank, world.world_size, seed,
                                      ra_reps=int(dataset.ra_reps), micro_batch=batches.micro,
                                      accumulate_steps=batches.accumulate_steps)
+    val_sampler = ExactValSampler(len(val_set), world.rank, world.world_size)
+    reuse = _reuse_batch_memory(plan, common, train_set or val_set, train_sampler, val_sampler,
+                                world.local_world_size)
+    train_loader = None
+    if train_set is not None:
         # drop_last keeps every step's shape static (graph-compiling NPUs, torch.compile).
         train_loader = _loader(train_set, reuse, common, batch_size=batches.micro,
                                sampler=train_sampler, drop_last=True)
-    val = _loader(val_set, reuse, common, batch_size=batches.val_per_rank,
-                  sampler=ExactValSampler(len(val_set), world.rank, world.world_size),
+    val = _loader(val_set, reuse, common, batch_size=batches.val_per_rank, sampler=val_sampler,
                   drop_last=False)
     return Loaders(train_loader, val, train_sampler, plan.num_classes,
                    class_names=getattr(val_set, "classes", None))
@@ -223,18 +226,42 @@ def _loader_settings(dataset: DatasetConfig, local_world_size: int, accelerator:
     return common
 
 
-def _reuse_batch_memory(dataset: DatasetConfig, common: dict[str, Any], loader_batch: int,
-                        data: Dataset, processes_on_node: int, val_crop_size: int) -> bool:
+def _reuse_batch_memory(plan: RunPlan, common: dict[str, Any], data: Dataset,
+                        train_sampler: TrainSampler | None, val_sampler: ExactValSampler,
+                        processes_on_node: int) -> bool:
     """dataset.reuse_batch_memory, turned off where /dev/shm cannot hold the pools."""
+    dataset = plan.dataset
     pooled = (getattr(data, "collate", None) and common.get("persistent_workers")
               and dataset.reuse_batch_memory)
     if not pooled:
         return bool(dataset.reuse_batch_memory)
-    # The pool's segments hold the larger of the training crop and validation's.
-    size = max(int(dataset.image_size), val_crop_size)
-    batch_bytes = loader_batch * (3 * size * size + 8)  # uint8 images and int64 labels
-    return pool_fits(batch_bytes, common["num_workers"], common["prefetch_factor"], loaders=2,
-                     processes_on_node=processes_on_node)
+    needed = shm_per_process(plan, common["num_workers"], train_sampler, val_sampler)
+    return pool_fits(needed, processes_on_node)
+
+
+def shm_per_process(plan: RunPlan, workers: int, train_sampler: TrainSampler | None,
+                    val_sampler: ExactValSampler) -> int:
+    """The /dev/shm one process's batch pools hold: the training pool's batches of the training
+    crop, and validation's of its own crop and batch (each loader prefetch_factor + 1 segments
+    per worker, fewer where a pass deals a worker fewer batches). mode=eval has no training pool."""
+    slots, batches = int(plan.dataset.prefetch_factor) + 1, plan.batches
+    val_batches = math.ceil(len(val_sampler) / batches.val_per_rank)
+    needed = pool_bytes(batches.val_per_rank, plan.val_crop_size, workers, slots, val_batches)
+    if train_sampler is not None:  # drop_last: only whole micro-batches
+        needed += pool_bytes(batches.micro, int(plan.dataset.image_size), workers, slots,
+                             len(train_sampler) // batches.micro)
+    return needed
+
+
+def shm_per_node(plan: RunPlan, train_images: int, val_images: int, workers: int) -> int:
+    """What a node's processes' batch pools hold in /dev/shm (the largest rank's share of the
+    validation set for each): the figure README.md gives for the recipe."""
+    world = plan.cfg.world
+    train = TrainSampler(train_images, 0, plan.world_size, plan.train.seed,
+                         ra_reps=int(plan.dataset.ra_reps), micro_batch=plan.batches.micro,
+                         accumulate_steps=plan.batches.accumulate_steps)
+    val = ExactValSampler(val_images, 0, plan.world_size)
+    return int(world.nproc_per_node) * shm_per_process(plan, workers, train, val)
 
 
 def _loader(data: Dataset, reuse_batch_memory: bool, common: dict[str, Any],

@@ -40,20 +40,28 @@ def shm_free_bytes() -> int | None:
         return None
 
 
-def pool_fits(batch_bytes: int, workers: int, prefetch_factor: int, loaders: int,
-              processes_on_node: int) -> bool:
-    """Whether every process's pooled batches fit in /dev/shm beside the DataLoader's own.
+def pool_bytes(batch_size: int, crop: int, workers: int, slots_per_worker: int,
+               batches_per_pass: int) -> int:
+    """The most /dev/shm one loader's pool holds: each worker's segments, one for each batch the
+    DataLoader deals it in a pass (batch i goes to worker i % workers) up to slots_per_worker,
+    each a batch of uint8 crops and int64 labels. A segment is made when first claimed, so a
+    worker dealt fewer batches than it has slots (a short validation set) makes fewer."""
+    segments = sum(min(slots_per_worker, len(range(worker, batches_per_pass, workers)))
+                   for worker in range(workers))
+    return segments * batch_size * (3 * crop * crop + 8)
 
-    Each pooled loader keeps (prefetch_factor + 1) x workers batches mapped for the whole run;
-    a plain one has prefetch_factor x workers in flight. At the recipe's size that is ~3 GB per
-    process (train and val), 25 GB for 8 processes: Docker's default /dev/shm is 64 MB and many
-    clusters give 8 GB, where workers die with SIGBUS. Logs one warning line when it does not fit.
+
+def pool_fits(per_process_bytes: int, processes_on_node: int) -> bool:
+    """Whether every process's pools (`per_process_bytes` each) fit in the free /dev/shm.
+
+    The pools stay mapped for the run: at the recipe's size about 2.5 GB per process, 20 GB for
+    8 (README.md, "/dev/shm"). Docker's default /dev/shm is 64 MB and many clusters give 8 GB,
+    where workers die with SIGBUS. Logs one warning line when they do not fit.
     """
     free = shm_free_bytes()
     if free is None:
         return True
-    per_process = (2 * prefetch_factor + 1) * workers * batch_bytes * loaders
-    needed = per_process * processes_on_node
+    needed = per_process_bytes * processes_on_node
     if needed <= free:
         return True
     log.warning("warning: dataset.reuse_batch_memory needs ~%.1f GB of %s for %d process(es) and "
