@@ -61,7 +61,7 @@ def test_quickstart_writes_results_and_tensorboard_tags(tmp_path: Path) -> None:
     assert results["images_per_sec"] > 0
     events = EventAccumulator(str(tmp_path)).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "accuracy/train_acc1", "throughput/images_per_sec", "train/lr",
+    assert {"train/loss", "train/acc1", "throughput/images_per_sec", "train/lr",
             "throughput/loader_wait_seconds", "val/loss", "accuracy/val_acc1",
             "accuracy/val_acc5"} <= tags
     assert re.search(r"epoch 1 \[\d+/\d+\] loss [\d.]+ acc1 [\d.]+ img/s [\d.]+ lr", proc.stdout)
