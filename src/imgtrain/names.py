@@ -106,16 +106,18 @@ def short_name(overrides: Iterable[Any], excluded: Iterable[Any], arch: str, dat
     """A run's name from its command: the experiment (else `<arch>_<dataset>`; mode=eval,
     predict or export: the mode and the weights' run), the dataset's folder when one is given,
     then the other overrides' tokens, within SHORT_NAME_CHARS."""
-    overrides = [str(override) for override in overrides]
+    overrides, excluded = [str(override) for override in overrides], set(map(str, excluded))
     given = {_key(o): o.partition("=")[2] for o in overrides if not o.startswith("~")}
-    named = {key: value for key, value in given.items() if key not in set(map(str, excluded))
+    named = {key: value for key, value in given.items() if key not in excluded
              and not key.startswith("hydra") and key not in NOT_IN_THE_NAME}
     base = _base(named, given, arch, dataset, root)
     tokens = [_token(key, named[key]) for key in sorted(named, key=_order)]
     name = "_".join(token for token in [*base, *tokens] if token) or "run"
     if len(name) <= SHORT_NAME_CHARS:
         return name
-    digest = hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()
+    # Of the command as rundir.py compares commands: paths (and train.resume) aside.
+    digest = hashlib.sha1("\n".join(sorted(o for o in overrides if _key(o) not in excluded))
+                          .encode()).hexdigest()
     suffix = f"_+{digest[:HASH_CHARS]}"
     kept = name[:SHORT_NAME_CHARS - len(suffix) + 1]
     return kept.rsplit("_", 1)[0] + suffix  # whole tokens only
