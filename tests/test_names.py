@@ -83,3 +83,19 @@ def test_an_image_folder_is_named_by_its_folder_everywhere(compose, image_folder
     assert values["model.arch"] == "resnet18" and values["experiment"] == "quickstart"
     assert values["train.batch_size"] == 64 and values["optim.lr"] == pytest.approx(0.1)
     assert not {"dataset", "amp", "model"} & set(values) and values["device"] == "cpu"
+
+
+def test_a_run_folder_as_model_weights_means_its_best_checkpoint(tmp_path: Path) -> None:
+    from imgtrain.errors import ConfigError
+    from imgtrain.weights import in_run_folder
+
+    run = tmp_path / "10-00-00_quickstart_lr0.2"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints/last.pt").write_bytes(b"")
+    assert in_run_folder(str(run)) == str(run / "checkpoints/last.pt")  # no best.pt yet
+    (run / "checkpoints/best.pt").write_bytes(b"")
+    assert in_run_folder(str(run)) == str(run / "checkpoints/best.pt")
+    assert in_run_folder(str(run / "checkpoints")) == str(run / "checkpoints/best.pt")
+    assert in_run_folder(str(run / "checkpoints/last.pt")) == str(run / "checkpoints/last.pt")
+    with pytest.raises(ConfigError, match="without checkpoints/best.pt"):
+        in_run_folder(str(tmp_path))
