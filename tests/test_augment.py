@@ -195,7 +195,7 @@ def test_predict_and_export_use_the_validation_crop(compose: Any, image_folder: 
                      "export.opset=18", "export.exporter=auto", "export.batch=dynamic")
 
     predict.predict(plan("predict"), tmp_path, DeviceInfo("cpu"), file)
-    export.export(plan("export"), tmp_path, file)
+    export.export(plan("export"), file)
     assert seen == {"predict": (36, 28), "export": 28}
 
 

@@ -102,7 +102,7 @@ def _live_rows(width: int, epochs: int, steps: int, val_steps: int, monkeypatch)
     view.console = Console(file=io.StringIO(), width=width, force_terminal=True)
     with view:
         view.start_epoch(0, 0)
-        values = {"train/loss": 2.2497, "accuracy/train_acc1": 34.84,
+        values = {"train/loss": 2.2497, "train/acc1": 34.84,
                   "throughput/images_per_sec": 1232.7, "train/lr": 0.05250}
         view.train_update(0, 1230, values, seconds=1230 * 3.0, data_time=0.01)
         view.start_val()
@@ -351,7 +351,7 @@ def _progress_for(monkeypatch: pytest.MonkeyPatch, ema: bool, accumulate_steps: 
 
 def _eta_seconds(view, epoch: int) -> float:
     """The run's ETA at the epoch's first print point (step 2, 1 s a step), as logged."""
-    values = {"train/loss": 1.0, "accuracy/train_acc1": 50.0, "throughput/images_per_sec": 10.0,
+    values = {"train/loss": 1.0, "train/acc1": 50.0, "throughput/images_per_sec": 10.0,
               "train/lr": 0.1}
     view.start_epoch(epoch, 0)
     return view.train_update(epoch, 2, values, seconds=2.0, data_time=0.0)["time/eta_hours"] * 3600

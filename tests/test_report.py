@@ -294,3 +294,18 @@ def test_the_whole_table_when_it_fits(tmp_path: Path, capsys: pytest.CaptureFixt
     _, out, _ = report(capsys, str(tmp_path), "--width", "120")
     header, *_ = markdown_rows(out, run_column=True)
     assert header == ["Run", "DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type", "optim.lr"]
+
+
+def test_model_and_dataset_columns_are_the_runs_resolved_ones(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    # One run chose its dataset by a folder, the other by an experiment: both cells filled from
+    # results.json, an ImageFolder by its folder's name; the model likewise.
+    write_run(tmp_path / "0_digits", dataset="imagefolder:digits", arch="resnet18",
+              overrides=["dataset.root=/data/digits", "model=resnet18"])
+    write_run(tmp_path / "1_quickstart", dataset="synthetic", arch="resnet18",
+              overrides=["experiment=quickstart"])
+    _, out, _ = report(capsys, str(tmp_path))
+    header, *rows = markdown_rows(out)
+    assert "model" not in header  # the same resolved arch in both
+    column = header.index("dataset")
+    assert [row[column] for row in rows] == ["imagefolder:digits", "synthetic"]

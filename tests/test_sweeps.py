@@ -16,13 +16,14 @@ from conftest import TINY, read_results, run_cli
 QUICK = ["experiment=quickstart", *TINY, "train.epochs=1", "dataset.train_size=256",
          "dataset.val_size=64", "dataset.image_size=32", "train.steps_per_epoch=2",
          "train.batch_size=16"]
-# Every override key (the swept optim.lr among them), then the main settings by config key.
-OVERRIDE_KEYS = {"experiment", "device", "amp", "model", "train.print_freq", "dataset.workers",
-                 "train.epochs", "dataset.train_size", "dataset.val_size", "dataset.image_size",
-                 "train.steps_per_epoch", "train.batch_size", "optim.lr"}
-HPARAM_NAMES = OVERRIDE_KEYS | {"model.arch", "dataset.name", "world_size", "train.batch_size",
-                                "optim.weight_decay", "sched.name", "sched.warmup_epochs",
-                                "amp.level"}
+# The main settings by config key, resolved (the swept optim.lr among them; amp=, model= and
+# device= as amp.level, model.arch and device), then the other override keys.
+MAIN_COLUMNS = {"experiment", "model.arch", "dataset.name", "device", "world_size",
+                "train.batch_size", "optim.lr", "optim.weight_decay", "sched.name",
+                "sched.warmup_epochs", "train.epochs", "amp.level"}
+HPARAM_NAMES = MAIN_COLUMNS | {"train.print_freq", "dataset.workers", "dataset.train_size",
+                               "dataset.val_size", "dataset.image_size", "train.steps_per_epoch"}
+LRS = ("0.1", "0.2", "0.4")
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -43,16 +44,20 @@ def run_report(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def lr_sweep(module_dir: Path) -> Path:
     sweep_dir = module_dir / "lr_sweep"
-    proc = sweep(sweep_dir, "optim.lr=0.1,0.2")
+    proc = sweep(sweep_dir, f"optim.lr={','.join(LRS)}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return sweep_dir
 
 
-def test_each_job_is_a_complete_run_in_a_folder_named_by_its_overrides(lr_sweep: Path) -> None:
+def test_each_job_is_a_complete_run_in_a_short_folder_named_by_its_point(lr_sweep: Path) -> None:
     jobs = job_dirs(lr_sweep)
-    assert len(jobs) == 2, [job.name for job in jobs]
-    for job, lr in zip(jobs, ("0.1", "0.2")):
-        assert f"optim.lr-{lr}" in job.name and "/" not in job.name and "=" not in job.name
+    assert len(jobs) == 3, [job.name for job in jobs]
+    # <job num>_<short name>: the experiment and the overrides given besides it, abbreviated,
+    # within 60 characters; the points tell apart without their job numbers.
+    assert len({job.name.partition("_")[2] for job in jobs}) == 3, [job.name for job in jobs]
+    for number, (job, lr) in enumerate(zip(jobs, LRS)):
+        assert job.name.startswith(f"{number}_quickstart_") and f"_lr{lr}_" in job.name, job.name
+        assert len(job.name) <= 60 and "=" not in job.name and "," not in job.name, job.name
         results = read_results(job)
         assert results["status"] == "completed" and results["epochs_completed"] == 1
         assert results["lr"] == float(lr) and f"optim.lr={lr}" in results["overrides"]
@@ -76,15 +81,19 @@ def _hparams_plugin_data(run_dir: Path) -> dict:
 
 
 def test_hparams_are_in_each_runs_own_event_file(lr_sweep: Path) -> None:
-    for job, lr in zip(job_dirs(lr_sweep), (0.1, 0.2)):
+    for job, lr in zip(job_dirs(lr_sweep), map(float, LRS)):
         # add_hparams' pitfall would add a timestamped sub-run: every event file is the job's own.
         assert [path.parent for path in job.rglob("events.out.tfevents.*")] == [job]
         data = _hparams_plugin_data(job)
         hparams = data["start"].hparams
         assert set(hparams) == HPARAM_NAMES
+        # The Trial ID: the job's folder with its sweep's (its time, for outputs/multirun/...).
+        assert data["start"].group_name == f"{lr_sweep.name}/{job.name}"
         assert hparams["optim.lr"].number_value == pytest.approx(lr)
         assert hparams["model.arch"].string_value == "resnet18"
-        assert hparams["amp"].string_value == "O0" and hparams["amp.level"].string_value == "O0"
+        assert hparams["amp.level"].string_value == "O0"
+        assert hparams["experiment"].string_value == "quickstart"
+        assert hparams["dataset.name"].string_value == "synthetic"
         assert hparams["device"].string_value == "cpu" and hparams["world_size"].number_value == 1
         assert hparams["train.epochs"].number_value == 1
         assert hparams["train.batch_size"].number_value == 16
@@ -100,13 +109,31 @@ def test_report_prints_both_jobs_with_their_lr(lr_sweep: Path) -> None:
     assert header[:8] == ["Run", "DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type",
                           "optim.lr"]
     assert "Status" not in header  # every run completed
-    assert [row[7] for row in rows] == ["0.1", "0.2"]
+    assert [row[7] for row in rows] == list(LRS)
     for row, job in zip(rows, job_dirs(lr_sweep)):
         results = read_results(job)
         assert row[0] == job.name  # the job's folder, relative to the sweep searched
         assert row[1:7] == ["1p-CPU", results["torch_version"].split("+")[0],
                            f"{results['best_acc1']:.3f}", f"{results['images_per_sec']:.3f}",
                            "1", "O0"]
+
+
+def test_a_sweep_jobs_folder_is_found_by_resume_eval_and_the_report(lr_sweep: Path,
+                                                                    tmp_path: Path) -> None:
+    job = job_dirs(lr_sweep)[1]
+    # Resume by its folder alone: its recorded overrides, and it is complete.
+    again = run_cli(f"hydra.run.dir={job}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to train" in again.stdout + again.stderr, again.stdout
+    # Eval by the folder (model.weights=<run>: its best.pt), in a folder named after it.
+    evaluated = run_cli(*QUICK, "mode=eval", f"model.weights={job}", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    [eval_dir] = (tmp_path / "outputs").glob("*/*")
+    assert eval_dir.name.partition("_")[2].startswith(f"eval_{job.name[:24]}"), eval_dir
+    assert read_results(eval_dir)["final_acc1"] == read_results(job)["best_acc1"]
+    proc = run_report(str(tmp_path / "outputs"), str(lr_sweep))
+    assert proc.returncode == 0, proc.stderr
+    assert job.name in proc.stdout and eval_dir.name in proc.stdout
 
 
 def test_failed_jobs_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:

@@ -136,16 +136,24 @@ def _pytorch_model(checkpoint: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def test_onnx_export_matches_pytorch_on_validation_images(fine_tuned: dict, tmp_path: Path) -> None:
+def test_onnx_export_lands_beside_its_checkpoint_and_matches_pytorch(fine_tuned: dict,
+                                                                     tmp_path: Path) -> None:
     import onnxruntime
-    checkpoint = fine_tuned["run_dir"] / "checkpoints/last.pt"
-    run_app(tmp_path, "device=cpu", "mode=export", f"model.weights={checkpoint}")
-    assert json.loads((tmp_path / "classes.json").read_text()) == [f"class_{i}" for i in range(4)]
+    # model.weights=<a run folder>: its best.pt, and the files beside it; the console says
+    # where, and no folder of the command's own is left under outputs/.
+    proc = run_cli("device=cpu", "mode=export", f"model.weights={fine_tuned['run_dir']}",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    folder = fine_tuned["run_dir"] / "checkpoints"
+    checkpoint, onnx_file = folder / "best.pt", folder / "model.onnx"
+    assert f"  onnx       {onnx_file.resolve()}" in proc.stdout, proc.stdout
+    outputs = tmp_path / "outputs"
+    assert not outputs.exists() or not list(outputs.rglob("*")), list(outputs.rglob("*"))
+    assert json.loads((folder / "classes.json").read_text()) == [f"class_{i}" for i in range(4)]
     images, _ = _val_images(fine_tuned["root"])
     with torch.no_grad():
         expected = _pytorch_model(checkpoint)(Normalizer(torch.device("cpu"), False)(images))
-    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     # The contract: float32 NCHW RGB in [0, 1], normalisation inside the graph.
     pixels = (images.float() / 255).numpy()
     for batch in (slice(0, 1), slice(3, 10)):  # batch 1 and batch 7 through one dynamic axis

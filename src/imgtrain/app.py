@@ -77,6 +77,8 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
         raise
     if results is not None and results.get("status") in preemption.STOPPED:
         return _ended(plan, results["status"], results["exit_code"])  # rank 0 said where
+    if plan.mode == "export":  # its files are beside the checkpoint: no folder of its own
+        records.discard_startup(output_dir, started, keep_error_record=False)
     return Outcome(best_acc1=None if results is None else results.get("best_acc1"))
 
 

@@ -189,6 +189,7 @@ class ExportConfig(Section):
     opset: int = 18
     exporter: str = "auto"
     batch: Any = "dynamic"  # dynamic | a batch size (CHOICES)
+    dir: Optional[str] = None  # where model.onnx and classes.json go; null: beside the checkpoint
 
 
 @dataclass

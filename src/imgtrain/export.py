@@ -1,4 +1,6 @@
-"""mode=export: model.onnx (normalisation inside the graph) and classes.json in the run directory.
+"""mode=export: model.onnx (normalisation inside the graph) and classes.json beside the checkpoint
+they come from (export.dir: elsewhere), as timm's onnx_export writes where it is told, not in a
+run folder of its own.
 
 The graph's input is float32 NCHW RGB in [0, 1], resized and centre-cropped as validation does
 (dataset.val_resize_size, then val_crop_size: by default image_size/0.875, then image_size);
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -110,8 +113,19 @@ def check_onnxruntime(model: nn.Module, path: Path, image_size: int, batch: int 
         return float((torch.from_numpy(ours) - model(images)).abs().max())
 
 
-def export(plan: RunPlan, out: Path, weights: WeightsFile) -> dict[str, Any]:
+def output_folder(plan: RunPlan, weights: WeightsFile) -> Path:
+    """Where the exported files go: export.dir, else the checkpoint's own folder."""
+    folder = Path(plan.export.dir).expanduser() if plan.export.dir else weights.path.parent
+    writable = folder if folder.exists() else next(p for p in folder.parents if p.exists())
+    if not os.access(writable, os.W_OK):
+        raise ConfigError(f"cannot write model.onnx to {folder} (not writable): set "
+                          "export.dir=<a folder> to export elsewhere")
+    return folder
+
+
+def export(plan: RunPlan, weights: WeightsFile) -> dict[str, Any]:
     opset, exporter, batch = _settings(plan.export)
+    out = output_folder(plan, weights)
     arch, size = plan.model.arch, plan.val_crop_size  # validation's crop
     if weights.num_classes is None:
         raise ConfigError(f"model.weights {weights.path} has no fc.weight: not a classifier")
@@ -128,6 +142,8 @@ def export(plan: RunPlan, out: Path, weights: WeightsFile) -> dict[str, Any]:
     write_atomic(out / "classes.json", lambda f: f.write((json.dumps(names, indent=1) + "\n").encode()))
     diff = check_onnxruntime(wrapped, path, size, batch)
     log.info("exported %s (%s, opset %d, %s exporter, batch %s, input float32 NCHW RGB in [0, 1] "
-             "of %dx%d) and classes.json%s", path, arch, opset, exporter, batch or "dynamic",
+             "of %dx%d)%s", weights.path.name, arch, opset, exporter, batch or "dynamic",
              size, size, "" if diff is None else f"; onnxruntime matches PyTorch within {diff:.2e}")
+    log.info("  onnx       %s", path.resolve())
+    log.info("  classes    %s", (out / "classes.json").resolve())
     return {"mode": "export", "status": "completed", "onnx": str(path), "max_abs_diff": diff}

@@ -17,12 +17,13 @@ log = logging.getLogger("imgtrain")
 # (digits and "/" first), and opens only the first two groups. So accuracy/ and throughput/ come
 # first and open; the rest sort after them, closed: time/, train/ (loss, lr, loss scale, memory),
 # val/ (loss). The image grid, when asked for, is train/first_batch, not a group of its own.
-# HParams lists the same tags as metrics, in name order, and shows the first five: the
-# accuracies, then images/sec.
+# HParams lists the same tags as metrics, in name order, and shows the first five: validation's
+# accuracies (Acc@1 first), then images/sec. So training's print-point Acc@1 is train/acc1,
+# beside train/loss: named accuracy/train_acc1 it would be HParams' first metric.
 LOSS_READABLE_FROM_EPOCH = 2  # val/loss_from_epoch_2: the layout's val loss leaves epoch 1 out
 LAYOUT = {
     "accuracy": {
-        "Acc@1 (train and val)": ["Multiline", [r"^accuracy/train_acc1$", r"^accuracy/val_acc1$",
+        "Acc@1 (train and val)": ["Multiline", [r"^train/acc1$", r"^accuracy/val_acc1$",
                                                 r"^accuracy/val_ema_acc1$"]],
         "Acc@5 (val)": ["Multiline", [r"^accuracy/val_acc5$", r"^accuracy/val_ema_acc5$"]],
     },
@@ -51,6 +52,13 @@ def epoch_scalars(epoch: int, train: dict[str, float], val: dict[str, Any]) -> d
     if epoch + 1 >= LOSS_READABLE_FROM_EPOCH:
         values["val/loss_from_epoch_2"] = val["loss"]
     return values
+
+
+def _hparam(value: Any) -> bool | float | str:
+    """A value as HParams stores it: a bool, a number, or text (None as `none`)."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    return "none" if value is None else str(value)
 
 
 GRID_IMAGES = 32  # train/first_batch shows at most this many of the first batch
@@ -103,16 +111,24 @@ class RunLogger:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
-    def hparams(self, params: dict[str, Any]) -> None:
-        """Declare this run's hyperparameters in its own event file (not add_hparams' sub-run).
+    def hparams(self, params: dict[str, Any], trial: str) -> None:
+        """Declare this run's hyperparameters in its own event file (not add_hparams' sub-run),
+        as the trial `trial` (HParams' Trial ID: without one it shows the run's whole path, cut
+        to its date).
 
         No experiment summary is written: TensorBoard would take the first run's as every run's
         (its columns, which of them differ), hiding the keys of runs started otherwise. Without
         one it gathers the columns of all the runs it shows, marks those whose values differ
         (a sweep's keys) and shows them first; the metrics are the runs' scalar tags.
         """
+        from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
         from torch.utils.tensorboard.summary import hparams
-        _, start, end = hparams(params, {})
+
+        _, start, end = hparams({key: _hparam(value) for key, value in params.items()}, {})
+        plugin_data = start.value[0].metadata.plugin_data  # torch's hparams() takes no trial name
+        info = HParamsPluginData.FromString(plugin_data.content)
+        info.session_start_info.group_name = trial
+        plugin_data.content = info.SerializeToString()
         for summary in (start, end):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_custom_scalars(LAYOUT)
@@ -150,7 +166,7 @@ class NullLogger(RunLogger):
     def scalars(self, step: int, values: dict[str, float]) -> None:
         pass
 
-    def hparams(self, params: dict[str, Any]) -> None:
+    def hparams(self, params: dict[str, Any], trial: str) -> None:
         pass
 
     def batch_grid(self, images: Any, step: int) -> None:

@@ -77,7 +77,7 @@ class EpochMeter:
         loss_sum, correct, finite_samples = self.window.tolist()
         samples = self.window_steps * self.per_rank
         return {"train/loss": loss_sum / finite_samples if finite_samples else float("nan"),
-                "accuracy/train_acc1": 100.0 * correct / max(samples, 1),
+                "train/acc1": 100.0 * correct / max(samples, 1),
                 "throughput/images_per_sec":
                     self.window_steps * self.global_batch / max(seconds, 1e-9)}, seconds
 

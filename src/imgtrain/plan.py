@@ -18,6 +18,7 @@ from imgtrain.config import (Config, DatasetConfig, EmaConfig, EvalConfig,
                              ExportConfig, ModelConfig, OptimConfig, PredictConfig, SchedConfig,
                              TrainConfig)
 from imgtrain.jobenv import Job
+from imgtrain.names import dataset_label
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,11 @@ class RunPlan:
     @property
     def export(self) -> ExportConfig:
         return self.cfg.export
+
+    @property
+    def dataset_label(self) -> str:
+        """The dataset as results, HParams and the report name it (`imagefolder:digits`)."""
+        return dataset_label(self.cfg.dataset.name, self.cfg.dataset.root)
 
     @property
     def world_size(self) -> int:

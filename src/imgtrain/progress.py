@@ -171,7 +171,7 @@ class Progress:
         self._last_step, self._last_data_time = step, data_time
         self.eta.measure(step, window_steps, seconds)
         epoch_left, run_left = self.eta.epoch_left(step), self.eta.run_left(epoch, step)
-        fields = {"acc1": f"acc1 {values['accuracy/train_acc1']:.2f}",
+        fields = {"acc1": f"acc1 {values['train/acc1']:.2f}",
                   "img/s": f"img/s {values['throughput/images_per_sec']:.1f}",
                   "lr": f"lr {values['train/lr']:.5f}", "data": f"data {data_percent:.0f}%"}
 

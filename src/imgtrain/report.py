@@ -23,6 +23,10 @@ from imgtrain.report_fit import FIXED_COLUMNS, RUN, STATUS, fit
 
 # Override keys the fixed columns already show, or that only say where files went.
 _SHOWN_ELSEWHERE = {"amp", "amp.level"}
+# Columns every run fills from its results (the resolved values), whichever way it chose them
+# (an override, an experiment, the defaults): column -> (the override keys it replaces, field).
+_RESOLVED = {"model": (("model", "model.arch"), "arch"),
+             "dataset": (("dataset", "dataset.name"), "dataset")}
 _LOCATION_PREFIXES = ("hydra.", "hydra/")
 
 
@@ -63,12 +67,18 @@ def failed_at_start(run: dict[str, Any]) -> bool:
 
 
 def override_values(run: dict[str, Any]) -> dict[str, str]:
-    """The run's `key=value` overrides as a dict, with `+`/`++`/`~` prefixes dropped."""
+    """The run's `key=value` overrides as a dict, with `+`/`++`/`~` prefixes dropped, and its
+    model and dataset as resolved (`imagefolder:digits` for an ImageFolder at .../digits)."""
     values = {}
     for override in run.get("overrides") or []:
         key, value = override_key(override), str(override).partition("=")[2]
         if not key.startswith(_LOCATION_PREFIXES) and key not in _SHOWN_ELSEWHERE:
             values[key] = value
+    for column, (keys, field) in _RESOLVED.items():
+        for key in keys:
+            values.pop(key, None)
+        if run.get(field):
+            values[column] = str(run[field])
     return values
 
 

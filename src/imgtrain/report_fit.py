@@ -22,7 +22,8 @@ DROPPED_FIRST = ("PyTorch", "FPS", "Epochs", "AMP_Type", "DEVICE")  # of the fix
 MIN_WIDTH = 10  # a shortened cell keeps at least this many characters
 _TIME = re.compile(r"^\d\d-\d\d-\d\d_")  # hydra.run.dir's <time>_ before a run's name
 _SHORT_STATUS = {"unfinished (running)": "unfinished", "unfinished (preempted)": "preempted"}
-_JOB = re.compile(r"^(\d+_)?(.*)$")  # a sweep job's <number>_ before its overrides
+_JOB = re.compile(r"^(\d+_)?(.*)$")  # a sweep job's <number>_ before its name
+_OLD_NAME = re.compile(r"^[a-z_.]+[-=]")  # before names.py: `key-value+key-value`
 
 
 def _abbreviated(token: str) -> str:
@@ -36,16 +37,25 @@ def _abbreviated(token: str) -> str:
     return value if "." not in key else f"{key.rsplit('.', 1)[1]}{sep}{value}"
 
 
+def _tokens(rest: str) -> list[str]:
+    """A folder name's parts: names.py's `quickstart_lr0.2_+3fa9c1` by `_` (the hash without its
+    `+`), an older run's `experiment-quickstart+optim.lr-0.2` by `+`, abbreviated."""
+    if _OLD_NAME.match(rest):
+        return [_abbreviated(t) for t in rest.split("+")]
+    return [t.lstrip("+") for t in rest.split("_") if t.lstrip("+")]
+
+
 def short_names(names: Sequence[str]) -> list[str]:
     """Each run's folder name without the date and time in front, its overrides abbreviated and
     those all the runs share left out; the whole relative name where that would not tell runs
     apart."""
     lasts = [PurePosixPath(name).name for name in names]
     parts = [_JOB.match(_TIME.sub("", last)).groups() for last in lasts]
-    tokens = [[_abbreviated(t) for t in rest.split("+")] for _, rest in parts]
+    tokens = [_tokens(rest) for _, rest in parts]
     shared = set.intersection(*map(set, tokens)) if len(names) > 1 else set()
-    short = [(job or "") + "+".join(t for t in run_tokens if t not in shared)
-             for (job, _), run_tokens in zip(parts, tokens)]
+    short = [(job or "") + ("+" if _OLD_NAME.match(rest) else "_").join(
+                 t for t in run_tokens if t not in shared)
+             for (job, rest), run_tokens in zip(parts, tokens)]
     short = [name if name.strip("_") else last for name, last in zip(short, lasts)]
     if len(set(short)) < len(short):
         short = [name if short.count(name) == 1 else full for name, full in zip(short, names)]

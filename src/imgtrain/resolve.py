@@ -53,6 +53,7 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
     if not isinstance(run, Identity):
         run = identify(run, overrides or [])
     config, device, job = run.cfg, run.device, run.job
+    config.model.weights = model_weights.in_run_folder(config.model.weights)
     checks.mode_and_model(config)
     info = devices.DeviceInfo(device)
     dtype = resolve_dtype(config.amp.level, str(config.amp.dtype), info)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgtrain.fileio import write_json_atomic
+from imgtrain.names import dataset_label
 from imgtrain.slurm import job_id
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ def identity(run: RunPlan | Identity) -> dict[str, Any]:
                 "torch_version": _torch_version(), "overrides": list(run.overrides),
                 "mode": config.mode}
     return {
-        "arch": config.model.arch, "dataset": config.dataset.name, "device": run.device,
+        "arch": config.model.arch,
+        "dataset": dataset_label(config.dataset.name, config.dataset.root), "device": run.device,
         "world_size": run.job.world_size, "amp": config.amp.level,
         "torch_version": _torch_version(),
         # train.batch_size even for mode=eval, whose own batch run_results records once it runs
@@ -67,7 +69,8 @@ def as_written(composed: dict[str, Any]) -> dict[str, Any] | None:
                     "torch_version": _torch_version(), "overrides": [], "mode": mode}
         # No world_size: the processes are unknown until the job is planned (jobenv.plan_job).
         return {
-            "arch": model["arch"], "dataset": composed["dataset"]["name"], "device": device,
+            "arch": model["arch"], "device": device,
+            "dataset": dataset_label(composed["dataset"]["name"], composed["dataset"].get("root")),
             "amp": composed["amp"]["level"], "torch_version": _torch_version(),
             "global_batch_size": composed["train"]["batch_size"], "lr": composed["optim"]["lr"],
             "overrides": [], "mode": mode, **({"slurm_job_id": job_id()} if job_id() else {}),

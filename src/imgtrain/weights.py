@@ -260,3 +260,17 @@ def _take_val_sizes(config: Any, weights: WeightsFile, given: set[str]) -> list[
         setattr(config.dataset, key, value)
     return [f"using {', '.join(f'dataset.{key}={value}' for key, value in weights.val_sizes.items())}"
             f" from {weights.path.name} (as it was validated)"]
+
+
+def in_run_folder(weights: str | None) -> str | None:
+    """model.weights=<an imgtrain run folder> (or its checkpoints/ folder): the run's best.pt,
+    else its last.pt; any other value as given."""
+    if not weights or not Path(str(weights)).expanduser().is_dir():
+        return weights
+    folder = Path(str(weights)).expanduser()
+    for candidate in (folder / "checkpoints" / "best.pt", folder / "checkpoints" / "last.pt",
+                      folder / "best.pt", folder / "last.pt"):
+        if candidate.is_file():
+            return str(candidate)
+    raise ConfigError(f"model.weights={weights} is a folder without checkpoints/best.pt or "
+                      "last.pt: give a run folder or a checkpoint file")

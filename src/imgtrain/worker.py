@@ -20,6 +20,7 @@ from imgtrain.distributed import (PEER_LOSS_GRACE_SECONDS, World, is_peer_loss, 
                                   world_from_env)
 from imgtrain.errors import Preempted
 from imgtrain.logger import NullLogger, RunLogger, close_logging, setup_logging
+from imgtrain.names import run_label
 from imgtrain.plan import RunPlan
 from imgtrain.results import run_results
 from imgtrain.summary import end_lines, start_lines
@@ -33,7 +34,9 @@ def worker(plan: RunPlan, output_dir: str) -> dict[str, Any] | None:
     """The entry point of every rank; returns rank 0's results (None elsewhere)."""
     world = world_from_env()
     out = Path(output_dir)
-    setup_logging(out, world.is_main)
+    # mode=export writes beside its checkpoint and keeps no log of its own (app.py removes the
+    # folder Hydra made for it).
+    setup_logging(None if plan.mode == "export" else out, world.is_main)
     device = devices.for_local_rank(plan.device, world.local_rank)
     device.apply_settings(plan.cfg.device)
     logger = RunLogger(out) if world.is_main else NullLogger()
@@ -77,7 +80,7 @@ def _run(plan: RunPlan, out: Path, world: World, device: devices.DeviceInfo,
             from imgtrain.predict import predict
             return predict(plan, out, device, source)
         from imgtrain.export import export
-        return export(plan, out, source)
+        return export(plan, source)
     if plan.mode == "bench_data":
         from imgtrain.bench import bench_loader
         return bench_loader(plan, build_loaders(plan, world, device.is_accelerator), world,
@@ -97,7 +100,7 @@ def _execute(plan: RunPlan, trainer: Trainer, logger: RunLogger, out: Path) -> A
         return {**run_results(plan, trainer), "status": "completed", "already_completed": True}
     for line in start_lines(plan, trainer, out, trainer.resumed_from):
         logger.info("%s", line)
-    logger.hparams(hparam_values(plan))
+    logger.hparams(hparam_values(plan), trial=run_label(out))
     logger.results({**results, "status": "running"})
     started = time.time()
     try:
@@ -152,16 +155,27 @@ def _hparam_value(text: str) -> Any:
         return text
 
 
+# Override keys that a main column shows as resolved: a run that chose amp through an experiment
+# (or not at all) has amp.level filled like the one that typed amp=O1, in the same column.
+_MAIN_COLUMN_OF = {"amp": "amp.level", "model": "model.arch", "dataset": "dataset.name",
+                   "device": "device", "device.name": "device", "sched": "sched.name",
+                   "world": "world_size"}
+
+
 def hparam_values(plan: RunPlan) -> dict[str, Any]:
-    """Every override (the swept keys among them), then the run's main settings by config key."""
-    values = {override_key(override): _hparam_value(override.partition("=")[2])
-              for override in plan.overrides}
-    main = {"model.arch": plan.model.arch, "dataset.name": plan.dataset.name,
-            "device": plan.device, "world_size": plan.world_size,
-            "train.batch_size": plan.batches.global_batch, "optim.lr": plan.optim.lr,
-            "optim.weight_decay": plan.optim.weight_decay, "sched.name": plan.sched.name,
-            "sched.warmup_epochs": plan.sched.warmup_epochs,
-            "train.epochs": plan.train.epochs, "amp.level": plan.amp.level}
-    for key, value in main.items():
-        values.setdefault(key, value)
+    """The run's main settings by config key, resolved (every run fills each), then its other
+    overrides (the swept keys among them) by key."""
+    experiment = next((o.partition("=")[2] for o in plan.overrides
+                       if override_key(o) == "experiment"), "none")
+    values: dict[str, Any] = {
+        "experiment": experiment, "model.arch": plan.model.arch,
+        "dataset.name": plan.dataset_label, "device": plan.device, "world_size": plan.world_size,
+        "train.batch_size": plan.batches.global_batch, "optim.lr": plan.optim.lr,
+        "optim.weight_decay": plan.optim.weight_decay, "sched.name": plan.sched.name,
+        "sched.warmup_epochs": plan.sched.warmup_epochs, "train.epochs": plan.train.epochs,
+        "amp.level": plan.amp.level}
+    for override in plan.overrides:
+        key = override_key(override)
+        if _MAIN_COLUMN_OF.get(key, key) not in values:
+            values[key] = _hparam_value(override.partition("=")[2])
     return values
