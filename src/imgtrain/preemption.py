@@ -9,8 +9,9 @@ the same signal sent to the process group and forwarded by the elastic agent) ch
 """
 from __future__ import annotations
 
+import contextlib
 import signal
-from typing import Any
+from typing import Any, Iterator
 
 from imgtrain import slurm
 
@@ -40,7 +41,8 @@ class StopSignals:
     """Within `with`: the stop signals set `received` instead of ending the process. Entering
     again (the Trainer inside the worker that installed it) keeps the outer installation."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+        self.signals = signals
         self.received: signal.Signals | None = None
         self._previous: dict[int, Any] = {}
         self._depth = 0
@@ -56,7 +58,7 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         self._depth += 1
         if self._depth == 1:
-            for sig in STOP_SIGNALS:
+            for sig in self.signals:
                 if sig == CTRL_C and signal.getsignal(sig) == signal.SIG_IGN:
                     continue  # a background job (`cmd &` in a script): Ctrl-C is not for it
                 try:
@@ -73,6 +75,14 @@ class StopSignals:
             self._previous.clear()
 
 
+def startup_signals() -> StopSignals | contextlib.nullcontext:
+    """In a SLURM job, from the parent's start until the ranks take over: a scheduler's signal
+    is recorded (then acted on before the launch: a stop before training, requeued), where it
+    would otherwise kill the task (USR1's default action under sbatch) or meet submitit's own
+    handler, which requeues from task 0 alone while the other nodes run on."""
+    return StopSignals(PREEMPT_SIGNALS) if slurm.in_job() else contextlib.nullcontext()
+
+
 def ignore_stop_signals() -> None:
     """For DataLoader worker processes. A scheduler signals every process of a job step and a
     terminal's Ctrl-C the whole foreground group: a loader worker that died of it (USR2's default
@@ -86,3 +96,51 @@ def restart_count(saved_restarts: int) -> int:
     (the same across a requeued job's steps), else one more than the checkpoint's own count."""
     requeued = slurm.restarts()
     return saved_restarts + 1 if requeued is None else requeued
+
+
+@contextlib.contextmanager
+def agent_signals() -> Iterator[None]:
+    """Around an elastic launch, in the agent's process. torch's agent turns each of
+    AGENT_SIGNALS into a SignalException, forwards it to the ranks, and leaves its handler in
+    place after the launch: a later signal (SLURM ending the job step at a requeue, a second
+    scancel) then raises from wherever the process is, a finaliser's traceback included. Once a
+    stop has ended the launch, this process only reports and exits: further stop signals are
+    ignored (SLURM's SIGKILL after KillWait still ends it). Otherwise the handlers before the
+    launch come back."""
+    deaf_resource_tracker()
+    try:
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    except ValueError:  # not the main thread: the agent installs no handlers either
+        previous = {}
+    stopped = False
+    try:
+        yield
+    except BaseException as exc:
+        stopped = type(exc).__name__ == "SignalException"
+        raise
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, signal.SIG_IGN if stopped else handler)
+
+
+def deaf_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker with USR1 and USR2 ignored.
+
+    Spawned ranks and loader workers register their semaphores and shared memory with it. It
+    ignores SIGINT and SIGTERM itself, but USR1/USR2, which a scheduler sends to every process
+    of a job step, would kill it; its successor then gets an unregister for every segment it
+    never saw and prints a KeyError traceback for each. An ignored signal stays ignored across
+    exec, so the tracker started here keeps ignoring them; the ranks inherit its pipe."""
+    from multiprocessing import resource_tracker
+
+    try:
+        previous = {sig: signal.signal(sig, signal.SIG_IGN)
+                    for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    except ValueError:  # not the main thread: start it as it comes
+        previous = {}
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
