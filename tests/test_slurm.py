@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -83,6 +84,7 @@ class Submitted:
     preempter: threading.Thread | None = None
     preemptions: list[dict] = field(default_factory=list)  # the repeated two-node ones
     preempter_error: str = ""
+    busy_port: socket.socket | None = None
 
 
 def _env(cluster: Cluster) -> dict[str, str]:
@@ -136,6 +138,12 @@ def submitted(cluster: Cluster, module_dir: Path) -> Submitted:
                                         f"hydra.sweep.dir={root / 'two_nodes'}", env=env)
     runs.procs["two_nodes_preempted"] = start_cli(
         *SLURM, *TWO_NODES, f"hydra.sweep.dir={root / 'two_nodes_preempted'}", env=env)
+    runs.busy_port = socket.socket()  # what another process listens on: node 0 refuses it
+    runs.busy_port.bind(("127.0.0.1", 0))
+    runs.busy_port.listen()
+    runs.procs["node0_fails"] = start_cli(
+        *SLURM, *TWO_NODES, f"world.master_port={runs.busy_port.getsockname()[1]}",
+        f"hydra.sweep.dir={root / 'node0_fails'}", env=env)
     runs.preempter = threading.Thread(target=_preempt_repeatedly, daemon=True,
                                       args=(runs, cluster, root / "two_nodes_preempted"))
     runs.preempter.start()
@@ -401,9 +409,11 @@ def _logged(stamp: str) -> float:
 def _preempt_repeatedly(runs: Submitted, cluster: Cluster, sweep: Path) -> None:
     """The driver of the repeated two-node preemption, in a thread beside the module's other
     runs: PREEMPT_REPEATS times `scancel --signal=USR2` once the job has printed two steps past
-    its last resume (the first: past step 2), then once more as soon as the requeued job's step
-    runs again, before its ranks have resumed (its start-up). It asks SLURM, not the sweep's
-    process, whether the job ended (the test's process server serves one thread)."""
+    its last resume (the first: past step 2), then once more as soon as the requeued job's
+    node 0 says it starts its ranks, before they have resumed: its start-up. (A signal before a
+    task's interpreter has any handler, its first second or so, ends it as any process.) It
+    asks SLURM, not the sweep's process, whether the job ended: the tests' process server
+    serves one thread."""
     try:
         deadline = time.monotonic() + BOUND_S
         for repeat in range(PREEMPT_REPEATS + 1):
@@ -427,12 +437,10 @@ def _preempt_once(runs: Submitted, cluster: Cluster, sweep: Path, repeat: int) -
         since = int(resumes[-1][1]) if resumes else 0
         if len(resumes) != repeat or _step(run_dir, NODE_STEPS) < since + 2:
             return False
-    else:  # start-up: the step runs again (restart `repeat`), its ranks not resumed yet
-        state = _slurm_state(cluster, job)
+    else:  # start-up: the requeued job's node 0 says it starts its ranks, not resumed yet
         starts = _text(sweep / ".submitit" / job / f"{job}_0_log.out").count(
-            "Starting with JobEnvironment")
-        if (len(resumes) != repeat - 1 or state["JobState"] != "RUNNING"
-                or state["Restarts"] != str(repeat) or starts != repeat + 1):
+            "starting 1 processes on node 0 of 2")
+        if len(resumes) != repeat - 1 or starts != repeat + 1:
             return False
     printed = _step(run_dir, NODE_STEPS)
     cluster.run("scancel", "--signal=USR2", job)
@@ -523,3 +531,24 @@ def test_the_launchers_line_for_a_job(monkeypatch: pytest.MonkeyPatch) -> None:
     failed = {"status": "failed", "error": "node 0 failed at its start: bad"}
     assert job_report.job_line("6", "FAILED", failed, None, "x.out") == (
         "SLURM job 6 failed: restarts 1, error: node 0 failed at its start: bad; log x.out")
+
+
+@pytest.mark.slow
+def test_when_node0_cannot_start_the_other_node_stops_at_once_with_its_error(
+        submitted: Submitted, cluster: Cluster) -> None:
+    code, out, err = _finish(submitted, "node0_fails")
+    port = submitted.busy_port.getsockname()[1]
+    submitted.busy_port.close()
+    sweep = submitted.root / "node0_fails"
+    job = _slurm_job_of(sweep, 0)
+    refused = f"world.master_port={port} is already in use"
+    assert code != 0 and refused in err, out + err
+    assert re.search(rf"SLURM job {job} failed: restarts 0, error: {refused}", out + err), out + err
+    assert read_results(_job_dir(sweep, 0))["status"] == "failed"
+    logs = sweep / ".submitit" / job
+    node1 = (logs / f"{job}_1_log.err").read_text()
+    assert f"error: node 0 failed at its start: {refused}" in node1, node1
+    assert not [p for p in logs.glob("*_log.*") if "Traceback" in p.read_text()]
+    # Node 1 stopped once node 0 had failed (its results.json), not after a store's time-out.
+    node0_failed = (_job_dir(sweep, 0) / "results.json").stat().st_mtime
+    assert (logs / f"{job}_1_log.err").stat().st_mtime - node0_failed < 30

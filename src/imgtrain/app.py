@@ -38,6 +38,11 @@ class Outcome:
     stderr: tuple[str, ...] = ()
     error: str | None = None       # a user error, as one line without `error: `
     traceback: str = field(default="", repr=False)  # a worker's bug: where it happened
+    # A SLURM task whose part of a stopped step is over (it requeued the job, or told node 0 it
+    # stopped, which then requeues it): the requeue ends the step at once, and would cut an
+    # interpreter's shutdown halfway, its handlers reset (a task `Terminated`, not the preempt
+    # code). run.py exits at once after its lines.
+    exit_at_once: bool = False
 
 
 def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) -> Outcome:
@@ -185,12 +190,12 @@ def _requeue_after_failed_start(plan: RunPlan | None, output_dir: str,
     train.max_requeues, instead of leaving a `preempted` run that nobody resumes."""
     if not slurm.first_task():
         job_nodes.report(output_dir, "failed", error)
-        return Outcome(1, stderr=(f"error: {error}",))
+        return Outcome(1, stderr=(f"error: {error}",), exit_at_once=True)
     job_nodes.wait_for_others(output_dir)  # past its bound, the requeue ends what is left
     requeued = requeue_self(plan.train.max_requeues if plan else 10)
     if requeued and requeued.startswith("requeued"):
         return Outcome(1, stderr=(f"the restarted job failed at its start: {error}",
-                                  requeued))
+                                  requeued), exit_at_once=True)
     return None
 
 
@@ -228,7 +233,7 @@ def _ended(plan: RunPlan | None, output_dir: str, status: str, code: int) -> Out
     once every node has said its processes exited (a requeue ends the step on all of them)."""
     if not slurm.first_task():
         job_nodes.report(output_dir, status)
-        return Outcome(code)
+        return Outcome(code, exit_at_once=job_nodes.several_nodes() is not None)
     if status == "preempted":
         lines = []
         missing = job_nodes.wait_for_others(output_dir)
@@ -236,7 +241,8 @@ def _ended(plan: RunPlan | None, output_dir: str, status: str, code: int) -> Out
             lines.append(f"warning: node(s) {', '.join(map(str, missing))} did not say they "
                          f"stopped within {job_nodes.STOP_WAIT_S} s; requeueing the job ends them")
         requeued = requeue_self(plan.train.max_requeues if plan else 10)
-        return Outcome(code, stderr=(*lines, *([requeued] if requeued else [])))
+        return Outcome(code, stderr=(*lines, *([requeued] if requeued else [])),
+                       exit_at_once=bool(requeued and requeued.startswith("requeued")))
     return Outcome(code)
 
 
@@ -259,8 +265,8 @@ def _fail(identity_: dict[str, Any] | None, output_dir: str, error: str, started
     SLURM job's results.json says failed with the error (not the `preempted` of the step before,
     which would promise a restart that never comes)."""
     job_nodes.report(output_dir, "failed", error)
-    if not slurm.first_task():  # node 0's task keeps the run's records
-        return Outcome(1, error=error)
+    if not slurm.first_task():  # node 0's task keeps the run's records; its log gets the line
+        return Outcome(1, stderr=(f"error: {error}",) if multirun else (), error=error)
     if slurm.requeue_count() > 0:
         mark_failed(Path(output_dir), error)
     if not records.discard_startup(output_dir, started, keep_error_record=multirun):

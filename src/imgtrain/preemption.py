@@ -103,25 +103,20 @@ def agent_signals() -> Iterator[None]:
     """Around an elastic launch, in the agent's process. torch's agent turns each of
     AGENT_SIGNALS into a SignalException, forwards it to the ranks, and leaves its handler in
     place after the launch: a later signal (SLURM ending the job step at a requeue, a second
-    scancel) then raises from wherever the process is, a finaliser's traceback included. Once a
-    stop has ended the launch, this process only reports and exits: further stop signals are
-    ignored (SLURM's SIGKILL after KillWait still ends it). Otherwise the handlers before the
-    launch come back."""
+    scancel) would then raise from wherever the process is, a finaliser's traceback included.
+    The handlers from before the launch come back after it (in a SLURM job, startup_signals':
+    a late signal is only recorded)."""
     deaf_resource_tracker()
     try:
         previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     except ValueError:  # not the main thread: the agent installs no handlers either
         previous = {}
-    stopped = False
     try:
         yield
-    except BaseException as exc:
-        stopped = type(exc).__name__ == "SignalException"
-        raise
     finally:
         for sig, handler in previous.items():
             with contextlib.suppress(ValueError, TypeError):
-                signal.signal(sig, signal.SIG_IGN if stopped else handler)
+                signal.signal(sig, handler)
 
 
 def deaf_resource_tracker() -> None:
