@@ -465,20 +465,23 @@ def test_a_two_node_job_preempted_again_and_again_comes_back_every_time_exactly(
     assert read_results(run_dir)["status"] == "completed"
     state = _final_state(cluster, job)
     assert (state["JobState"], state["Restarts"]) == ("COMPLETED", str(PREEMPT_REPEATS + 1)), state
-    events = sorted([(_logged(stamp), "stop", int(step)) for stamp, step in
-                     STOP_LINE.findall((run_dir / "train.log").read_text())]
-                    + [(_logged(stamp), "resume", int(step)) for stamp, step, _ in
-                       RESUME_LINE.findall((run_dir / "train.log").read_text())])
+    log = (run_dir / "train.log").read_text()
+    events = sorted([(_logged(stamp), "stop", int(step)) for stamp, step in STOP_LINE.findall(log)]
+                    + [(_logged(stamp), "resume", int(step))
+                       for stamp, step, _ in RESUME_LINE.findall(log)])
+    stops = [event for event in events if event[1] == "stop"]
     resumes = [event for event in events if event[1] == "resume"]
-    # The start-up's stop came before its ranks resumed (no stop line of its own), or at their
-    # first step: either way the job came back once more than it was stopped mid-epoch.
-    assert len(resumes) == PREEMPT_REPEATS + 1, events
+    # Each mid-epoch stop is followed by a resume from its step; the start-up's stop came before
+    # its ranks resumed (no stop or resume line of its own: the next restart resumes from the
+    # last mid-epoch stop), or at their first step (a stop line of its own).
+    assert len(stops) in (PREEMPT_REPEATS, PREEMPT_REPEATS + 1), events
+    assert RESUME_LINE.findall(log)[-1][2] == str(PREEMPT_REPEATS + 1), log
     reference = _job_dir(submitted.root / "two_nodes", 0)
     _finish(submitted, "two_nodes")
     diff = _max_diff(reference, run_dir)
     records = []
-    for signal, resume in zip(submitted.preemptions, resumes):
-        stop = [event for event in events if event[1] == "stop" and event[0] < resume[0]][-1]
+    for signal, stop in zip(submitted.preemptions, [*stops[:PREEMPT_REPEATS], stops[-1]]):
+        resume = next(event for event in resumes if event[0] > stop[0])
         records.append({**signal, "stop_step": stop[2], "resume_step": resume[2],
                         "stop_to_resume_s": round(resume[0] - stop[0], 1)})
     records[-1]["final_weights_max_abs_diff"] = diff
@@ -491,6 +494,10 @@ def test_a_two_node_job_preempted_again_and_again_comes_back_every_time_exactly(
     for record in records[:PREEMPT_REPEATS]:
         # Two processes stop at the next print point (every step here) after the signal lands.
         assert record["printed_step"] <= record["stop_step"], records
+    # The start-up's stop: its line says the job requeues itself, as the others do.
+    assert re.search(r"preempted by SIGUSR2 (before training started|at epoch 1 step \d+); .*"
+                     r"requeues itself", (sweep / ".submitit" / job / f"{job}_0_log.err").read_text()
+                     + log), log
     assert diff == 0
     logs = sorted((sweep / ".submitit" / job).glob("*_log.*"))
     assert len(logs) == 4 and not [p for p in logs if "Traceback" in p.read_text()], logs

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
     plan: RunPlan | None = None
     early = preemption.startup_signals()
     try:
-        with early:
+        with early or contextlib.nullcontext():
             run_identity = identify(cfg, overrides)
             failure_identity = identity(run_identity)
             plan = resolve(run_identity)
@@ -64,9 +64,8 @@ def run(cfg: DictConfig, output_dir: str, overrides: list[str], multirun: bool) 
                                            resume_hint=_resume_hint(plan, output_dir, multirun),
                                            requeue_hint=_requeue_hint(plan)))
             _meet_node0(plan, output_dir)
-            if getattr(early, "received", None):  # a scheduler's signal during the start-up
-                raise Preempted("during start-up", signal=early.received)
-            with rundir.hold(output_dir) if plan.trains else contextlib.nullcontext():
+            with early.launching() if early else contextlib.nullcontext(), \
+                    rundir.hold(output_dir) if plan.trains else contextlib.nullcontext():
                 results = launch(_worker_entry(), plan, output_dir)
     except ConfigError as exc:
         return _fail(failure_identity, output_dir, one_line(str(exc)), started, multirun)
@@ -221,11 +220,13 @@ def _stopped(plan: RunPlan | None, mode: str, output_dir: str, sig: int | None,
     records.discard_startup(output_dir, started, keep_error_record=False)
     when = "before training started" if mode == "train" else f"(mode={mode})"
     kept = (Path(output_dir) / "checkpoints" / "last.pt").is_file()  # a resumed run's
-    after = (plan.launch.resume_hint if plan else "") or "its checkpoint is kept"
+    hints = (plan.launch.requeue_hint if status == "preempted" else "",
+             plan.launch.resume_hint) if plan else ()
+    after = next((hint for hint in hints if hint), "its checkpoint is kept")
     line = f"{status} by {preemption.name(sig)} {when}; " \
         f"{after if kept else 'nothing to resume'} (exit code {code})"
     ended = _ended(plan, output_dir, status, code)
-    return Outcome(code, stderr=(line, *ended.stderr))
+    return replace(ended, stderr=(line, *ended.stderr))
 
 
 def _ended(plan: RunPlan | None, output_dir: str, status: str, code: int) -> Outcome:

@@ -14,6 +14,7 @@ import signal
 from typing import Any, Iterator
 
 from imgtrain import slurm
+from imgtrain.errors import Preempted
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 CTRL_C = signal.SIGINT
@@ -75,12 +76,37 @@ class StopSignals:
             self._previous.clear()
 
 
-def startup_signals() -> StopSignals | contextlib.nullcontext:
+class StartupSignals(StopSignals):
+    """startup_signals' handlers. Until `launching()`, a signal is recorded, and acted on as
+    the launch begins; while launching (the nodes' rendezvous, before torch's agent puts its
+    own handlers in place as its ranks start, or a single rank's setup) it ends the launch at
+    once, as the agent's own handler would."""
+
+    _launching = False
+
+    def _request(self, signum: int, frame: Any) -> None:
+        super()._request(signum, frame)
+        if self._launching:
+            self._launching = False
+            raise Preempted("during start-up", signal=signal.Signals(signum))
+
+    @contextlib.contextmanager
+    def launching(self) -> Iterator[None]:
+        if self.received:
+            raise Preempted("during start-up", signal=self.received)
+        self._launching = True
+        try:
+            yield
+        finally:
+            self._launching = False
+
+
+def startup_signals() -> StartupSignals | None:
     """In a SLURM job, from the parent's start until the ranks take over: a scheduler's signal
-    is recorded (then acted on before the launch: a stop before training, requeued), where it
-    would otherwise kill the task (USR1's default action under sbatch) or meet submitit's own
-    handler, which requeues from task 0 alone while the other nodes run on."""
-    return StopSignals(PREEMPT_SIGNALS) if slurm.in_job() else contextlib.nullcontext()
+    stops the run before training (and requeues it), where it would otherwise kill the task
+    (USR1's default action under sbatch) or meet submitit's own handler, which requeues from
+    task 0 alone while the other nodes run on. None outside SLURM."""
+    return StartupSignals(PREEMPT_SIGNALS) if slurm.in_job() else None
 
 
 def ignore_stop_signals() -> None:

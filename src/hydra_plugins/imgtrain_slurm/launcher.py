@@ -136,6 +136,8 @@ def _ended_line(job: Any, returned: JobReturn, sweep_dir: Path) -> str:
     if returned.status == JobStatus.FAILED:
         error = str(returned._return_value).removesuffix(
             f" (sweep job: {' '.join(returned.overrides or []) or 'defaults'})")
+        if "without a result" in error:  # _outcome's line, logged already: its gist
+            error = f"it ended {job.state} without a result"
     return job_report.job_line(job.job_id, str(job.state), found[1] if found else None, error,
                                job.paths.stdout)
 
