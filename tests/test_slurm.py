@@ -234,6 +234,7 @@ def _final_state(cluster: Cluster, job: str) -> dict[str, str]:
 def test_a_sweep_runs_each_point_as_a_slurm_job(submitted: Submitted) -> None:
     code, out, err = _finish(submitted, "plain")
     assert code == 0, out + err
+    assert "the sweep's runs:" in out + err and "Acc@1" in out + err  # its results table
     sweep = submitted.root / "plain"
     for number, lr in ((0, 0.1), (1, 0.2)):
         results = read_results(_job_dir(sweep, number))
@@ -255,6 +256,11 @@ def test_a_job_preempted_by_sigusr2_requeues_itself_and_resumes_exactly(
     reference = _job_dir(submitted.root / "plain", 0)
     _finish(submitted, "plain")
     assert _max_diff(reference, run_dir) == 0
+    job = _slurm_job_of(submitted.root / "preempt", 0)
+    assert re.search(rf"SLURM job {job} completed: restarts 1, final Acc@1 \d+\.\d+; log ",
+                     out + err), out + err
+    logs = list((submitted.root / "preempt" / ".submitit" / job).glob("*_log.*"))
+    assert logs and not [p for p in logs if "Traceback" in p.read_text()]  # its loader worker's
 
 
 def _assert_resumed_mid_epoch(run_dir: Path, signalled_at: int) -> None:
@@ -444,8 +450,13 @@ def _preempt_once(runs: Submitted, cluster: Cluster, sweep: Path, repeat: int) -
             return False
     printed = _step(run_dir, NODE_STEPS)
     cluster.run("scancel", "--signal=USR2", job)
+    # The job's port (the same at every restart): left in TIME_WAIT by the step before?
+    port = imgtrain_slurm.job_port(job)
+    waiting = subprocess.run(["ss", "-Htan", "state", "time-wait"], capture_output=True,
+                             text=True).stdout
     runs.preemptions.append({"signalled_at": time.time(), "printed_step": printed,
-                             "during_start_up": repeat == PREEMPT_REPEATS})
+                             "during_start_up": repeat == PREEMPT_REPEATS,
+                             "job_port_in_time_wait": f":{port} " in waiting})
     return True
 
 
@@ -559,3 +570,20 @@ def test_when_node0_cannot_start_the_other_node_stops_at_once_with_its_error(
     # Node 1 stopped once node 0 had failed (its results.json), not after a store's time-out.
     node0_failed = (_job_dir(sweep, 0) / "results.json").stat().st_mtime
     assert (logs / f"{job}_1_log.err").stat().st_mtime - node0_failed < 30
+
+
+def test_a_requeued_job_that_fails_at_its_start_is_recorded_failed_not_left_preempted(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import json as json_
+
+    from imgtrain import app
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    (tmp_path / "results.json").write_text(json_.dumps({"status": "preempted", "arch": "x"}))
+    started = time.time() + 1  # the step before wrote results.json
+    outcome = app._fail(None, str(tmp_path), "world.master_port=20007 is already in use",
+                        started, multirun=True)
+    assert outcome.exit_code == 1
+    assert read_results(tmp_path) == {"status": "failed", "arch": "x",
+                                      "error": "world.master_port=20007 is already in use"}
