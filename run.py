@@ -1,4 +1,5 @@
 """imgtrain's command line: python run.py [group=option ...] [key=value ...] [-m for sweeps]."""
+import os
 import sys
 
 import hydra
@@ -24,7 +25,12 @@ def main(cfg: DictConfig) -> float | None:
     if outcome.traceback:  # a bug in a worker: show where
         sys.stderr.write(outcome.traceback.rstrip() + "\n")
     for line in outcome.stderr:  # a stop's, a requeue's
-        sys.stderr.write(stop_line(line) + "\n")
+        sys.stderr.write(stop_line(line) + "
+")
+    if outcome.exit_at_once:  # a SLURM task whose step is being ended (app.Outcome)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(outcome.exit_code)
     if outcome.error is not None and multirun:  # Hydra runs the sweep's other jobs
         raise JobFailed(f"error: {outcome.error} (sweep job: {' '.join(overrides) or 'defaults'})")
     if outcome.error is not None:

@@ -163,6 +163,32 @@ def test_master_port_in_use_is_refused(tmp_path: Path) -> None:
     assert_clean_error(proc, f"world.master_port={port}", "in use")
 
 
+def _port_in_time_wait() -> int:
+    """A port whose last connection sits in TIME_WAIT, as a job's port does for 60 s after the
+    job ends: the side that closes first keeps it, here the listening side's."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()
+        time.sleep(0.2)  # the client reads the FIN before it closes its side
+        client.close()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # what the port check did before: refused
+    return port
+
+
+def test_a_port_in_time_wait_is_taken_as_torchs_store_takes_it(tmp_path: Path) -> None:
+    port = _port_in_time_wait()
+    proc = run_cli(*FORKED, "train.epochs=1", "dataset.train_size=64",
+                   f"world.master_port={port}", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert read_results(tmp_path)["status"] == "completed"
+
+
 def test_start_method_is_checked_and_fork_is_for_cpu_ranks(tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     proc = run_cli(*TWO_PROCS, "world.start_method=thread", f"hydra.run.dir={tmp_path / 'run'}")

@@ -10,10 +10,13 @@ the launcher reads the states from `scontrol`.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,6 +46,17 @@ RUN = ["experiment=quickstart", *TINY, "dataset.workers=1", "train.print_freq=1"
        "train.epochs=1", f"train.steps_per_epoch={STEPS}", "train.batch_size=16",
        "dataset.train_size=256", "dataset.val_size=32", "dataset.image_size=32"]
 SLURM = ["-m", "hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1"]
+# Two nodes, one rank each (forked: no second torch import), no loader worker. NODE_STEPS steps,
+# so that every preemption of the repeated test stops mid-epoch, each a step or two after the
+# last resume: the uninterrupted two-node job is its reference.
+NODE_STEPS = 40
+TWO_NODES = [*(arg for arg in RUN if not arg.startswith(("train.steps_per_epoch=",
+                                                         "dataset.train_size=",
+                                                         "dataset.workers="))),
+             f"train.steps_per_epoch={NODE_STEPS}", f"dataset.train_size={16 * NODE_STEPS}",
+             "dataset.workers=0", "world.nnodes=2", "world.start_method=fork"]
+# Two-node preemptions in a row, each mid-epoch (then one during the requeued job's start-up).
+PREEMPT_REPEATS = int(os.environ.get("IMGTRAIN_SLURM_PREEMPT_REPEATS", "5"))
 # The most a run here may take, queueing and a requeue included: a bound for a run that never
 # ends (on a loaded machine the runs take minutes), not how long they take.
 BOUND_S = STATE_BOUND_S
@@ -67,6 +81,10 @@ class Submitted:
     sbatch_job: str = ""
     events: dict[str, float] = field(default_factory=dict)  # what happened, when (time.time())
     signalled_at_step: dict[str, int] = field(default_factory=dict)
+    preempter: threading.Thread | None = None
+    preemptions: list[dict] = field(default_factory=list)  # the repeated two-node ones
+    preempter_error: str = ""
+    busy_port: socket.socket | None = None
 
 
 def _env(cluster: Cluster) -> dict[str, str]:
@@ -81,12 +99,12 @@ def _job_dir(sweep: Path, number: int) -> Path | None:
     return found[0] if found else None
 
 
-def _step(run_dir: Path | None) -> int:
+def _step(run_dir: Path | None, steps: int = STEPS) -> int:
     """The last step train.log has printed (0 before the first)."""
     if run_dir is None or not (run_dir / "train.log").exists():
         return 0
-    steps = re.findall(rf"\[(\d+)/{STEPS}\]", (run_dir / "train.log").read_text())
-    return int(steps[-1]) if steps else 0
+    printed = re.findall(rf"\[(\d+)/{steps}\]", (run_dir / "train.log").read_text())
+    return int(printed[-1]) if printed else 0
 
 
 def _slurm_job_of(sweep: Path, number: int) -> str | None:
@@ -116,9 +134,19 @@ def submitted(cluster: Cluster, module_dir: Path) -> Submitted:
     for name in ("plain", "preempt"):
         runs.procs[name] = start_cli(*SLURM, *RUN, "optim.lr=0.1,0.2",
                                      f"hydra.sweep.dir={root / name}", env=env)
-    runs.procs["two_nodes"] = start_cli(
-        *SLURM, *RUN, "world.nnodes=2", "world.start_method=fork", "dataset.workers=0",
-        f"hydra.sweep.dir={root / 'two_nodes'}", env=env)
+    runs.procs["two_nodes"] = start_cli(*SLURM, *TWO_NODES,
+                                        f"hydra.sweep.dir={root / 'two_nodes'}", env=env)
+    runs.procs["two_nodes_preempted"] = start_cli(
+        *SLURM, *TWO_NODES, f"hydra.sweep.dir={root / 'two_nodes_preempted'}", env=env)
+    runs.busy_port = socket.socket()  # what another process listens on: node 0 refuses it
+    runs.busy_port.bind(("127.0.0.1", 0))
+    runs.busy_port.listen()
+    runs.procs["node0_fails"] = start_cli(
+        *SLURM, *TWO_NODES, f"world.master_port={runs.busy_port.getsockname()[1]}",
+        f"hydra.sweep.dir={root / 'node0_fails'}", env=env)
+    runs.preempter = threading.Thread(target=_preempt_repeatedly, daemon=True,
+                                      args=(runs, cluster, root / "two_nodes_preempted"))
+    runs.preempter.start()
     (root / "sbatch").mkdir()
     runs.sbatch_job = cluster.run(
         "sbatch", "--parsable", f"--chdir={root / 'sbatch'}", "--cpus-per-task=1",
@@ -206,6 +234,7 @@ def _final_state(cluster: Cluster, job: str) -> dict[str, str]:
 def test_a_sweep_runs_each_point_as_a_slurm_job(submitted: Submitted) -> None:
     code, out, err = _finish(submitted, "plain")
     assert code == 0, out + err
+    assert "the sweep's runs:" in out + err and "Acc@1" in out + err  # its results table
     sweep = submitted.root / "plain"
     for number, lr in ((0, 0.1), (1, 0.2)):
         results = read_results(_job_dir(sweep, number))
@@ -227,6 +256,11 @@ def test_a_job_preempted_by_sigusr2_requeues_itself_and_resumes_exactly(
     reference = _job_dir(submitted.root / "plain", 0)
     _finish(submitted, "plain")
     assert _max_diff(reference, run_dir) == 0
+    job = _slurm_job_of(submitted.root / "preempt", 0)
+    assert re.search(rf"SLURM job {job} completed: restarts 1, final Acc@1 \d+\.\d+; log ",
+                     out + err), out + err
+    logs = list((submitted.root / "preempt" / ".submitit" / job).glob("*_log.*"))
+    assert logs and not [p for p in logs if "Traceback" in p.read_text()]  # its loader worker's
 
 
 def _assert_resumed_mid_epoch(run_dir: Path, signalled_at: int) -> None:
@@ -363,3 +397,193 @@ def test_a_job_past_train_max_requeues_is_not_requeued_again(
                                                "time(s), train.max_requeues=10")
     monkeypatch.setenv("SLURM_PROCID", "1")  # another node's task: the first one requeues
     assert imgtrain_slurm.requeue_self(10) is None
+
+
+STOP_LINE = re.compile(r"^(\S+ \S+) preempted by SIG\w+ at epoch 1 step (\d+);", re.M)
+RESUME_LINE = re.compile(r"^(\S+ \S+)\s+resume\s+resumed from epoch 1 step (\d+) \(restart (\d+)\)",
+                         re.M)
+
+
+def _text(path: Path | None) -> str:
+    return path.read_text() if path is not None and path.exists() else ""
+
+
+def _logged(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _preempt_repeatedly(runs: Submitted, cluster: Cluster, sweep: Path) -> None:
+    """The driver of the repeated two-node preemption, in a thread beside the module's other
+    runs: PREEMPT_REPEATS times `scancel --signal=USR2` once the job has printed two steps past
+    its last resume (the first: past step 2), then once more as soon as the requeued job's
+    node 0 says it starts its ranks, before they have resumed: its start-up. (A signal before a
+    task's interpreter has any handler, its first second or so, ends it as any process.) It
+    asks SLURM, not the sweep's process, whether the job ended: the tests' process server
+    serves one thread."""
+    try:
+        deadline = time.monotonic() + BOUND_S
+        for repeat in range(PREEMPT_REPEATS + 1):
+            while not _preempt_once(runs, cluster, sweep, repeat):
+                assert time.monotonic() < deadline, f"preemption {repeat + 1} never came"
+                job = _slurm_job_of(sweep, 0)
+                state = _slurm_state(cluster, job)["JobState"] if job else "PENDING"
+                assert state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), (
+                    f"the two-node job ended {state} before preemption {repeat + 1}")
+                time.sleep(0.1)
+    except BaseException as exc:  # the test reports it
+        runs.preempter_error = f"{type(exc).__name__}: {exc}"
+
+
+def _preempt_once(runs: Submitted, cluster: Cluster, sweep: Path, repeat: int) -> bool:
+    run_dir, job = _job_dir(sweep, 0), _slurm_job_of(sweep, 0)
+    if run_dir is None or job is None:
+        return False
+    resumes = RESUME_LINE.findall(_text(run_dir / "train.log"))
+    if repeat < PREEMPT_REPEATS:  # mid-epoch: two steps past the last resume
+        since = int(resumes[-1][1]) if resumes else 0
+        if len(resumes) != repeat or _step(run_dir, NODE_STEPS) < since + 2:
+            return False
+    else:  # start-up: the requeued job's node 0 says it starts its ranks, not resumed yet
+        starts = _text(sweep / ".submitit" / job / f"{job}_0_log.out").count(
+            "starting 1 processes on node 0 of 2")
+        if len(resumes) != repeat - 1 or starts != repeat + 1:
+            return False
+    printed = _step(run_dir, NODE_STEPS)
+    cluster.run("scancel", "--signal=USR2", job)
+    # The job's port (the same at every restart): left in TIME_WAIT by the step before?
+    port = imgtrain_slurm.job_port(job)
+    waiting = subprocess.run(["ss", "-Htan", "state", "time-wait"], capture_output=True,
+                             text=True).stdout
+    runs.preemptions.append({"signalled_at": time.time(), "printed_step": printed,
+                             "during_start_up": repeat == PREEMPT_REPEATS,
+                             "job_port_in_time_wait": f":{port} " in waiting})
+    return True
+
+
+@pytest.mark.slow
+def test_a_two_node_job_preempted_again_and_again_comes_back_every_time_exactly(
+        submitted: Submitted, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """PREEMPT_REPEATS mid-epoch USR2s in a row to one two-node job, then one during a requeued
+    start-up: each time every node stops, the job requeues itself and resumes from the stop's
+    step; it completes with the uninterrupted two-node job's weights, and no log holds a
+    traceback. Each preemption's numbers are printed and left in two_node_preemptions.json."""
+    submitted.preempter.join(BOUND_S)
+    assert not submitted.preempter_error, submitted.preempter_error
+    code, out, err = _finish(submitted, "two_nodes_preempted")
+    sweep = submitted.root / "two_nodes_preempted"
+    run_dir, job = _job_dir(sweep, 0), _slurm_job_of(sweep, 0)
+    assert code == 0, out + err
+    assert read_results(run_dir)["status"] == "completed"
+    state = _final_state(cluster, job)
+    assert (state["JobState"], state["Restarts"]) == ("COMPLETED", str(PREEMPT_REPEATS + 1)), state
+    log = (run_dir / "train.log").read_text()
+    events = sorted([(_logged(stamp), "stop", int(step)) for stamp, step in STOP_LINE.findall(log)]
+                    + [(_logged(stamp), "resume", int(step))
+                       for stamp, step, _ in RESUME_LINE.findall(log)])
+    stops = [event for event in events if event[1] == "stop"]
+    resumes = [event for event in events if event[1] == "resume"]
+    # Each mid-epoch stop is followed by a resume from its step; the start-up's stop came before
+    # its ranks resumed (no stop or resume line of its own: the next restart resumes from the
+    # last mid-epoch stop), or at their first step (a stop line of its own).
+    assert len(stops) in (PREEMPT_REPEATS, PREEMPT_REPEATS + 1), events
+    assert RESUME_LINE.findall(log)[-1][2] == str(PREEMPT_REPEATS + 1), log
+    reference = _job_dir(submitted.root / "two_nodes", 0)
+    _finish(submitted, "two_nodes")
+    diff = _max_diff(reference, run_dir)
+    records = []
+    for signal, stop in zip(submitted.preemptions, [*stops[:PREEMPT_REPEATS], stops[-1]]):
+        resume = next(event for event in resumes if event[0] > stop[0])
+        records.append({**signal, "stop_step": stop[2], "resume_step": resume[2],
+                        "stop_to_resume_s": round(resume[0] - stop[0], 1)})
+    records[-1]["final_weights_max_abs_diff"] = diff
+    # Kept after the session (the module's folder is not): the numbers for the notes.
+    (tmp_path_factory.getbasetemp() / "two_node_preemptions.json").write_text(
+        json.dumps(records, indent=1))
+    print("\ntwo-node preemptions:", *map(json.dumps, records), sep="\n  ")
+    for record in records:
+        assert record["resume_step"] == record["stop_step"] < NODE_STEPS, records
+    for record in records[:PREEMPT_REPEATS]:
+        # Two processes stop at the next print point (every step here) after the signal lands.
+        assert record["printed_step"] <= record["stop_step"], records
+    # The start-up's stop: its line says the job requeues itself, as the others do.
+    assert re.search(r"preempted by SIGUSR2 (before training started|at epoch 1 step \d+); .*"
+                     r"requeues itself", (sweep / ".submitit" / job / f"{job}_0_log.err").read_text()
+                     + log), log
+    assert diff == 0
+    logs = sorted((sweep / ".submitit" / job).glob("*_log.*"))
+    assert len(logs) == 4 and not [p for p in logs if "Traceback" in p.read_text()], logs
+    assert "imgtrain: train resnet18" in (sweep / ".submitit" / job / f"{job}_0_log.out").read_text()
+    assert re.search(rf"SLURM job {job} completed: restarts {PREEMPT_REPEATS + 1}, final Acc@1 "
+                     r"\d+\.\d+; log \S+_0_log.out", out + err), out + err
+
+
+def test_nodes_read_only_their_own_restarts_word_and_node0s_error_stops_the_others(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from imgtrain import job_nodes
+
+    run = str(tmp_path)
+    for key, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_NODES": "2", "SLURM_NODEID": "0",
+                       "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    job_nodes.report(run, "failed", "world.master_port=20007 is already in use")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # the step after the next requeue
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    assert "did not start" in job_nodes.wait_for_node0(run, timeout_s=0.5)  # the old word unread
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    job_nodes.report(run, "failed", "error text")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    assert job_nodes.wait_for_node0(run, timeout_s=5) == "node 0 failed at its start: error text"
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    assert job_nodes.wait_for_others(run, timeout_s=0.5) == [1]  # node 1 has not said it ended
+    job_nodes.report(run, "starting")  # a new start forgets what older restarts left
+    assert [p.name for p in (tmp_path / ".nodes").iterdir()] == ["7-2"]
+
+
+def test_the_launchers_line_for_a_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra_plugins.imgtrain_slurm import job_report
+
+    monkeypatch.setattr(imgtrain_slurm, "job_states", lambda ids: {"6": {"Restarts": "1"}})
+    done = {"status": "completed", "final_acc1": 98.4}
+    assert job_report.job_line("6", "COMPLETED", done, None, "s/.submitit/6/6_0_log.out") == (
+        "SLURM job 6 completed: restarts 1, final Acc@1 98.400; log s/.submitit/6/6_0_log.out")
+    failed = {"status": "failed", "error": "node 0 failed at its start: bad"}
+    assert job_report.job_line("6", "FAILED", failed, None, "x.out") == (
+        "SLURM job 6 failed: restarts 1, error: node 0 failed at its start: bad; log x.out")
+
+
+@pytest.mark.slow
+def test_when_node0_cannot_start_the_other_node_stops_at_once_with_its_error(
+        submitted: Submitted, cluster: Cluster) -> None:
+    code, out, err = _finish(submitted, "node0_fails")
+    port = submitted.busy_port.getsockname()[1]
+    submitted.busy_port.close()
+    sweep = submitted.root / "node0_fails"
+    job = _slurm_job_of(sweep, 0)
+    refused = f"world.master_port={port} is already in use"
+    assert code != 0 and refused in err, out + err
+    assert re.search(rf"SLURM job {job} failed: restarts 0, error: {refused}", out + err), out + err
+    assert read_results(_job_dir(sweep, 0))["status"] == "failed"
+    logs = sweep / ".submitit" / job
+    node1 = (logs / f"{job}_1_log.err").read_text()
+    assert f"error: node 0 failed at its start: {refused}" in node1, node1
+    assert not [p for p in logs.glob("*_log.*") if "Traceback" in p.read_text()]
+    # Node 1 stopped once node 0 had failed (its results.json), not after a store's time-out.
+    node0_failed = (_job_dir(sweep, 0) / "results.json").stat().st_mtime
+    assert (logs / f"{job}_1_log.err").stat().st_mtime - node0_failed < 30
+
+
+def test_a_requeued_job_that_fails_at_its_start_is_recorded_failed_not_left_preempted(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import json as json_
+
+    from imgtrain import app
+
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    (tmp_path / "results.json").write_text(json_.dumps({"status": "preempted", "arch": "x"}))
+    started = time.time() + 1  # the step before wrote results.json
+    outcome = app._fail(None, str(tmp_path), "world.master_port=20007 is already in use",
+                        started, multirun=True)
+    assert outcome.exit_code == 1
+    assert read_results(tmp_path) == {"status": "failed", "arch": "x",
+                                      "error": "world.master_port=20007 is already in use"}

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from imgtrain import jobenv
+from imgtrain import jobenv, preemption
 from imgtrain.device import DeviceInfo, visible_count
 from imgtrain.errors import ConfigError, Preempted, one_line
 from imgtrain.jobenv import Job, Ranks
@@ -27,6 +27,8 @@ from imgtrain.preemption import AGENT_SIGNALS
 
 # How long workers get, after a signal, to reach a step boundary and checkpoint before SIGKILL.
 SHUTDOWN_SECONDS = 120
+# How long the nodes' agents wait for each other to join.
+RENDEZVOUS_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,13 @@ def world_from_env() -> World:
     return World(**asdict(jobenv.ranks()))
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_bindable(host: str, port: int) -> bool:
+    """Whether torch's TCPStore could listen on `port`: bound as its socket.cpp binds, with
+    SO_REUSEADDR, so that a port whose last connections sit in TIME_WAIT (a requeued job's, the
+    same job port a minute later) counts as free, and only one another process listens on as
+    taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -114,9 +121,10 @@ def check_world(job: Job, device_name: str, global_batch: int | None) -> None:
         raise ConfigError(f"world.nnodes={nnodes} needs world.master_port: set the same port on "
                           "every node, e.g. world.master_port=29500")
     if (job.launches_ranks and port is not None and node_rank == 0
-            and not _port_free(job.master_addr, port)):
+            and not port_bindable(job.master_addr, port)):
         raise ConfigError(f"world.master_port={port} is already in use on "
-                          f"{job.master_addr}; choose another port")
+                          f"{job.master_addr} (another process listens on it); choose another "
+                          "port")
 
 
 START_METHODS = ("spawn", "fork", "forkserver")
@@ -156,9 +164,7 @@ def _elastic_launch(entrypoint: Callable[[Any, str], Any], plan: Any, output_dir
     launch_config = LaunchConfig(
         min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=job.nproc_per_node,
         run_id=f"imgtrain-{port}" if nnodes > 1 else f"imgtrain-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"{job.master_addr}:{port}",
-        # Node 0 hosts the rendezvous store; the others connect to it.
-        rdzv_configs={"is_host": job.node_rank == 0, "timeout": 300},
+        rdzv_endpoint=f"{job.master_addr}:{port}", **_rendezvous(job),
         max_restarts=job.max_restarts, monitor_interval=0.5,
         start_method=job.start_method,
         logs_specs=DefaultLogsSpecs(log_dir=agent_files),
@@ -166,7 +172,8 @@ def _elastic_launch(entrypoint: Callable[[Any, str], Any], plan: Any, output_dir
                      shutdown_timeout=SHUTDOWN_SECONDS))
     _quiet_elastic_logs()
     try:
-        results = elastic_launch(launch_config, entrypoint)(plan, output_dir)
+        with preemption.agent_signals():
+            results = elastic_launch(launch_config, entrypoint)(plan, output_dir)
     except SignalException as exc:
         # The agent passed the signal on to the workers, which checkpointed at the next agreed step
         # (rank 0 said where) before it let them go.
@@ -178,6 +185,19 @@ def _elastic_launch(entrypoint: Callable[[Any, str], Any], plan: Any, output_dir
                                message.get("extraInfo", {}).get("py_callstack", "")) from None
         raise WorkerFailed(message or str(exc)) from None
     return results.get(0) if results else None
+
+
+def _rendezvous(job: Job) -> dict[str, Any]:
+    """How the nodes' agents meet. Several nodes: torchrun's static rendezvous, which makes node
+    `world.node_rank` the agents' group of that rank, so that global rank 0 (the summary, the
+    progress, results.json) runs on node 0, in its SLURM task's log; c10d's would order the
+    agents by host name and pid, which on nodes of one name puts rank 0 on any node. Node 0
+    hosts the store in both."""
+    if job.nnodes > 1:
+        return {"rdzv_backend": "static",
+                "rdzv_configs": {"rank": job.node_rank, "timeout": RENDEZVOUS_TIMEOUT_S}}
+    return {"rdzv_backend": "c10d", "rdzv_configs": {"is_host": True,
+                                                     "timeout": RENDEZVOUS_TIMEOUT_S}}
 
 
 PEER_LOSS_HINTS = ("remote worker", "connection reset", "connection closed", "broken pipe")

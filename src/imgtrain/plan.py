@@ -55,6 +55,7 @@ class Launch:
 
     run_dir_reason: str = ""  # the start summary's note on why this folder (rundir.reason)
     resume_hint: str = ""     # a stop line's last words: how to resume
+    requeue_hint: str = ""    # ... after a preemption, in a SLURM job that requeues itself
 
 
 @dataclass(frozen=True)

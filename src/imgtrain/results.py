@@ -108,3 +108,12 @@ def record_failure(output_dir: Path, run_identity: dict[str, Any] | None, error:
     base = previous if previous is not None else run_identity
     if base is not None:
         write_json_atomic(path, {**base, "status": "failed", "error": error})
+
+
+def mark_failed(output_dir: Path, error: str) -> None:
+    """A requeued SLURM job that failed: its results.json, left `preempted` or `running` by the
+    step before, says failed with the error (the checkpoints stay, to resume by hand)."""
+    path = output_dir / RESULTS
+    previous = read(path)
+    if previous is not None and previous.get("status") in ("preempted", "running"):
+        write_json_atomic(path, {**previous, "status": "failed", "error": error})

@@ -95,6 +95,16 @@ def first_task() -> bool:
     return int(os.environ.get("SLURM_PROCID", 0)) == 0 if in_job() else True
 
 
+def step_node() -> tuple[int, int] | None:
+    """(this task's node, the step's node count) inside a SLURM job step across several nodes;
+    None elsewhere."""
+    env = os.environ
+    nodes = int(env.get("SLURM_STEP_NUM_NODES") or 0)
+    if not in_job() or nodes < 2:
+        return None
+    return int(env.get("SLURM_NODEID") or 0), nodes
+
+
 def job_port(job_id: str) -> int:
     return PORT_BASE + int(job_id) % PORT_SPAN
 
@@ -144,7 +154,7 @@ def requeue_self(max_requeues: int) -> str | None:
 
 
 def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
-    """`sacct`'s JobID, State and NodeList for jobs SLURM still holds, read from `scontrol` for
+    """`sacct`'s JobID, State and NodeList (and scontrol's Restarts) for jobs SLURM still holds, read from `scontrol` for
     clusters without an accounting database (where `sacct` only says it is disabled)."""
     states: dict[str, dict[str, str]] = {}
     for job in job_ids:
@@ -157,5 +167,6 @@ def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
             task = fields.get("ArrayTaskId")
             key = f"{fields.get('ArrayJobId')}_{task}" if task else fields.get("JobId", job)
             states[key] = {"JobID": key, "State": fields.get("JobState", "UNKNOWN"),
-                           "NodeList": fields.get("NodeList", "")}
+                           "NodeList": fields.get("NodeList", ""),
+                           **({"Restarts": fields["Restarts"]} if "Restarts" in fields else {})}
     return states

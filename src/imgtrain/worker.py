@@ -142,8 +142,9 @@ def _stopped(plan: RunPlan, trainer: Trainer, logger: RunLogger, where: str) -> 
     status, code = preemption.outcome(sig, plan.train.preempt_exit_code)
     results = {**run_results(plan, trainer), "status": status, "exit_code": code}
     logger.results(results)
+    hint = plan.launch.requeue_hint if status == "preempted" else ""
     logger.info("%s by %s %s; %s (exit code %d)", status, preemption.name(sig), where,
-                plan.launch.resume_hint, code)
+                hint or plan.launch.resume_hint, code)
     return results
 
 

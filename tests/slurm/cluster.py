@@ -18,7 +18,7 @@ from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 START_TIMEOUT_S = 300  # a bound for daemons that never come up, not how long they take
-NODE_CPUS = 4
+NODE_CPUS = 6
 
 
 def why_not() -> str | None:
@@ -119,6 +119,9 @@ class Cluster:
             "AccountingStorageType": "accounting_storage/none",
             "SlurmctldTimeout": 10, "SlurmdTimeout": 10, "MessageTimeout": 5,
             "KillWait": 5, "MinJobAge": 600, "InactiveLimit": 0, "Waittime": 0,
+            # A requeued job is eligible again once its credential expired (above); the main
+            # scheduling loop then starts it within this many seconds (SLURM's default: 60).
+            "SchedulerParameters": "sched_interval=1",
             "SlurmdParameters": "config_overrides",
         }
         lines = [f"{key}={value}" for key, value in settings.items()]

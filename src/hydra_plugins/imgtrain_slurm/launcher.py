@@ -19,6 +19,8 @@ from hydra.errors import CompactHydraException
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf
 
+from hydra_plugins.imgtrain_slurm import job_report
+
 try:
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
@@ -51,7 +53,12 @@ class ImgtrainSlurmLauncher(SlurmLauncher):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))} "
                      f"(SLURM job {job.job_id})")
             jobs.append(job)
-        return _wait(jobs, job_overrides)
+        returns = _wait(jobs, job_overrides, sweep_dir)
+        table = job_report.sweep_table([run for run in (_run_dir(sweep_dir, job)
+                                                        for job in jobs) if run])
+        if table:
+            log.info("the sweep's runs:\n%s", table)
+        return returns
 
     def _submit(self, job_cfg: Any, overrides: list[str], idx: int, submitted: list[str]) -> Any:
         from submitit.core.utils import FailedJobError
@@ -104,15 +111,35 @@ def _with_request(params: dict[str, Any], request: dict[str, Any]) -> dict[str, 
     return merged
 
 
-def _wait(jobs: list[Any], job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
-    """Every job's return, in order; a job that ends without one is logged at once as failed."""
+def _wait(jobs: list[Any], job_overrides: Sequence[Sequence[str]],
+          sweep_dir: Path) -> list[JobReturn]:
+    """Every job's return, in order; as each job ends, one line says how (a job that ends
+    without a return is logged at once as failed)."""
     returns: dict[int, JobReturn] = {}
     while len(returns) < len(jobs):
         for index, job in enumerate(jobs):
             if index not in returns and job.done():
                 returns[index] = _outcome(job, list(job_overrides[index]))
+                log.info(_ended_line(job, returns[index], sweep_dir))
         time.sleep(POLL_S)
     return [returns[index] for index in range(len(jobs))]
+
+
+def _run_dir(sweep_dir: Path, job: Any) -> Path | None:
+    found = job_report.run_of(sweep_dir, job.job_id)
+    return found[0] if found else None
+
+
+def _ended_line(job: Any, returned: JobReturn, sweep_dir: Path) -> str:
+    found = job_report.run_of(sweep_dir, job.job_id)
+    error = None
+    if returned.status == JobStatus.FAILED:
+        error = str(returned._return_value).removesuffix(
+            f" (sweep job: {' '.join(returned.overrides or []) or 'defaults'})")
+        if "without a result" in error:  # _outcome's line, logged already: its gist
+            error = f"it ended {job.state} without a result"
+    return job_report.job_line(job.job_id, str(job.state), found[1] if found else None, error,
+                               job.paths.stdout)
 
 
 def _outcome(job: Any, overrides: list[str]) -> JobReturn:
