@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from imgtrain.data import transforms as T
 from imgtrain.data.augment import build_augment, check_augment
 from imgtrain.data.batch_pool import BatchPool, PooledLoader, pool_fits
-from imgtrain.data.cifar import Cifar10, find_root
+from imgtrain.data.cifar import PADDING as CIFAR_PADDING, Cifar10, find_root
 from imgtrain.data.imagefolder import JpegFolder, check_layout
 from imgtrain.data.samplers import ExactValSampler, TrainSampler
 from imgtrain.data.synthetic import Synthetic
@@ -78,10 +78,11 @@ def check_dataset(dataset: DatasetConfig, splits: tuple[str, ...] = SPLITS) -> i
 
 
 def check_augmentation(dataset: DatasetConfig) -> None:
-    """The augmentation, repeated-augmentation and validation-size keys (issue #16)."""
+    """The crop and flip, augmentation, repeated-augmentation and validation-size keys."""
     check_augment(dataset)
     if int(dataset.ra_reps) < 1:
         raise ConfigError(f"dataset.ra_reps={dataset.ra_reps} must be at least 1 (1: off)")
+    T.check_train_crop(dataset, fixed_size=dataset.name in IN_MEMORY)
     given = [key for key in T.VAL_SIZE_KEYS if getattr(dataset, key) is not None]
     if given and dataset.name != "imagenet":
         raise ConfigError(f"dataset.{given[0]} applies to dataset=imagenet only: "
@@ -98,15 +99,18 @@ def build_datasets(dataset: DatasetConfig, seed: int, val_sizes: tuple[int, int]
     if name == "imagenet":
         skip = dataset.skip_bad_images
         val_resize, val_crop = val_sizes
-        return (JpegFolder(dataset.root, "train", size, True, skip, augment) if train
+        return (JpegFolder(dataset.root, "train", size, True, skip, augment,
+                           crop=T.train_crop(dataset)) if train
                 else None, JpegFolder(dataset.root, "val", val_crop, False, skip,
                                       val_resize_size=val_resize))
     if name == "cifar10":
-        return (Cifar10(dataset.root, True, dataset.download, augment) if train else None,
+        return (Cifar10(dataset.root, True, dataset.download, augment,
+                        T.train_crop(dataset, pad=CIFAR_PADDING)) if train else None,
                 Cifar10(dataset.root, False))
     common = dict(image_size=size, num_classes=dataset.num_classes, seed=seed,
                   noise=dataset.noise)
-    return (Synthetic(dataset.train_size, train=True, augment=augment, **common) if train
+    return (Synthetic(dataset.train_size, train=True, augment=augment,
+                      crop=T.train_crop(dataset), **common) if train
             else None, Synthetic(dataset.val_size, train=False, **common))
 
 
