@@ -72,6 +72,9 @@ class RunPlan:
     val_crop_size: int               # ... and centre crop
     adopted: tuple[str, ...] = ()    # what was taken from model.weights, said in train.log
     launch: Launch = Launch()
+    # mode=eval's test sizes, (resize, crop) each (eval_sweep.py); () without a sweep. The val
+    # sizes above are then the first pair's.
+    eval_sizes: tuple[tuple[int, int], ...] = ()
 
     # The config's groups, read as plan.train.epochs rather than plan.cfg.train.epochs.
     @property
@@ -124,6 +127,10 @@ class RunPlan:
 
     def with_launch(self, launch: Launch) -> "RunPlan":
         return dataclasses.replace(self, launch=launch)
+
+    def at_val_sizes(self, resize: int, crop: int) -> "RunPlan":
+        """This plan validating at another size: one row of eval_sizes."""
+        return dataclasses.replace(self, val_resize_size=resize, val_crop_size=crop)
 
     def record(self) -> dict[str, Any]:
         """The config as checkpoints and failure records keep it: plain data, with the values

@@ -8,7 +8,7 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -181,16 +181,18 @@ class Trainer:
 
     # ---- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Loss, Acc@1 and Acc@5 of `model` (the one trained) over the whole validation set, each
-        sample counted exactly once."""
+    def evaluate(self, model: nn.Module | None = None,
+                 loader: Iterable[Any] | None = None) -> dict[str, float]:
+        """Loss, Acc@1 and Acc@5 of `model` (the one trained) over the whole validation set
+        (`loader`'s: another test size's, eval_sweep.py), each sample counted exactly once."""
         model = self.eval_model if model is None else model
+        loader = self.loaders.val if loader is None else loader
         model.eval()
         self._sync_buffers()
         sums = torch.zeros(3, device=self.device.torch_device)  # loss sum, top1, top5
         samples = 0
         self.progress.start_val()
-        for batch, (images, target) in enumerate(self.loaders.val, start=1):
+        for batch, (images, target) in enumerate(loader, start=1):
             images, target = self._to_device(images, target)
             with self.precision.autocast():
                 output = model(self.normalize(images)).float()
