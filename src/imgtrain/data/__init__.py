@@ -53,6 +53,27 @@ def describe(dataset: DatasetConfig, with_root: bool = True) -> str:
     return f"{label} {dataset.root}"
 
 
+def describe_augmentation(dataset: DatasetConfig) -> str:
+    """The training images' augmentation in one line (the start summary's): crop, flip, and
+    what dataset.auto_augment, random_erase, mixup/cutmix and ra_reps add."""
+    crop = T.train_crop(dataset, pad=CIFAR_PADDING if dataset.name == "cifar10" else 0)
+    size = dataset.image_size if dataset.name != "cifar10" else Cifar10.image_size
+    if crop.scale is not None:
+        parts = [f"random-resized crop {size} px (scale {crop.scale[0]:g}-{crop.scale[1]:g}, "
+                 f"ratio {crop.ratio[0]:.3g}-{crop.ratio[1]:.3g})"]
+    else:
+        parts = [f"random {size} px crop, {crop.pad} px padding" if crop.pad else "no crop"]
+    parts.append(f"flip p {crop.hflip:g}" if crop.hflip else "no flip")
+    if dataset.auto_augment:
+        parts.append(f"auto augment {dataset.auto_augment}")
+    parts += [f"{name} {value:g}" for name, value in (
+        ("random erase", dataset.random_erase), ("mixup", dataset.mixup_alpha),
+        ("cutmix", dataset.cutmix_alpha)) if value]
+    if dataset.ra_reps > 1:
+        parts.append(f"repeated augmentation x{dataset.ra_reps}")
+    return ", ".join(parts)
+
+
 def check_dataset(dataset: DatasetConfig, splits: tuple[str, ...] = SPLITS) -> int:
     """Validate the dataset's files without reading images; return the number of classes.
     `splits`: the ones the mode reads (mode=eval: val alone). Run once, in the parent

@@ -114,6 +114,7 @@ class Cifar10(torch.utils.data.Dataset):
     dataset=cifar10: a 4-pixel padded random crop and a flip)."""
 
     num_classes = 10
+    image_size = 32
 
     def __init__(self, root: str, train: bool, download: bool = False,
                  augment: SampleAugment | None = None,
