@@ -25,8 +25,7 @@ def main(cfg: DictConfig) -> float | None:
     if outcome.traceback:  # a bug in a worker: show where
         sys.stderr.write(outcome.traceback.rstrip() + "\n")
     for line in outcome.stderr:  # a stop's, a requeue's
-        sys.stderr.write(stop_line(line) + "
-")
+        sys.stderr.write(stop_line(line) + "\n")
     if outcome.exit_at_once:  # a SLURM task whose step is being ended (app.Outcome)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from imgtrain import job_nodes, preemption, records, rundir, slurm
 from imgtrain.data import cpu_cores
+from imgtrain.data.survey import small_data_warning
 from imgtrain.distributed import RENDEZVOUS_TIMEOUT_S, WorkerFailed, launch
 from imgtrain.errors import ConfigError, Preempted, one_line
 from imgtrain.plan import Launch, RunPlan
@@ -114,6 +115,9 @@ def warn_about(plan: RunPlan) -> None:
     if plan.trains and warmup >= epochs:
         log.warning("warning: sched.warmup_epochs=%s is not shorter than train.epochs=%s: the lr "
                     "never reaches optim.lr=%s", warmup, epochs, plan.optim.lr)
+    small_data = small_data_warning(plan.dataset, plan.model.arch) if plan.trains else None
+    if small_data:
+        log.warning("%s", small_data)
     processes, cores = plan.job.nproc_per_node, cpu_cores()
     if plan.device == "cpu" and processes > cores and plan.job.launcher != "torchrun":
         log.warning("warning: %d processes on %d CPU cores are oversubscribed: each imports torch "

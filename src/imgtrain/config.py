@@ -163,6 +163,10 @@ class DatasetConfig(Section):
     ra_reps: int = 1
     format: str = "folder"  # folder | shards (CHOICES): dataset=imagenet's store
     index_cache: Optional[str] = "auto"  # auto | a folder | null (data/index.py)
+    # The training crop and flip, as timm's --hflip, --scale, --ratio (data/transforms.TrainCrop)
+    hflip: float = 0.5                     # flip probability (0: never; digits, text)
+    scale: Optional[list[float]] = field(default_factory=lambda: [0.08, 1.0])  # null: no crop
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
 
 
 @dataclass
@@ -174,6 +178,11 @@ class EmaConfig(Section):
 @dataclass
 class EvalConfig(Section):
     batch_size: Optional[int] = None  # global; null: train.batch_size's (a micro-step's)
+    # mode=eval over several sizes (worker's sweep): crops with resize = crop / crop_ratio, or
+    # explicit [resize, crop] pairs
+    crop_sizes: list[int] = field(default_factory=list)
+    crop_ratio: float = 0.875
+    sizes: list[list[int]] = field(default_factory=list)
 
 
 @dataclass

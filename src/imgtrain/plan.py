@@ -77,6 +77,9 @@ class RunPlan:
     # dataset=imagenet: {split: the folder of its sample index build} (data/index.py), listed
     # once for the job; empty with dataset.index_cache=null (each process lists the tree).
     sample_index: dict[str, str] = field(default_factory=dict)
+    # mode=eval's test sizes, (resize, crop) each (eval_sweep.py); () without a sweep. The val
+    # sizes above are then the first pair's.
+    eval_sizes: tuple[tuple[int, int], ...] = ()
 
     # The config's groups, read as plan.train.epochs rather than plan.cfg.train.epochs.
     @property
@@ -134,6 +137,10 @@ class RunPlan:
 
     def with_launch(self, launch: Launch) -> "RunPlan":
         return dataclasses.replace(self, launch=launch)
+
+    def at_val_sizes(self, resize: int, crop: int) -> "RunPlan":
+        """This plan validating at another size: one row of eval_sizes."""
+        return dataclasses.replace(self, val_resize_size=resize, val_crop_size=crop)
 
     def record(self) -> dict[str, Any]:
         """The config as checkpoints and failure records keep it: plain data, with the values

@@ -17,6 +17,7 @@ from imgtrain.cli import config_error_line
 from imgtrain.config import Config, lr_rule, unknown_key_line, unknown_keys
 from imgtrain.data.transforms import val_sizes
 from imgtrain.errors import ConfigError
+from imgtrain.eval_sweep import sweep_sizes
 from imgtrain.jobenv import plan_job
 from imgtrain.optim import resolve_fused
 from imgtrain.plan import Amp, Batches, Identity, RunPlan
@@ -64,6 +65,8 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
     num_classes, sample_index = checks.data_for_mode(config, job)
     adopted = _adopt_weights(config, run.overrides)
     resize, crop = val_sizes(config.dataset)
+    test_sizes = sweep_sizes(config, model_weights.explicit_keys(list(run.overrides)))
+    resize, crop = test_sizes[0] if test_sizes else (resize, crop)
     config.seal()
     return RunPlan(
         cfg=config, overrides=run.overrides, device=device, job=job, batches=batches,
@@ -72,7 +75,7 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
                        else bool(config.model.channels_last)),
         fused_sgd=resolve_fused(config.optim.fused, info, loss_scaled=scale is not None),
         num_classes=num_classes, val_resize_size=resize, val_crop_size=crop,
-        adopted=tuple(adopted), sample_index=sample_index)
+        adopted=tuple(adopted), sample_index=sample_index, eval_sizes=test_sizes)
 
 
 def _adopt_weights(config: Config, overrides: tuple[str, ...]) -> list[str]:

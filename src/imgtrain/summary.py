@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgtrain.config import SchedConfig
-from imgtrain.data import describe
+from imgtrain.data import describe, describe_augmentation
 from imgtrain.eta import duration
 from imgtrain.wrap import KEY_COLUMN
 
@@ -81,16 +81,10 @@ def _per_device(plan: RunPlan) -> str:
 
 def recipe(plan: RunPlan, trainer: Any) -> str:
     """The ingredients beyond the seed's recipe that this run turns on; empty when none."""
-    data, train, optim = plan.dataset, plan.train, plan.optim
-    on = [f"{name} {value:g}" for name, value in (
-        ("label smoothing", train.label_smoothing), ("mixup", data.mixup_alpha),
-        ("cutmix", data.cutmix_alpha), ("random erase", data.random_erase)) if value]
+    train, optim = plan.train, plan.optim  # the data's ingredients: the augment line
+    on = [f"label smoothing {train.label_smoothing:g}"] if train.label_smoothing else []
     on += [f"{kind} weight decay {decay:g}" for kind, decay in (
         ("norm", optim.norm_weight_decay), ("bias", optim.bias_weight_decay)) if decay is not None]
-    if data.auto_augment:
-        on.append(f"auto augment {data.auto_augment}")
-    if data.ra_reps > 1:
-        on.append(f"repeated augmentation x{data.ra_reps}")
     if plan.model.zero_init_residual:
         on.append("zero-init residual")
     if train.clip_grad_norm is not None:
@@ -130,6 +124,7 @@ def start_lines(plan: RunPlan, trainer: Any, output_dir: Path,
         f"  schedule   {_schedule(plan.sched)}",
         f"  length     {counted(train.epochs, 'epoch')} x "
         f"{counted(trainer.steps_per_epoch, 'step')} = {counted(total_steps, 'step')}",
+        f"  augment    {describe_augmentation(data)}",
         *([f"  recipe     {ingredients}"] if ingredients else []),
         *_ranks_note(world_size),
         f"  run dir    {output_dir}",

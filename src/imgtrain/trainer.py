@@ -8,7 +8,7 @@ import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -181,10 +181,11 @@ class Trainer:
         self.logger.scalars(self.state.global_step, values)
 
     # ---- evaluation -----------------------------------------------------------------------
-    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
-        """Loss, Acc@1 and Acc@5 of `model` (the one trained) over the whole validation set, each
-        sample counted exactly once."""
-        return self.evaluate_models([self.eval_model if model is None else model])[0]
+    def evaluate(self, model: nn.Module | None = None,
+                 loader: Iterable[Any] | None = None) -> dict[str, float]:
+        """Loss, Acc@1 and Acc@5 of `model` (the one trained) over the whole validation set
+        (`loader`'s: another test size's, eval_sweep.py), each sample counted exactly once."""
+        return self.evaluate_models([self.eval_model if model is None else model], loader)[0]
 
     def validate(self) -> dict[str, float]:
         """The epoch's validation: the trained model's metrics, and with an EMA the average's
@@ -196,11 +197,13 @@ class Trainer:
         return val
 
     @torch.no_grad()
-    def evaluate_models(self, models: list[nn.Module]) -> list[dict[str, float]]:
-        """Each model's metrics over the validation set, in one pass: a batch is read, decoded
-        and copied to the device once and evaluated by every model in turn. Each model's sums
-        are added in the same order as a pass of its own would add them (the same numbers), and
-        all are summed over the ranks in one collective."""
+    def evaluate_models(self, models: list[nn.Module],
+                        loader: Iterable[Any] | None = None) -> list[dict[str, float]]:
+        """Each model's metrics over the validation set (`loader`'s, default the run's), in one
+        pass: a batch is read, decoded and copied to the device once and evaluated by every model
+        in turn. Each model's sums are added in the same order as a pass of its own would add
+        them (the same numbers), and all are summed over the ranks in one collective."""
+        loader = self.loaders.val if loader is None else loader
         for model in models:
             model.eval()
         self._sync_buffers()
@@ -208,7 +211,7 @@ class Trainer:
         sums = torch.zeros(len(models), 3, device=self.device.torch_device)
         samples = 0
         self.progress.start_val()
-        for batch, (images, target) in enumerate(self.loaders.val, start=1):
+        for batch, (images, target) in enumerate(loader, start=1):
             images, target = self._to_device(images, target)
             images = self.normalize(images)
             for row, model in enumerate(models):

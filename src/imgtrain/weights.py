@@ -252,7 +252,8 @@ def _take_val_sizes(config: Any, weights: WeightsFile, given: set[str]) -> list[
     """Validate and predict as the checkpoint's run validated, unless the command line sets a
     size itself (then all sizes are its own) or evaluates another dataset than imagenet (whose
     images are not resized)."""
-    sizes = {"dataset.image_size", *(f"dataset.{key}" for key in VAL_SIZE_KEYS)}
+    sizes = {"dataset.image_size", *(f"dataset.{key}" for key in VAL_SIZE_KEYS),
+             "eval.crop_sizes", "eval.sizes"}  # a sweep's sizes are its own too
     if not weights.val_sizes or given & sizes or (
             config.mode == "eval" and config.dataset.name != "imagenet"):
         return []

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from imgtrain import device as devices, jobenv, preemption, weights as model_weights
+from imgtrain import device as devices, eval_sweep, jobenv, preemption, weights as model_weights
 from imgtrain.assembly import build_trainer
 from imgtrain.config import override_key
 from imgtrain.data import build_loaders, cpu_cores, describe
@@ -116,20 +116,31 @@ def _execute(plan: RunPlan, trainer: Trainer, logger: RunLogger, out: Path) -> A
 
 def _evaluate(plan: RunPlan, trainer: Trainer, logger: RunLogger, out: Path,
               results: dict[str, Any]) -> dict[str, Any]:
-    """mode=eval: the weights' loss and accuracy on the validation split, said with what was
-    evaluated, on what, and where the results are."""
+    """mode=eval: the weights' loss and accuracy on the validation split (at each test size of
+    a sweep), said with what was evaluated, on what, and where the results are."""
     weights = str(Path(plan.model.weights).expanduser().resolve())
-    logger.info("eval: %s (%s) on %s, val split: %d images, batch %d", weights,
+    sizes = len(plan.eval_sizes)
+    logger.info("eval: %s (%s) on %s, val split: %d images, batch %d%s", weights,
                 plan.model.arch, describe(plan.dataset), len(trainer.loaders.val.dataset),
-                plan.batches.global_batch)
-    with trainer.progress:
-        val = trainer.evaluate()
-    results.update(status="completed", weights=weights, final_acc1=val["acc1"],
-                   final_acc5=val["acc5"], best_acc1=val["acc1"], val_samples=val["samples"],
-                   val_loss=val["loss"])
-    logger.results(results)
-    logger.info("eval done: loss %.4f acc1 %.3f acc5 %.3f (%d images)", val["loss"], val["acc1"],
-                val["acc5"], val["samples"])
+                plan.batches.global_batch, f", {sizes} test sizes" if sizes else "")
+    if sizes:
+        rows = eval_sweep.sweep(plan, trainer, trainer.world, trainer.device.is_accelerator,
+                                lambda line: logger.info("%s", line))
+        results.update(status="completed", weights=weights, **eval_sweep.results(rows))
+        top = eval_sweep.best(rows)
+        logger.results(results)
+        logger.info("eval done: best acc1 %.3f acc5 %.3f at resize %d crop %d (of %d sizes, %d "
+                    "images each)", top["acc1"], top["acc5"], top["resize"], top["crop"], sizes,
+                    top["samples"])
+    else:
+        with trainer.progress:
+            val = trainer.evaluate()
+        results.update(status="completed", weights=weights, final_acc1=val["acc1"],
+                       final_acc5=val["acc5"], best_acc1=val["acc1"], val_samples=val["samples"],
+                       val_loss=val["loss"])
+        logger.results(results)
+        logger.info("eval done: loss %.4f acc1 %.3f acc5 %.3f (%d images)", val["loss"],
+                    val["acc1"], val["acc5"], val["samples"])
     logger.info("  weights    %s", weights)
     logger.info("  results    %s", out / "results.json")
     return results

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from imgtrain.data import transforms as T
 from imgtrain.data.augment import build_augment, check_augment
 from imgtrain.data.batch_pool import BatchPool, PooledLoader, pool_bytes, pool_fits
-from imgtrain.data.cifar import Cifar10, find_root
+from imgtrain.data.cifar import PADDING as CIFAR_PADDING, Cifar10, find_root
 from imgtrain.data.imagefolder import JpegFolder, check_layout
 from imgtrain.data.index import load as load_index
 from imgtrain.data.index_cache import cache_folder as index_cache_folder
@@ -62,6 +62,27 @@ def describe(dataset: DatasetConfig, with_root: bool = True) -> str:
     return f"{label} {dataset.root}"
 
 
+def describe_augmentation(dataset: DatasetConfig) -> str:
+    """The training images' augmentation in one line (the start summary's): crop, flip, and
+    what dataset.auto_augment, random_erase, mixup/cutmix and ra_reps add."""
+    crop = T.train_crop(dataset, pad=CIFAR_PADDING if dataset.name == "cifar10" else 0)
+    size = dataset.image_size if dataset.name != "cifar10" else Cifar10.image_size
+    if crop.scale is not None:
+        parts = [f"random-resized crop {size} px (scale {crop.scale[0]:g}-{crop.scale[1]:g}, "
+                 f"ratio {crop.ratio[0]:.3g}-{crop.ratio[1]:.3g})"]
+    else:
+        parts = [f"random {size} px crop, {crop.pad} px padding" if crop.pad else "no crop"]
+    parts.append(f"flip p {crop.hflip:g}" if crop.hflip else "no flip")
+    if dataset.auto_augment:
+        parts.append(f"auto augment {dataset.auto_augment}")
+    parts += [f"{name} {value:g}" for name, value in (
+        ("random erase", dataset.random_erase), ("mixup", dataset.mixup_alpha),
+        ("cutmix", dataset.cutmix_alpha)) if value]
+    if dataset.ra_reps > 1:
+        parts.append(f"repeated augmentation x{dataset.ra_reps}")
+    return ", ".join(parts)
+
+
 def check_dataset(dataset: DatasetConfig, splits: tuple[str, ...] = SPLITS,
                   builds_index: bool = True) -> tuple[int, dict[str, str]]:
     """Validate the dataset's files without reading images; return the number of classes and,
@@ -104,10 +125,11 @@ def _not_packed(root: str | None) -> None:
 
 
 def check_augmentation(dataset: DatasetConfig) -> None:
-    """The augmentation, repeated-augmentation and validation-size keys (issue #16)."""
+    """The crop and flip, augmentation, repeated-augmentation and validation-size keys."""
     check_augment(dataset)
     if int(dataset.ra_reps) < 1:
         raise ConfigError(f"dataset.ra_reps={dataset.ra_reps} must be at least 1 (1: off)")
+    T.check_train_crop(dataset, fixed_size=dataset.name in IN_MEMORY)
     given = [key for key in T.VAL_SIZE_KEYS if getattr(dataset, key) is not None]
     if given and dataset.name != "imagenet":
         raise ConfigError(f"dataset.{given[0]} applies to dataset=imagenet only: "
@@ -127,20 +149,23 @@ def build_datasets(dataset: DatasetConfig, seed: int, val_sizes: tuple[int, int]
         skip = dataset.skip_bad_images
         val_resize, val_crop = val_sizes
         if dataset.format == "shards":
-            return (ShardFolder(dataset.root, "train", size, True, skip, augment) if train
+            return (ShardFolder(dataset.root, "train", size, True, skip, augment,
+                                        crop=T.train_crop(dataset)) if train
                     else None, ShardFolder(dataset.root, "val", val_crop, False, skip,
                                            val_resize_size=val_resize))
         mapped = {split: load_index(files) for split, files in (sample_index or {}).items()}
         return (JpegFolder(dataset.root, "train", size, True, skip, augment,
-                           sample_index=mapped.get("train")) if train
+                           sample_index=mapped.get("train"), crop=T.train_crop(dataset)) if train
                 else None, JpegFolder(dataset.root, "val", val_crop, False, skip,
                                       val_resize_size=val_resize, sample_index=mapped.get("val")))
     if name == "cifar10":
-        return (Cifar10(dataset.root, True, dataset.download, augment) if train else None,
+        return (Cifar10(dataset.root, True, dataset.download, augment,
+                        T.train_crop(dataset, pad=CIFAR_PADDING)) if train else None,
                 Cifar10(dataset.root, False))
     common = dict(image_size=size, num_classes=dataset.num_classes, seed=seed,
                   noise=dataset.noise)
-    return (Synthetic(dataset.train_size, train=True, augment=augment, **common) if train
+    return (Synthetic(dataset.train_size, train=True, augment=augment,
+                      crop=T.train_crop(dataset), **common) if train
             else None, Synthetic(dataset.val_size, train=False, **common))
 
 

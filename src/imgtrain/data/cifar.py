@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import random
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from imgtrain.data.augment import SampleAugment
 from imgtrain.errors import ConfigError
 
 FOLDER = "cifar-10-batches-py"
+PADDING = 4  # dataset.scale=null: the padded random crop of every CIFAR ResNet recipe
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -110,16 +110,19 @@ def label_names(folder: Path) -> list[str]:
 
 
 class Cifar10(torch.utils.data.Dataset):
-    """CIFAR-10 as uint8 CHW tensors; training adds a 4-pixel padded random crop and a flip."""
+    """CIFAR-10 as uint8 CHW tensors; training crops and flips as `crop` says (the defaults of
+    dataset=cifar10: a 4-pixel padded random crop and a flip)."""
 
     num_classes = 10
+    image_size = 32
 
     def __init__(self, root: str, train: bool, download: bool = False,
-                 augment: SampleAugment | None = None) -> None:
+                 augment: SampleAugment | None = None,
+                 crop: T.TrainCrop = T.TrainCrop(scale=None, pad=PADDING)) -> None:
         folder = find_root(root, download)
         data, labels = _load_batches(folder, TRAIN_FILES if train else TEST_FILES)
         self.images, self.labels = torch.from_numpy(data), labels
-        self.train, self.augment = train, augment
+        self.train, self.augment, self.crop = train, augment, crop
         self.classes = label_names(folder)
 
     def __len__(self) -> int:
@@ -129,8 +132,9 @@ class Cifar10(torch.utils.data.Dataset):
         index, seed = item if isinstance(item, tuple) else (item, 0)
         image = self.images[index]
         if self.train:
-            rng = random.Random(seed)
-            image = T.random_flip(T.pad_crop(image, 32, 4, rng), rng)
+            size = image.shape[-1]  # CIFAR's 32 px, whatever dataset.image_size says
+            box, flip = T.train_crop_params(size, size, seed, self.crop)
+            image = T.crop_in_memory(image, box, flip, size)
             if self.augment is not None:
                 image = self.augment(image, seed)
         return image.contiguous(), self.labels[index]

@@ -98,16 +98,18 @@ class JpegFolder(torch.utils.data.Dataset):
     def __init__(self, root: str, split: str, image_size: int, train: bool,
                  skip_bad_images: bool = False, augment: SampleAugment | None = None,
                  val_resize_size: int | None = None,
-                 sample_index: SampleIndex | None = None) -> None:
+                 sample_index: SampleIndex | None = None,
+                 crop: T.TrainCrop = T.TrainCrop()) -> None:
         """Validation resizes to val_resize_size (None: image_size/0.875), then centre-crops
-        image_size; training crops image_size, then applies `augment` if given.
+        image_size; training crops and flips as `crop` says to image_size, then applies
+        `augment` if given.
         `sample_index`: the split's index, mapped from the job's cache (None: list it here)."""
         self.folder = str(Path(root).expanduser() / split)
         self.index = sample_index if sample_index is not None else \
             list_split(self.folder).index
         self.classes, self.image_size, self.train = list(self.index.classes), image_size, train
         self.skip_bad_images, self.augment = skip_bad_images, augment
-        self.val_resize_size = val_resize_size
+        self.val_resize_size, self.crop = val_resize_size, crop
         # torchvision's ImageFolder.samples, `(path, class)` pairs, each made as it is read.
         self.samples = Samples(self)
 
@@ -151,9 +153,9 @@ class JpegFolder(torch.utils.data.Dataset):
             return val_image(data, size, self.image_size, self.val_resize_size)
         if size is None:  # PNG, BMP, ...: decoded whole to learn their size, never drafted
             pixels = decode(data, size)
-            box, flip = T.train_crop_params(pixels.shape[2], pixels.shape[1], seed)
+            box, flip = T.train_crop_params(pixels.shape[2], pixels.shape[1], seed, self.crop)
             return resized_crop(pixels, box, flip, self.image_size)
-        box, flip = T.train_crop_params(*size, seed)
+        box, flip = T.train_crop_params(*size, seed, self.crop)
         if min(box[2:]) >= 2 * self.image_size:
             return drafted_crop(data, box, flip, self.image_size)
         return resized_crop(decode(data, size), box, flip, self.image_size)
@@ -246,7 +248,7 @@ def val_image(data: bytearray, jpeg_header_size: tuple[int, int] | None, crop_si
     (None: crop_size/0.875), centre-crop crop_size."""
     pixels = decode(data, jpeg_header_size)
     short_side = resize_size or T.val_resize(crop_size)
-    return centre_crop(resize_uint8(pixels, *T.resize_size(
+    return centre_crop(T.resize_uint8(pixels, *T.resize_size(
         pixels.shape[2], pixels.shape[1], short_side)), crop_size)
 
 
@@ -254,7 +256,7 @@ def resized_crop(pixels: torch.Tensor, box: tuple[int, int, int, int], flip: boo
                  size: int) -> torch.Tensor:
     """RandomResizedCrop + RandomHorizontalFlip's work on decoded uint8 pixels."""
     left, top, w, h = box
-    return resize_uint8(pixels[:, top:top + h, left:left + w], size, size, flip)
+    return T.resize_uint8(pixels[:, top:top + h, left:left + w], size, size, flip)
 
 
 def drafted_crop(data: bytearray, box: tuple[int, int, int, int], flip: bool,
@@ -272,19 +274,6 @@ def drafted_crop(data: bytearray, box: tuple[int, int, int, int], flip: bool,
     if flip:
         resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
-
-
-def resize_uint8(image: torch.Tensor, width: int, height: int, flip: bool = False) -> torch.Tensor:
-    """torchvision's Resize on a uint8 CHW tensor (flipped first if asked): antialiased bilinear."""
-    # A compact NHWC copy first: libjpeg's output is HWC, and the uint8 antialias kernel runs about
-    # twice as fast on a dense channels-last block as on a strided view. Flipping the NHWC view
-    # writes such a block itself, so the flip costs no extra copy.
-    nhwc = image.permute(1, 2, 0).unsqueeze(0)
-    compact = (nhwc.flip(2) if flip else nhwc).contiguous().permute(0, 3, 1, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # uint8 interpolate is supported; older torch warns anyway
-        return torch.nn.functional.interpolate(compact, size=(height, width), mode="bilinear",
-                                               antialias=True)[0]
 
 
 def centre_crop(image: torch.Tensor, size: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imgtrain.data import transforms as T
 from imgtrain.data.augment import SampleAugment
 from imgtrain.data.imagefolder import JpegFolder
 from imgtrain.data.shard_format import INDEX_DTYPE, Manifest, ShardInfo, index_name
@@ -85,7 +86,7 @@ class ShardFolder(JpegFolder):
 
     def __init__(self, root: str, split: str, image_size: int, train: bool,
                  skip_bad_images: bool = False, augment: SampleAugment | None = None,
-                 val_resize_size: int | None = None) -> None:
+                 val_resize_size: int | None = None, crop: T.TrainCrop = T.TrainCrop()) -> None:
         base = Path(root).expanduser()
         manifest = Manifest.read(base)
         if split not in manifest.splits:
@@ -95,7 +96,7 @@ class ShardFolder(JpegFolder):
         self.shard_paths = [str(base / shard.name) for shard in manifest.splits[split]]
         self.image_size, self.train = image_size, train
         self.skip_bad_images, self.augment = skip_bad_images, augment
-        self.val_resize_size = val_resize_size
+        self.val_resize_size, self.crop = val_resize_size, crop
         self._open_index()
 
     def _open_index(self) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from imgtrain.data.transforms import mix
+from imgtrain.data.transforms import TrainCrop, crop_in_memory, mix, train_crop_params
 
 if TYPE_CHECKING:
     from imgtrain.data.augment import SampleAugment
@@ -24,10 +24,13 @@ NOISE_FIELDS = 8  # with every offset: 8 * image_size^2 distinct noise images
 
 class Synthetic(torch.utils.data.Dataset):
     def __init__(self, size: int, image_size: int, num_classes: int, seed: int, train: bool,
-                 noise: float = 0.5, augment: SampleAugment | None = None) -> None:
+                 noise: float = 0.5, augment: SampleAugment | None = None,
+                 crop: TrainCrop = TrainCrop(scale=None, hflip=0.0)) -> None:
         self.size, self.image_size, self.num_classes = size, image_size, num_classes
         self.train, self.noise, self.seed = train, noise, seed
         self.augment = augment if train else None
+        # The patterns are made at image_size: by default (synthetic.yaml) no crop and no flip.
+        self.crop = None if not train or crop.is_identity else crop
         generator = torch.Generator().manual_seed(seed)
         # Low-resolution random patterns, upsampled: smooth, so they survive the network's strides.
         coarse = torch.rand(num_classes, 3, 4, 4, generator=generator)
@@ -53,6 +56,10 @@ class Synthetic(torch.utils.data.Dataset):
         labels, seeds = zip(*(self._item(item) for item in items))
         pixels = self._noise(seeds).add_(self.patterns[list(labels)]).clamp_(0, 255)
         images = pixels.to(torch.uint8).unbind(0)
+        if self.crop is not None:
+            size = self.image_size
+            images = [crop_in_memory(image, *train_crop_params(size, size, seed, self.crop), size)
+                      for image, seed in zip(images, seeds)]
         if self.augment is not None:  # per sample, each from its own seed
             images = [self.augment(image, seed) for image, seed in zip(images, seeds)]
         return list(zip(images, labels))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,10 +40,93 @@ def mix(seed: int) -> int:
     return x ^ (x >> 31)
 
 
-def train_crop_params(width: int, height: int, seed: int) -> tuple[tuple[int, int, int, int], bool]:
-    """One sample's RandomResizedCrop box and RandomHorizontalFlip coin, drawn from its seed."""
+@dataclass(frozen=True)
+class TrainCrop:
+    """dataset.scale, ratio and hflip: how a training image is cropped and flipped (timm's
+    --scale, --ratio, --hflip). `scale` None: no random-resized crop, the image keeps its size
+    (cifar10 and synthetic, whose images come at it), with a random crop of `pad` zero-padded
+    pixels a side where set (CIFAR's recipe)."""
+
+    scale: tuple[float, float] | None = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    pad: int = 0
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale is None and not self.pad and not self.hflip
+
+
+def train_crop(dataset: DatasetConfig, pad: int = 0) -> TrainCrop:
+    """The dataset's keys as a TrainCrop (checked in the parent: check_train_crop); `pad`: the
+    dataset's padded crop where dataset.scale is null."""
+    scale = None if dataset.scale is None else (float(dataset.scale[0]), float(dataset.scale[1]))
+    return TrainCrop(scale, (float(dataset.ratio[0]), float(dataset.ratio[1])),
+                     float(dataset.hflip), pad if scale is None else 0)
+
+
+def check_train_crop(dataset: DatasetConfig, fixed_size: bool) -> None:
+    """dataset.hflip, scale and ratio; `fixed_size`: the dataset's images come at image_size,
+    so dataset.scale=null (no random-resized crop) is allowed."""
+    if not 0.0 <= float(dataset.hflip) <= 1.0:
+        raise ConfigError(f"dataset.hflip={dataset.hflip} must be a probability in [0, 1] "
+                          "(0: never flip)")
+    scale, ratio = dataset.scale, dataset.ratio
+    if scale is None and not fixed_size:
+        raise ConfigError(f"dataset.scale=null keeps images at their size, which only "
+                          f"cifar10 and synthetic can; dataset={dataset.name} needs a "
+                          "random-resized crop's [min, max] area, e.g. [0.08,1]")
+    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise ConfigError(f"dataset.scale={list(scale)} must be [min, max] with 0 < min <= max "
+                          "<= 1: the crop's share of the image's area, e.g. [0.08,1]")
+    if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
+        raise ConfigError(f"dataset.ratio={list(ratio)} must be [min, max] with 0 < min <= max: "
+                          "the crop's width / height, e.g. [0.75,1.333]")
+
+
+def train_crop_params(width: int, height: int, seed: int, crop: TrainCrop = TrainCrop()
+                      ) -> tuple[tuple[int, int, int, int], bool]:
+    """One sample's crop box (left, top, width, height; past the edges where the crop pads) and
+    flip coin, drawn from its seed: RandomResizedCrop then RandomHorizontalFlip by default."""
     rng = random.Random(seed)
-    return random_resized_crop_box(width, height, rng), rng.random() < 0.5
+    if crop.scale is not None:
+        box = random_resized_crop_box(width, height, rng, crop.scale, crop.ratio)
+    elif crop.pad:  # RandomCrop(size, padding): the top offset first, as CIFAR's always drew
+        top, left = rng.randint(0, 2 * crop.pad), rng.randint(0, 2 * crop.pad)
+        box = (left - crop.pad, top - crop.pad, width, height)
+    else:
+        box = (0, 0, width, height)
+    # Drawn whatever hflip is: the coin stays the same draw of the sample's stream.
+    return box, rng.random() < crop.hflip
+
+
+def crop_in_memory(image: torch.Tensor, box: tuple[int, int, int, int], flip: bool,
+                   size: int) -> torch.Tensor:
+    """train_crop_params' box and flip on an in-memory uint8 CHW image (cifar10, synthetic):
+    zero-padded where the box reaches past the edges, resized to `size` where it is not."""
+    left, top, w, h = box
+    height, width = image.shape[-2:]
+    pad = max(0, -left, -top, left + w - width, top + h - height)
+    if pad:
+        image = torch.nn.functional.pad(image, (pad,) * 4)
+        left, top = left + pad, top + pad
+    image = image[..., top:top + h, left:left + w]
+    if (w, h) != (size, size):
+        return resize_uint8(image, size, size, flip)
+    return image.flip(-1) if flip else image
+
+
+def resize_uint8(image: torch.Tensor, width: int, height: int, flip: bool = False) -> torch.Tensor:
+    """torchvision's Resize on a uint8 CHW tensor (flipped first if asked): antialiased bilinear."""
+    # A compact NHWC copy first: libjpeg's output is HWC, and the uint8 antialias kernel runs about
+    # twice as fast on a dense channels-last block as on a strided view. Flipping the NHWC view
+    # writes such a block itself, so the flip costs no extra copy.
+    nhwc = image.permute(1, 2, 0).unsqueeze(0)
+    compact = (nhwc.flip(2) if flip else nhwc).contiguous().permute(0, 3, 1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # uint8 interpolate is supported; older torch warns anyway
+        return torch.nn.functional.interpolate(compact, size=(height, width), mode="bilinear",
+                                               antialias=True)[0]
 
 
 def random_resized_crop_box(width: int, height: int, rng: random.Random,
@@ -74,8 +159,9 @@ def resize_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return int(short_side * width / height), short_side
 
 
-def val_resize(image_size: int) -> int:
-    return int(round(image_size / VAL_RESIZE_RATIO))
+def val_resize(crop_size: int, crop_ratio: float = VAL_RESIZE_RATIO) -> int:
+    """The short side validation resizes to before its centre crop of `crop_size`."""
+    return int(round(crop_size / crop_ratio))
 
 
 def val_sizes(dataset: DatasetConfig) -> tuple[int, int]:
@@ -97,18 +183,6 @@ def val_sizes(dataset: DatasetConfig) -> tuple[int, int]:
         raise ConfigError(f"dataset.{crop_key}={crop} is larger than val_resize_size={resize}: "
                           "validation resizes the short side, then centre-crops inside it")
     return resize, crop
-
-
-def random_flip(image: torch.Tensor, rng: random.Random) -> torch.Tensor:
-    return image.flip(-1) if rng.random() < 0.5 else image
-
-
-def pad_crop(image: torch.Tensor, size: int, padding: int, rng: random.Random) -> torch.Tensor:
-    """RandomCrop(size, padding) with zero padding, on a CHW uint8 tensor."""
-    padded = torch.nn.functional.pad(image, (padding,) * 4)
-    top = rng.randint(0, padded.shape[-2] - size)
-    left = rng.randint(0, padded.shape[-1] - size)
-    return padded[..., top:top + size, left:left + size]
 
 
 class Normalizer:
