@@ -137,6 +137,18 @@ class ModelConfig(Section):
 
 
 @dataclass
+class ResScheduleConfig(Section):
+    """dataset.res_schedule: training sizes ramped over epochs (data/resolution.py); off while
+    start, end, start_ramp and end_ramp are all null."""
+
+    start: Optional[int] = None       # px up to and including epoch start_ramp (0-based)
+    end: Optional[int] = None         # px from epoch end_ramp on
+    start_ramp: Optional[int] = None
+    end_ramp: Optional[int] = None
+    step: int = 32                    # sizes in the ramp round to a multiple of it
+
+
+@dataclass
 class DatasetConfig(Section):
     """The keys of every dataset option; each option's YAML sets the ones it uses."""
 
@@ -161,6 +173,8 @@ class DatasetConfig(Section):
     val_resize_size: Optional[int] = None  # null: the validation crop / 0.875
     val_crop_size: Optional[int] = None    # null: image_size
     ra_reps: int = 1
+    # Its keys null (or res_schedule=null): image_size every epoch
+    res_schedule: Optional[ResScheduleConfig] = field(default_factory=ResScheduleConfig)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from imgtrain import checks, device as devices, weights as model_weights
 from imgtrain.choices import check_choices
 from imgtrain.cli import config_error_line
 from imgtrain.config import Config, lr_rule, unknown_key_line, unknown_keys
+from imgtrain.data.resolution import active as active_schedule, train_sizes
 from imgtrain.data.transforms import val_sizes
 from imgtrain.errors import ConfigError
 from imgtrain.jobenv import plan_job
@@ -63,6 +64,7 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
     num_classes = checks.data_for_mode(config, job)
     adopted = _adopt_weights(config, run.overrides)
     resize, crop = val_sizes(config.dataset)
+    sizes = train_sizes(config.dataset, config.train.epochs) if config.mode in TRAINS else ()
     config.seal()
     return RunPlan(
         cfg=config, overrides=run.overrides, device=device, job=job, batches=batches,
@@ -71,7 +73,11 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
                        else bool(config.model.channels_last)),
         fused_sgd=resolve_fused(config.optim.fused, info, loss_scaled=scale is not None),
         num_classes=num_classes, val_resize_size=resize, val_crop_size=crop,
-        adopted=tuple(adopted))
+        adopted=tuple(adopted), train_sizes=sizes,
+        scheduled_sizes=bool(sizes) and active_schedule(config.dataset) is not None)
+
+
+TRAINS = ("train", "bench_data")  # the modes that read training batches
 
 
 def _adopt_weights(config: Config, overrides: tuple[str, ...]) -> list[str]:

@@ -90,9 +90,11 @@ def check_augmentation(dataset: DatasetConfig) -> None:
 
 
 def build_datasets(dataset: DatasetConfig, seed: int, val_sizes: tuple[int, int],
-                   train: bool = True) -> tuple[Dataset | None, Dataset]:
+                   train: bool = True, largest_train_size: int | None = None
+                   ) -> tuple[Dataset | None, Dataset]:
     """The training (None unless `train`) and validation sets; `val_sizes`: validation's
-    (resize, crop), the plan's val_resize_size and val_crop_size."""
+    (resize, crop), the plan's val_resize_size and val_crop_size. Training items name their
+    crop size (TrainSampler); `largest_train_size` (None: image_size) is the largest they may."""
     name, size = dataset.name, dataset.image_size
     augment = build_augment(dataset)  # training only: validation never augments
     if name == "imagenet":
@@ -106,7 +108,9 @@ def build_datasets(dataset: DatasetConfig, seed: int, val_sizes: tuple[int, int]
                 Cifar10(dataset.root, False))
     common = dict(image_size=size, num_classes=dataset.num_classes, seed=seed,
                   noise=dataset.noise)
-    return (Synthetic(dataset.train_size, train=True, augment=augment, **common) if train
+    # Training's noise bank is sized for its largest crop; validation's stays image_size's.
+    train_common = {**common, "image_size": largest_train_size or size}
+    return (Synthetic(dataset.train_size, train=True, augment=augment, **train_common) if train
             else None, Synthetic(dataset.val_size, train=False, **common))
 
 
@@ -150,7 +154,8 @@ def build_loaders(plan: RunPlan, world: World, accelerator: bool) -> Loaders:
     plan.batches.val_per_rank. mode=eval reads the validation split alone."""
     dataset, batches, seed = plan.dataset, plan.batches, plan.train.seed
     train_set, val_set = build_datasets(dataset, seed, (plan.val_resize_size, plan.val_crop_size),
-                                        train=plan.mode != "eval")
+                                        train=plan.mode != "eval",
+                                        largest_train_size=plan.largest_train_size)
     # The one check the parent cannot make: it counts the images, which only building tells.
     if train_set is not None and len(train_set) < batches.global_batch:
         raise ConfigError(f"train.batch_size={batches.global_batch} is larger than the training "
@@ -158,12 +163,14 @@ def build_loaders(plan: RunPlan, world: World, accelerator: bool) -> Loaders:
     common = _loader_settings(dataset, world.local_world_size, accelerator,
                               torch.Generator().manual_seed(seed + 1000 * world.rank))
     reuse = _reuse_batch_memory(dataset, common, batches.micro, train_set or val_set,
-                                world.local_world_size, plan.val_crop_size)
+                                world.local_world_size,
+                                max(plan.largest_train_size, plan.val_crop_size))
     train_sampler, train_loader = None, None
     if train_set is not None:
         train_sampler = TrainSampler(len(train_set), world.rank, world.world_size, seed,
                                      ra_reps=int(dataset.ra_reps), micro_batch=batches.micro,
-                                     accumulate_steps=batches.accumulate_steps)
+                                     accumulate_steps=batches.accumulate_steps,
+                                     size_of_epoch=plan.train_size)
         # drop_last keeps every step's shape static (graph-compiling NPUs, torch.compile).
         train_loader = _loader(train_set, reuse, common, batch_size=batches.micro,
                                sampler=train_sampler, drop_last=True)
@@ -190,14 +197,16 @@ def _loader_settings(dataset: DatasetConfig, local_world_size: int, accelerator:
 
 
 def _reuse_batch_memory(dataset: DatasetConfig, common: dict[str, Any], loader_batch: int,
-                        data: Dataset, processes_on_node: int, val_crop_size: int) -> bool:
-    """dataset.reuse_batch_memory, turned off where /dev/shm cannot hold the pools."""
+                        data: Dataset, processes_on_node: int, largest_size: int) -> bool:
+    """dataset.reuse_batch_memory, turned off where /dev/shm cannot hold the pools.
+    `largest_size`: the largest crop a batch holds (training's largest, or validation's)."""
     pooled = (getattr(data, "collate", None) and common.get("persistent_workers")
               and dataset.reuse_batch_memory)
     if not pooled:
         return bool(dataset.reuse_batch_memory)
-    # The pool's segments hold the larger of the training crop and validation's.
-    size = max(int(dataset.image_size), val_crop_size)
+    # A segment, once made, keeps the largest batch it held (BatchPool._buffer): at the most,
+    # the largest crop's.
+    size = largest_size
     batch_bytes = loader_batch * (3 * size * size + 8)  # uint8 images and int64 labels
     return pool_fits(batch_bytes, common["num_workers"], common["prefetch_factor"], loaders=2,
                      processes_on_node=processes_on_node)

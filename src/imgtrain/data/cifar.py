@@ -11,6 +11,8 @@ import torch
 
 from imgtrain.data import transforms as T
 from imgtrain.data.augment import SampleAugment
+from imgtrain.data.imagefolder import resize_uint8
+from imgtrain.data.samplers import item_parts
 from imgtrain.errors import ConfigError
 
 FOLDER = "cifar-10-batches-py"
@@ -125,12 +127,16 @@ class Cifar10(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = item if isinstance(item, tuple) else (item, 0)
+    def __getitem__(self, item: int | tuple) -> tuple[torch.Tensor, int]:
+        """`item`: an index, or TrainSampler's (index, seed, size): a training crop's seed, and
+        the size it is resized to (dataset.res_schedule's; None: CIFAR's own 32 px)."""
+        index, seed, size = item_parts(item)
         image = self.images[index]
         if self.train:
-            rng = random.Random(seed)
+            rng = random.Random(0 if seed is None else seed)
             image = T.random_flip(T.pad_crop(image, 32, 4, rng), rng)
+            if size is not None and size != image.shape[-1]:
+                image = resize_uint8(image, size, size)
             if self.augment is not None:
                 image = self.augment(image, seed)
         return image.contiguous(), self.labels[index]
