@@ -160,7 +160,11 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_stops_mid_epoch_and_at_an_epochs_end_during_the_ramp_resume_to_the_same_weights(
         compose, tmp_path: Path) -> None:
     straight = _trainer(compose, tmp_path / "straight")
+    seen: list[int] = []  # the size of every batch the network sees, training and validation
+    straight.model.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-1]))
     straight.fit()
+    # Each epoch: 4 training steps at its size, then 2 validation batches at 32 px.
+    assert seen == [32] * 6 + [48] * 4 + [32] * 2 + [64] * 4 + [32] * 2
     assert [row["image_size"] for row in straight.state.history] == [32, 48, 64]
     assert sorted(straight.state.images_per_sec_by_size(), key=int) == ["32", "48", "64"]
 

@@ -170,7 +170,8 @@ def build_loaders(plan: RunPlan, world: World, accelerator: bool) -> Loaders:
         train_sampler = TrainSampler(len(train_set), world.rank, world.world_size, seed,
                                      ra_reps=int(dataset.ra_reps), micro_batch=batches.micro,
                                      accumulate_steps=batches.accumulate_steps,
-                                     size_of_epoch=plan.train_size)
+                                     size_of_epoch=plan.train_size if plan.scheduled_sizes
+                                     else None)
         # drop_last keeps every step's shape static (graph-compiling NPUs, torch.compile).
         train_loader = _loader(train_set, reuse, common, batch_size=batches.micro,
                                sampler=train_sampler, drop_last=True)

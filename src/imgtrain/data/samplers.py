@@ -22,10 +22,10 @@ def item_parts(item: int | tuple) -> tuple[int, int | None, int | None]:
 class TrainSampler(DistributedSampler):
     """DistributedSampler whose items carry their augmentation seed and size, and which can resume.
 
-    Yields (index, seed, size) items: the seed depends only on (train seed, epoch, index), so the
-    same sample gets the same crop whichever worker or rank decodes it, and the size is the
-    epoch's training crop (`size_of_epoch`, the plan's train_size: dataset.res_schedule's), so
-    loader workers, persistent ones included, keep no state of their own. `resume_at(step)` drops
+    Yields (index, seed) pairs: the seed depends only on (train seed, epoch, index), so the same
+    sample gets the same crop whichever worker or rank decodes it. Under dataset.res_schedule
+    the items are (index, seed, size), the size the epoch's training crop (`size_of_epoch`, the
+    plan's train_size), so loader workers, persistent ones included, keep no state of their own. `resume_at(step)` drops
     this rank's samples of the epoch's first steps without touching them, for mid-epoch resume.
 
     ra_reps > 1 is repeated augmentation (torchvision's RASampler, references/classification):
@@ -44,8 +44,8 @@ class TrainSampler(DistributedSampler):
     def __init__(self, dataset_len: int, rank: int, world_size: int, seed: int,
                  ra_reps: int = 1, micro_batch: int = 1, accumulate_steps: int = 1,
                  size_of_epoch: Callable[[int], int] | None = None) -> None:
-        """`size_of_epoch`: the training crop of a 0-based epoch (None: the dataset's own size,
-        items then carry size None)."""
+        """`size_of_epoch`: the training crop of a 0-based epoch; None (no dataset.res_schedule):
+        items are (index, seed) pairs, and the dataset crops to its own size."""
         super().__init__(range(dataset_len), num_replicas=world_size, rank=rank, shuffle=True,
                          seed=seed, drop_last=True)
         self.dataset_len, self.ra_reps = dataset_len, ra_reps
@@ -69,19 +69,17 @@ class TrainSampler(DistributedSampler):
         self.earlier_layouts = [(int(first), int(count)) for first, count in earlier_layouts
                                 if first < step]
 
-    @property
-    def image_size(self) -> int | None:
-        """This epoch's training crop (None: the dataset's own)."""
-        return None if self.size_of_epoch is None else self.size_of_epoch(self.epoch)
-
-    def __iter__(self) -> Iterator[tuple[int, int, int | None]]:
-        size = self.image_size
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
         if self.ra_reps == 1:
             skip = self.first_step * self.micro_batch * self.accumulate_steps
             indices = list(super().__iter__())[skip:]
-            return iter([(index, sample_seed(self.seed, self.epoch, index), size)
-                         for index in indices])
-        return iter([(index, seed, size) for index, seed in self._repeated()])
+            items = [(index, sample_seed(self.seed, self.epoch, index)) for index in indices]
+        else:
+            items = self._repeated()
+        if self.size_of_epoch is None:
+            return iter(items)
+        size = self.size_of_epoch(self.epoch)
+        return iter([(index, seed, size) for index, seed in items])
 
     def __len__(self) -> int:
         if self.ra_reps == 1:
