@@ -11,7 +11,7 @@ schedule costs in accuracy, measured with `python run.py` as a user runs it.
 
 usage:
   python benchmarks/progressive.py throughput [--arch resnet50] [--sizes 160 192 224]
-                                              [--batch 4] [--steps 3] [--rounds 2]
+                                              [--batch 2] [--steps 1] [--rounds 3]
   python benchmarks/progressive.py schedule [--epochs 5] [--seeds 1] [--size 48]
                                             [--schedule "{start:32,end:48,...}"]
 
@@ -63,33 +63,58 @@ def machine() -> str:
 
 # ---- throughput --------------------------------------------------------------------------
 def throughput(args: argparse.Namespace, work: Path) -> str:
+    """One process, one Trainer per size (imgtrain's own, built as the worker builds it), their
+    epochs interleaved: round r trains epoch r of every size, each `warmup` untimed steps then
+    `steps` timed ones (the epoch's images/sec, as results.json reports it), the sizes' order
+    rotated every round. A process per run would spend minutes importing on a loaded machine,
+    and a slow spell lands on one step of every size rather than on one size's run."""
+    sys.path.insert(0, str(REPO / "src"))
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from imgtrain.assembly import build_trainer
+    from imgtrain.config import register
+    from imgtrain.logger import NullLogger
+    from imgtrain.resolve import resolve
+
+    register()
+    trainers = {}
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for size in args.sizes:
+            steps = args.warmup + args.steps
+            overrides = [
+                "dataset=synthetic", f"model={args.arch}", "amp=O0", "device=cpu",
+                f"dataset.image_size={size}", f"train.batch_size={args.batch}",
+                "dataset.num_classes=10", f"dataset.train_size={args.batch * steps}",
+                f"dataset.val_size={args.batch}", f"train.epochs={args.rounds}",
+                f"train.steps_per_epoch={steps}", f"train.fps_warmup_steps={args.warmup}",
+                "train.save_checkpoints=false", "train.memory_check=false", "dataset.workers=0"]
+            torch.manual_seed(0)
+            trainers[size] = build_trainer(resolve(compose("config", overrides=overrides), []),
+                                           work / f"size-{size}", logger=NullLogger())
     rates: dict[int, list[float]] = {size: [] for size in args.sizes}
     started = time.perf_counter()
     for round_index in range(args.rounds):
-        order = args.sizes[round_index % len(args.sizes):] + args.sizes[:round_index % len(args.sizes)]
-        for size in order:
-            steps = args.warmup + args.steps
-            results, _ = run([
-                "dataset=synthetic", f"model={args.arch}", "amp=O0", f"dataset.image_size={size}",
-                f"train.batch_size={args.batch}", "dataset.num_classes=10",
-                f"dataset.train_size={args.batch * steps}", f"dataset.val_size={args.batch}",
-                "train.epochs=1", f"train.steps_per_epoch={steps}",
-                f"train.fps_warmup_steps={args.warmup}", "train.save_checkpoints=false",
-                "train.memory_check=false"], work / f"r{round_index}-{size}")
-            rate = results["throughput_by_size"][str(size)]
+        shift = round_index % len(args.sizes)
+        for size in args.sizes[shift:] + args.sizes[:shift]:
+            trainer = trainers[size]
+            rate = trainer.train_epoch(round_index)["images_per_sec"]
+            trainer.state.epoch, trainer.state.step_in_epoch = round_index + 1, 0
             rates[size].append(rate)
-            print(f"round {round_index + 1}: {args.arch} {size} px: {rate:.2f} img/s",
+            print(f"round {round_index + 1}: {args.arch} {size} px: {rate:.3f} img/s",
                   file=sys.stderr, flush=True)
     largest = statistics.median(rates[max(args.sizes)])
     lines = [f"{machine()}; {args.rounds} interleaved rounds in "
              f"{(time.perf_counter() - started) / 60:.1f} min; {args.arch}, fp32, batch "
-             f"{args.batch}, {args.steps} timed steps after {args.warmup} warm-up",
+             f"{args.batch}, {args.steps} timed steps after {args.warmup} warm-up a round; "
+             f"{torch.get_num_threads()} threads",
              "", f"| size | images/s (median) | range | vs {max(args.sizes)} px | pixels vs "
              f"{max(args.sizes)} px |", "|---|---|---|---|---|"]
     for size in args.sizes:
         median = statistics.median(rates[size])
-        lines.append(f"| {size} px | {median:.2f} | {min(rates[size]):.2f}-{max(rates[size]):.2f}"
-                     f" | {median / largest:.2f}x | {(size / max(args.sizes)) ** 2:.2f} |")
+        lines.append(f"| {size} px | {median:.3f} | {min(rates[size]):.3f}-"
+                     f"{max(rates[size]):.3f} | {median / largest:.2f}x | "
+                     f"{(size / max(args.sizes)) ** 2:.2f} |")
     return "\n".join(lines)
 
 
@@ -198,10 +223,10 @@ def main() -> None:
     speed = parts.add_parser("throughput", help="training images/s at several sizes")
     speed.add_argument("--arch", default="resnet50")
     speed.add_argument("--sizes", type=int, nargs="+", default=[160, 192, 224])
-    speed.add_argument("--batch", type=int, default=4)
-    speed.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    speed.add_argument("--batch", type=int, default=2)
+    speed.add_argument("--steps", type=int, default=1, help="timed steps per round")
     speed.add_argument("--warmup", type=int, default=1)
-    speed.add_argument("--rounds", type=int, default=2)
+    speed.add_argument("--rounds", type=int, default=3)
     accuracy = parts.add_parser("schedule", help="progressive vs fixed size on generated shapes")
     accuracy.add_argument("--epochs", type=int, default=5)
     accuracy.add_argument("--size", type=int, default=48, help="the full (and validation) size")
