@@ -149,14 +149,15 @@ def _shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float,
         draw.line((cx - dx, cy - dy, cx + dx, cy + dy), fill=colour, width=2 * width)
 
 
-def make_shapes(root: Path, per_class: int, val_per_class: int, size: int, seed: int = 0) -> Path:
+def make_shapes(root: Path, per_class: int, val_per_class: int, size: int, seed: int = 0,
+                classes: int = len(SHAPES)) -> Path:
     """An ImageFolder of JPEGs: one shape per image, at a random size, place, angle and colour,
     on a noisy two-colour gradient; outlined and filled shapes are different classes, which
     takes some resolution to tell."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     for split, count in (("train", per_class), ("val", val_per_class)):
-        for label, kind in enumerate(SHAPES):
+        for label, kind in enumerate(SHAPES[:classes]):
             folder = root / split / f"{label}_{kind}"
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
@@ -175,7 +176,8 @@ def make_shapes(root: Path, per_class: int, val_per_class: int, size: int, seed:
 
 
 def schedule(args: argparse.Namespace, work: Path) -> str:
-    root = make_shapes(work / "shapes", args.per_class, args.val_per_class, args.file_size)
+    root = make_shapes(work / "shapes", args.per_class, args.val_per_class, args.file_size,
+                       classes=args.classes)
     common = ["dataset=imagenet", f"dataset.root={root}", "model=resnet18", "amp=O0",
               f"dataset.image_size={args.size}", f"train.epochs={args.epochs}",
               f"train.batch_size={args.batch}", f"optim.lr={args.lr}", "sched.warmup_epochs=1",
@@ -192,7 +194,7 @@ def schedule(args: argparse.Namespace, work: Path) -> str:
             print(f"seed {seed}: {name}: acc1 {results['final_acc1']:.1f} (best "
                   f"{results['best_acc1']:.1f}), train {results['train_seconds']:.0f} s, wall "
                   f"{wall:.0f} s, {results['throughput_by_size']}", file=sys.stderr, flush=True)
-    lines = [f"{machine()}; shapes {len(SHAPES)} classes x {args.per_class} train / "
+    lines = [f"{machine()}; shapes ({', '.join(SHAPES[:args.classes])}) x {args.per_class} train / "
              f"{args.val_per_class} val, {args.file_size} px JPEGs; resnet18 fp32, "
              f"{args.epochs} epochs, batch {args.batch}, lr {args.lr}; validation at "
              f"{args.size} px (resize {round(args.size / 0.875)}); seeds {args.seeds}",
@@ -232,6 +234,8 @@ def main() -> None:
     accuracy.add_argument("--size", type=int, default=48, help="the full (and validation) size")
     accuracy.add_argument("--schedule", default="{start:32,end:48,start_ramp:1,end_ramp:3,step:8}")
     accuracy.add_argument("--per-class", type=int, default=40)
+    accuracy.add_argument("--classes", type=int, default=len(SHAPES),
+                          help="the first N shapes (4: disc, ring, square, frame)")
     accuracy.add_argument("--val-per-class", type=int, default=15)
     accuracy.add_argument("--file-size", type=int, default=64, help="the JPEGs' side")
     accuracy.add_argument("--batch", type=int, default=32)
