@@ -457,7 +457,7 @@ def test_summary_epoch_and_stop_lines_wrap_at_word_and_path_boundaries(
     plan, trainer = _summary_parts(compose, image_folder)
     results = {"best_acc1": 76.5, "final_acc1": 76.25, "final_acc5": 93.125,
                "images_per_sec": 4464.2, "history": [{"epoch": 140, "acc1": 76.5}]}
-    train = {"loss": 1.2345, "acc1": 71.25, "images_per_sec": 4464.2}
+    train = {"loss": 1.2345, "acc1": 71.25, "images_per_sec": 4464.2, "image_size": 224}
     val = {"loss": 0.9876, "acc1": 76.25, "acc5": 93.125, "samples": 50000, "ema_acc1": 77.5,
            "ema_acc5": 93.5}
     summary = [*start_lines(plan, trainer, LONG_RUN_DIR, None),

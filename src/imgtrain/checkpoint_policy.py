@@ -107,6 +107,10 @@ def log_resume_changes(old: dict[str, Any], plan: RunPlan) -> None:
         log.warning("warning: this run was made before optim.lr followed the global batch; "
                     "its lr was %s, now %s (set optim.lr=%s to keep it)", saved["lr"],
                     optim.lr, saved["lr"])
+    schedule = plan.record()["dataset"]["res_schedule"]
+    if old["dataset"].get("res_schedule") != schedule:
+        log.info("resume: dataset.res_schedule changed from %s to %s; the epochs from here "
+                 "train at its sizes", old["dataset"].get("res_schedule"), schedule)
     if old["train"]["epochs"] != plan.train.epochs:
         log.info("resume: train.epochs changed from %s to %s", old["train"]["epochs"],
                  plan.train.epochs)

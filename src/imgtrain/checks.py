@@ -9,6 +9,7 @@ from __future__ import annotations
 from imgtrain.config import Config
 from imgtrain.data import SPLITS, check_dataset
 from imgtrain.data.mixing import check_mixing
+from imgtrain.data.resolution import check_res_schedule
 from imgtrain.data.transforms import val_sizes
 from imgtrain.distributed import check_world
 from imgtrain.ema import check_ema
@@ -89,6 +90,7 @@ def recipe(config: Config) -> None:
             raise ConfigError(f"optim.{key}={getattr(optim, key)} must not be negative")
     check_schedule(config.sched)
     check_mixing(config.dataset)
+    check_res_schedule(config.dataset, train.epochs)
 
 
 def requeues(config: Config) -> None:

@@ -137,6 +137,18 @@ class ModelConfig(Section):
 
 
 @dataclass
+class ResScheduleConfig(Section):
+    """dataset.res_schedule: training sizes ramped over epochs (data/resolution.py); off while
+    start, end, start_ramp and end_ramp are all null."""
+
+    start: Optional[int] = None       # px up to and including epoch start_ramp (0-based)
+    end: Optional[int] = None         # px from epoch end_ramp on
+    start_ramp: Optional[int] = None
+    end_ramp: Optional[int] = None
+    step: int = 32                    # sizes in the ramp round to a multiple of it
+
+
+@dataclass
 class DatasetConfig(Section):
     """The keys of every dataset option; each option's YAML sets the ones it uses."""
 
@@ -167,6 +179,8 @@ class DatasetConfig(Section):
     hflip: float = 0.5                     # flip probability (0: never; digits, text)
     scale: Optional[list[float]] = field(default_factory=lambda: [0.08, 1.0])  # null: no crop
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    # Its keys null (or res_schedule=null): image_size every epoch
+    res_schedule: Optional[ResScheduleConfig] = field(default_factory=ResScheduleConfig)
 
 
 @dataclass

@@ -46,6 +46,8 @@ def epoch_scalars(epoch: int, train: dict[str, float], val: dict[str, Any]) -> d
     values = {"accuracy/val_acc1": val["acc1"], "accuracy/val_acc5": val["acc5"],
               "val/loss": val["loss"], "train/epoch_loss": train["loss"],
               "throughput/epoch_images_per_sec": train["images_per_sec"]}
+    if "image_size" in train:  # the epoch's training crop (dataset.res_schedule ramps it)
+        values["train/image_size"] = train["image_size"]
     if "ema_acc1" in val:
         values.update({"accuracy/val_ema_acc1": val["ema_acc1"],
                        "accuracy/val_ema_acc5": val["ema_acc5"], "val/ema_loss": val["ema_loss"]})

@@ -232,7 +232,8 @@ def fitting_batch(est: Estimate, available: float) -> int:
 def plan(run_plan: RunPlan, device: Any) -> tuple[Estimate, int]:
     """The run's estimate and the per-device micro-batch it is for."""
     per_device = run_plan.batches.micro
-    est = estimate(run_plan.model.arch, run_plan.num_classes, run_plan.dataset.image_size,
+    # Under dataset.res_schedule the largest epoch's crop: the step that must fit.
+    est = estimate(run_plan.model.arch, run_plan.num_classes, run_plan.largest_train_size,
                    run_plan.amp.level, run_plan.amp.dtype is not None,
                    ema=run_plan.ema.decay is not None, device_name=device.name)
     return est, per_device
@@ -259,7 +260,7 @@ def check_memory(run_plan: RunPlan, device: Any, world: Any) -> None:
     raise ConfigError(
         f"training needs about {needed / GIB:.1f} GiB per process (the estimate and a "
         f"{MARGIN:.0%} margin; {run_plan.model.arch}, {per_device} images of "
-        f"{run_plan.dataset.image_size} px per device, amp={run_plan.amp.level}) but "
+        f"{run_plan.largest_train_size} px per device, amp={run_plan.amp.level}) but "
         f"{available / GIB:.1f} GiB is {where}; {advice} "
         "(train.memory_check=false skips this check)")
 

@@ -80,6 +80,9 @@ class RunPlan:
     # mode=eval's test sizes, (resize, crop) each (eval_sweep.py); () without a sweep. The val
     # sizes above are then the first pair's.
     eval_sizes: tuple[tuple[int, int], ...] = ()
+    # Each epoch's training crop (dataset.res_schedule's, else image_size); () where no mode trains
+    train_sizes: tuple[int, ...] = ()
+    scheduled_sizes: bool = False    # dataset.res_schedule is on (data/resolution.py)
 
     # The config's groups, read as plan.train.epochs rather than plan.cfg.train.epochs.
     @property
@@ -134,6 +137,18 @@ class RunPlan:
     @property
     def trains(self) -> bool:
         return self.cfg.mode == "train"
+
+    def train_size(self, epoch: int) -> int:
+        """The training crop of 0-based `epoch`; past train.epochs (mode=bench_data reads on),
+        the last epoch's."""
+        if not self.train_sizes:
+            return int(self.cfg.dataset.image_size)
+        return self.train_sizes[min(epoch, len(self.train_sizes) - 1)]
+
+    @property
+    def largest_train_size(self) -> int:
+        """What memory is planned for: the training step's and the batch pools'."""
+        return max(self.train_sizes, default=int(self.cfg.dataset.image_size))
 
     def with_launch(self, launch: Launch) -> "RunPlan":
         return dataclasses.replace(self, launch=launch)

@@ -15,6 +15,7 @@ from imgtrain import checks, device as devices, weights as model_weights
 from imgtrain.choices import check_choices
 from imgtrain.cli import config_error_line
 from imgtrain.config import Config, lr_rule, unknown_key_line, unknown_keys
+from imgtrain.data.resolution import active as active_schedule, train_sizes
 from imgtrain.data.transforms import val_sizes
 from imgtrain.errors import ConfigError
 from imgtrain.eval_sweep import sweep_sizes
@@ -67,6 +68,7 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
     resize, crop = val_sizes(config.dataset)
     test_sizes = sweep_sizes(config, model_weights.explicit_keys(list(run.overrides)))
     resize, crop = test_sizes[0] if test_sizes else (resize, crop)
+    sizes = train_sizes(config.dataset, config.train.epochs) if config.mode in TRAINS else ()
     config.seal()
     return RunPlan(
         cfg=config, overrides=run.overrides, device=device, job=job, batches=batches,
@@ -75,7 +77,12 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
                        else bool(config.model.channels_last)),
         fused_sgd=resolve_fused(config.optim.fused, info, loss_scaled=scale is not None),
         num_classes=num_classes, val_resize_size=resize, val_crop_size=crop,
-        adopted=tuple(adopted), sample_index=sample_index, eval_sizes=test_sizes)
+        adopted=tuple(adopted), sample_index=sample_index, eval_sizes=test_sizes,
+        train_sizes=sizes,
+        scheduled_sizes=bool(sizes) and active_schedule(config.dataset) is not None)
+
+
+TRAINS = ("train", "bench_data")  # the modes that read training batches
 
 
 def _adopt_weights(config: Config, overrides: tuple[str, ...]) -> list[str]:

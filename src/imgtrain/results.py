@@ -26,6 +26,7 @@ def run_results(plan: RunPlan, trainer: Any) -> dict[str, Any]:
         "epochs": plan.train.epochs,
         "epochs_completed": state.epoch,
         "images_per_sec": state.timed_images / state.timed_seconds if state.timed_seconds else 0.0,
+        "throughput_by_size": state.images_per_sec_by_size(),  # {crop px: img/s}
         "best_acc1": state.best_acc1,
         "final_acc1": last.get("acc1"),
         "final_acc5": last.get("acc5"),

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from imgtrain.config import SchedConfig
 from imgtrain.data import describe, describe_augmentation
+from imgtrain.data.resolution import describe as describe_sizes
 from imgtrain.eta import duration
 from imgtrain.wrap import KEY_COLUMN
 
@@ -79,6 +80,15 @@ def _per_device(plan: RunPlan) -> str:
     return f"{per_device} per device in {micro_steps} micro-steps of {batches.micro}"
 
 
+def _sizes(plan: RunPlan) -> str:
+    """`224 px`; under dataset.res_schedule the training sizes by epoch, then validation's."""
+    if not plan.scheduled_sizes:
+        return f"{plan.dataset.image_size} px"
+    val = (f"val {plan.val_crop_size} px (resize {plan.val_resize_size})"
+           if plan.dataset.name == "imagenet" else f"val {plan.dataset.image_size} px")
+    return f"{describe_sizes(plan.train_sizes, scheduled=True)}; {val}"
+
+
 def recipe(plan: RunPlan, trainer: Any) -> str:
     """The ingredients beyond the seed's recipe that this run turns on; empty when none."""
     train, optim = plan.train, plan.optim  # the data's ingredients: the augment line
@@ -115,7 +125,7 @@ def start_lines(plan: RunPlan, trainer: Any, output_dir: Path,
         f"  model      {arch}, {params:.1f} M parameters",
         f"  data       {describe(data)}: {len(loaders.train.dataset):,} train / "
         f"{len(loaders.val.dataset):,} val images, {plan.num_classes} classes, "
-        f"{data.image_size} px",
+        f"{_sizes(plan)}",
         f"  device     {trainer.device.device_string} x {world_size} "
         f"process{'es' * (world_size > 1)} ({trainer.device.backend})",
         f"  precision  {_precision(trainer.precision)}",
@@ -139,7 +149,16 @@ def epoch_done_line(epoch: int, train: dict[str, Any], val: dict[str, Any]) -> s
            if "ema_acc1" in val else "")
     return (f"epoch {epoch + 1} done: train loss {train['loss']:.4f} acc1 {train['acc1']:.2f} | "
             f"val loss {val['loss']:.4f} acc1 {val['acc1']:.3f} acc5 {val['acc5']:.3f} "
-            f"({val['samples']} images){ema} | {train['images_per_sec']:.1f} img/s")
+            f"({val['samples']} images){ema} | {train['images_per_sec']:.1f} img/s at "
+            f"{train['image_size']} px")
+
+
+def _by_size(results: dict[str, Any]) -> str:
+    """` (160 px 812.0, 192 px 560.3)` where the run trained at more than one size."""
+    by_size = results.get("throughput_by_size") or {}
+    if len(by_size) < 2:
+        return ""
+    return " (" + ", ".join(f"{size} px {rate:.1f}" for size, rate in by_size.items()) + ")"
 
 
 def end_lines(results: dict[str, Any], wall_seconds: float, output_dir: Path) -> list[str]:
@@ -151,7 +170,7 @@ def end_lines(results: dict[str, Any], wall_seconds: float, output_dir: Path) ->
         f"done in {duration(wall_seconds)}: best acc1 {results['best_acc1']:.3f}"
         + (f" (epoch {best_epoch})" if best_epoch else "")
         + f", final acc1 {results['final_acc1']:.3f} acc5 {results['final_acc5']:.3f}",
-        f"  speed      {results['images_per_sec']:.1f} img/s",
+        f"  speed      {results['images_per_sec']:.1f} img/s{_by_size(results)}",
         f"  results    {output_dir / 'results.json'}",
     ]
     if best.exists():

@@ -84,6 +84,7 @@ class Trainer:
         self.fault = injected_fault(plan.train, world.rank)  # test-only; None in real runs
         self.resumed: dict[str, int] | None = None  # where a resume started: epoch, step, restart
         self.resumed_from: Path | None = None       # ... and from which checkpoint
+        self.trained_size: int | None = None        # the last epoch's crop in this process
         self.progress = Progress.for_trainer(self)  # rank 0's console; does nothing elsewhere
         self.profiler = build_profiler(plan.train, output_dir, device, world)
 
@@ -125,6 +126,8 @@ class Trainer:
         """Train one epoch, from the step a resumed checkpoint stopped at; return its metrics."""
         self.model.train()
         first_step = self._start_sampler(epoch)
+        image_size = self.plan.train_size(epoch)
+        self._say_image_size(epoch, image_size)
         meter = EpochMeter(self.device, self.plan.batches, self.plan.train)
         self.progress.start_epoch(epoch, first_step)
         for step, micro_batches in self._steps(first_step):
@@ -143,10 +146,18 @@ class Trainer:
             meter.end_step(self.checkpoints.after_step(step + 1, self.state, self.save_checkpoint))
         if meter.window_steps:  # the epoch's last few steps
             self._log_progress(epoch, self.state.step_in_epoch, meter)
-        self.state.add_time(*meter.stop())
-        metrics = meter.totals(self.world)
+        self.state.add_time(*meter.stop(), image_size=image_size)
+        metrics = {**meter.totals(self.world), "image_size": image_size}
         self._check_finite(f"epoch {epoch + 1}")
         return metrics
+
+    def _say_image_size(self, epoch: int, image_size: int) -> None:
+        """Under dataset.res_schedule, a line when this process starts training or the size
+        changes; the `epoch N done` line names every epoch's size."""
+        if self.plan.scheduled_sizes and image_size != self.trained_size:
+            self.logger.info("epoch %d: training at %d px (dataset.res_schedule)", epoch + 1,
+                             image_size)
+        self.trained_size = image_size
 
     def _start_sampler(self, epoch: int) -> int:
         """Set the sampler at the epoch and the step it resumes from; return that step."""

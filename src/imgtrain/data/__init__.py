@@ -138,11 +138,13 @@ def check_augmentation(dataset: DatasetConfig) -> None:
 
 
 def build_datasets(dataset: DatasetConfig, seed: int, val_sizes: tuple[int, int],
-                   train: bool = True, sample_index: dict[str, str] | None = None
-                   ) -> tuple[Dataset | None, Dataset]:
+                   train: bool = True, sample_index: dict[str, str] | None = None,
+                   largest_train_size: int | None = None) -> tuple[Dataset | None, Dataset]:
     """The training (None unless `train`) and validation sets; `val_sizes`: validation's
     (resize, crop), the plan's val_resize_size and val_crop_size; `sample_index`: the plan's
-    {split: index build folder}, mapped here (a split without one is listed here)."""
+    {split: index build folder}, mapped here (a split without one is listed here). Training
+    items name their crop size (TrainSampler); `largest_train_size` (None: image_size) is the
+    largest they may."""
     name, size = dataset.name, dataset.image_size
     augment = build_augment(dataset)  # training only: validation never augments
     if name == "imagenet":
@@ -164,8 +166,10 @@ def build_datasets(dataset: DatasetConfig, seed: int, val_sizes: tuple[int, int]
                 Cifar10(dataset.root, False))
     common = dict(image_size=size, num_classes=dataset.num_classes, seed=seed,
                   noise=dataset.noise)
+    # Training's noise bank is sized for its largest crop; validation's stays image_size's.
+    train_common = {**common, "image_size": largest_train_size or size}
     return (Synthetic(dataset.train_size, train=True, augment=augment,
-                      crop=T.train_crop(dataset), **common) if train
+                      crop=T.train_crop(dataset), **train_common) if train
             else None, Synthetic(dataset.val_size, train=False, **common))
 
 
@@ -210,7 +214,8 @@ def build_loaders(plan: RunPlan, world: World, accelerator: bool) -> Loaders:
     dataset, batches, seed = plan.dataset, plan.batches, plan.train.seed
     train_set, val_set = build_datasets(dataset, seed, (plan.val_resize_size, plan.val_crop_size),
                                         train=plan.mode != "eval",
-                                        sample_index=plan.sample_index)
+                                        sample_index=plan.sample_index,
+                                        largest_train_size=plan.largest_train_size)
     # The one check the parent cannot make: it counts the images, which only building tells.
     if train_set is not None and len(train_set) < batches.global_batch:
         raise ConfigError(f"train.batch_size={batches.global_batch} is larger than the training "
@@ -221,7 +226,9 @@ def build_loaders(plan: RunPlan, world: World, accelerator: bool) -> Loaders:
     if train_set is not None:
         train_sampler = TrainSampler(len(train_set), world.rank, world.world_size, seed,
                                      ra_reps=int(dataset.ra_reps), micro_batch=batches.micro,
-                                     accumulate_steps=batches.accumulate_steps)
+                                     accumulate_steps=batches.accumulate_steps,
+                                     size_of_epoch=plan.train_size if plan.scheduled_sizes
+                                     else None)
     val_sampler = ExactValSampler(len(val_set), world.rank, world.world_size)
     reuse = _reuse_batch_memory(plan, common, train_set or val_set, train_sampler, val_sampler,
                                 world.local_world_size)
@@ -273,7 +280,7 @@ def shm_per_process(plan: RunPlan, workers: int, train_sampler: TrainSampler | N
     val_batches = math.ceil(len(val_sampler) / batches.val_per_rank)
     needed = pool_bytes(batches.val_per_rank, plan.val_crop_size, workers, slots, val_batches)
     if train_sampler is not None:  # drop_last: only whole micro-batches
-        needed += pool_bytes(batches.micro, int(plan.dataset.image_size), workers, slots,
+        needed += pool_bytes(batches.micro, plan.largest_train_size, workers, slots,
                              len(train_sampler) // batches.micro)
     return needed
 

@@ -78,7 +78,7 @@ class BatchPool:
         self.slots_per_worker = slots_per_worker
         self.state = torch.zeros(1 + workers * slots_per_worker, dtype=torch.int64).share_memory_()
         self.state[0] = 1
-        self._buffers: dict[int, Batch] = {}  # slot -> (NHWC images, labels); filled in workers
+        self._buffers: dict[int, Batch] = {}  # slot -> (flat uint8 pixels, labels); in workers
 
     def __getstate__(self) -> dict[str, Any]:  # workers started by spawn get no buffers
         return {**self.__dict__, "_buffers": {}}
@@ -127,15 +127,24 @@ class BatchPool:
         return None
 
     def _buffer(self, index: int, batch: list[tuple[torch.Tensor, int]]) -> Batch:
-        """Views of the segment's buffers sized for this batch (the last one may be smaller)."""
+        """Views of the segment's buffers shaped for this batch.
+
+        A segment is flat bytes, made for the largest batch it has held: a smaller one (the
+        last batch of a split, or an epoch's smaller crop under dataset.res_schedule) fills its
+        first bytes, and only a larger one makes a new segment. A ramp up to larger crops then
+        replaces each segment once per size, and a changing size never leaves a segment behind
+        that could not hold the next batch.
+        """
         channels, height, width = batch[0][0].shape
         size = len(batch)
-        images, labels = self._buffers.get(index, (None, None))
-        if images is None or images.shape[0] < size or images.shape[1:] != (height, width, channels):
-            images = torch.empty(size, height, width, channels, dtype=torch.uint8).share_memory_()
-            labels = torch.empty(size, dtype=torch.int64).share_memory_()
-            self._buffers[index] = images, labels
-        return images[:size], labels[:size]
+        needed = size * height * width * channels
+        pixels, labels = self._buffers.get(index, (None, None))
+        if pixels is None or pixels.numel() < needed or labels.numel() < size:
+            held = (0, 0) if pixels is None else (pixels.numel(), labels.numel())
+            pixels = torch.empty(max(needed, held[0]), dtype=torch.uint8).share_memory_()
+            labels = torch.empty(max(size, held[1]), dtype=torch.int64).share_memory_()
+            self._buffers[index] = pixels, labels
+        return pixels[:needed].view(size, height, width, channels), labels[:size]
 
 
 class PooledLoader(DataLoader):

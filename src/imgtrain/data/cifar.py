@@ -10,6 +10,7 @@ import torch
 
 from imgtrain.data import transforms as T
 from imgtrain.data.augment import SampleAugment
+from imgtrain.data.samplers import item_parts
 from imgtrain.errors import ConfigError
 
 FOLDER = "cifar-10-batches-py"
@@ -128,13 +129,18 @@ class Cifar10(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = item if isinstance(item, tuple) else (item, 0)
+    def __getitem__(self, item: int | tuple) -> tuple[torch.Tensor, int]:
+        """`item`: an index, or TrainSampler's (index, seed, size): a training crop's seed, and
+        the size it is resized to (dataset.res_schedule's; None: CIFAR's own 32 px)."""
+        index, seed, size = item_parts(item)
         image = self.images[index]
         if self.train:
-            size = image.shape[-1]  # CIFAR's 32 px, whatever dataset.image_size says
-            box, flip = T.train_crop_params(size, size, seed, self.crop)
-            image = T.crop_in_memory(image, box, flip, size)
+            crop_size = image.shape[-1]  # CIFAR's 32 px, whatever dataset.image_size says
+            box, flip = T.train_crop_params(crop_size, crop_size, 0 if seed is None else seed,
+                                            self.crop)
+            image = T.crop_in_memory(image, box, flip, crop_size)
+            if size is not None and size != crop_size:  # dataset.res_schedule's
+                image = T.resize_uint8(image, size, size)
             if self.augment is not None:
                 image = self.augment(image, seed)
         return image.contiguous(), self.labels[index]

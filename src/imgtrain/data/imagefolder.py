@@ -35,6 +35,7 @@ from imgtrain.data import transforms as T
 from imgtrain.data.augment import SampleAugment
 from imgtrain.data.index import SampleIndex, list_split, load as load_index
 from imgtrain.data.index_cache import prepare as prepare_index
+from imgtrain.data.samplers import item_parts
 from imgtrain.errors import ConfigError
 
 log = logging.getLogger("imgtrain")
@@ -116,13 +117,15 @@ class JpegFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = item if isinstance(item, tuple) else (item, 0)
+    def __getitem__(self, item: int | tuple) -> tuple[torch.Tensor, int]:
+        """`item`: an index, or TrainSampler's (index, seed, size): the crop's seed and size."""
+        index, seed, size = item_parts(item)
+        seed = 0 if seed is None else seed
         for attempt in range(len(self)):
             sample = (index + attempt) % len(self)
             label, where = self.label(sample), self.where(sample)
             try:
-                image = self._load(self.read(sample), seed)
+                image = self._load(self.read(sample), seed, size)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 reason = _reason(exc)
                 if not self.skip_bad_images:
@@ -147,18 +150,20 @@ class JpegFolder(torch.utils.data.Dataset):
         """Where sample `index` is, for an error message: its path."""
         return self.folder + os.sep + self.index.path(index)
 
-    def _load(self, data: bytearray, seed: int) -> torch.Tensor:
+    def _load(self, data: bytearray, seed: int, crop_size: int | None = None) -> torch.Tensor:
+        """Training: a crop of `crop_size` (None: image_size); validation: its own sizes."""
         size = jpeg_size(data)  # from the header: none of PIL's Image.open (~20 us an image)
         if not self.train:
             return val_image(data, size, self.image_size, self.val_resize_size)
+        out = crop_size or self.image_size
         if size is None:  # PNG, BMP, ...: decoded whole to learn their size, never drafted
             pixels = decode(data, size)
             box, flip = T.train_crop_params(pixels.shape[2], pixels.shape[1], seed, self.crop)
-            return resized_crop(pixels, box, flip, self.image_size)
+            return resized_crop(pixels, box, flip, out)
         box, flip = T.train_crop_params(*size, seed, self.crop)
-        if min(box[2:]) >= 2 * self.image_size:
-            return drafted_crop(data, box, flip, self.image_size)
-        return resized_crop(decode(data, size), box, flip, self.image_size)
+        if min(box[2:]) >= 2 * out:
+            return drafted_crop(data, box, flip, out)
+        return resized_crop(decode(data, size), box, flip, out)
 
     @staticmethod
     def collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DistributedSampler, Sampler
@@ -10,12 +10,23 @@ from torch.utils.data import DistributedSampler, Sampler
 from imgtrain.data.transforms import sample_seed
 
 
+def item_parts(item: int | tuple) -> tuple[int, int | None, int | None]:
+    """(index, seed, size) of a dataset item: TrainSampler's (index, seed, size), an (index,
+    seed) pair, or a bare index (validation's); a part not given is None (the dataset's own)."""
+    if not isinstance(item, tuple):
+        return item, None, None
+    index, seed, *size = item
+    return index, seed, size[0] if size else None
+
+
 class TrainSampler(DistributedSampler):
-    """DistributedSampler whose items carry their augmentation seed, and which can resume.
+    """DistributedSampler whose items carry their augmentation seed and size, and which can resume.
 
     Yields (index, seed) pairs: the seed depends only on (train seed, epoch, index), so the same
-    sample gets the same crop whichever worker or rank decodes it. `resume_at(step)` drops this
-    rank's samples of the epoch's first steps without touching them, for mid-epoch resume.
+    sample gets the same crop whichever worker or rank decodes it. Under dataset.res_schedule
+    the items are (index, seed, size), the size the epoch's training crop (`size_of_epoch`, the
+    plan's train_size), so loader workers, persistent ones included, keep no state of their own. `resume_at(step)` drops
+    this rank's samples of the epoch's first steps without touching them, for mid-epoch resume.
 
     ra_reps > 1 is repeated augmentation (torchvision's RASampler, references/classification):
     the epoch takes the first ~len / ra_reps images of its shuffle, each ra_reps times with its own
@@ -31,10 +42,14 @@ class TrainSampler(DistributedSampler):
     """
 
     def __init__(self, dataset_len: int, rank: int, world_size: int, seed: int,
-                 ra_reps: int = 1, micro_batch: int = 1, accumulate_steps: int = 1) -> None:
+                 ra_reps: int = 1, micro_batch: int = 1, accumulate_steps: int = 1,
+                 size_of_epoch: Callable[[int], int] | None = None) -> None:
+        """`size_of_epoch`: the training crop of a 0-based epoch; None (no dataset.res_schedule):
+        items are (index, seed) pairs, and the dataset crops to its own size."""
         super().__init__(range(dataset_len), num_replicas=world_size, rank=rank, shuffle=True,
                          seed=seed, drop_last=True)
         self.dataset_len, self.ra_reps = dataset_len, ra_reps
+        self.size_of_epoch = size_of_epoch
         self.micro_batch, self.accumulate_steps = micro_batch, accumulate_steps
         self.micro_batches_per_step = world_size * accumulate_steps
         self.global_batch = micro_batch * self.micro_batches_per_step
@@ -54,12 +69,17 @@ class TrainSampler(DistributedSampler):
         self.earlier_layouts = [(int(first), int(count)) for first, count in earlier_layouts
                                 if first < step]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
         if self.ra_reps == 1:
             skip = self.first_step * self.micro_batch * self.accumulate_steps
             indices = list(super().__iter__())[skip:]
-            return iter([(index, sample_seed(self.seed, self.epoch, index)) for index in indices])
-        return iter(self._repeated())
+            items = [(index, sample_seed(self.seed, self.epoch, index)) for index in indices]
+        else:
+            items = self._repeated()
+        if self.size_of_epoch is None:
+            return iter(items)
+        size = self.size_of_epoch(self.epoch)
+        return iter([(index, seed, size) for index, seed in items])
 
     def __len__(self) -> int:
         if self.ra_reps == 1:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from imgtrain.data.samplers import item_parts
 from imgtrain.data.transforms import TrainCrop, crop_in_memory, mix, train_crop_params
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ class Synthetic(torch.utils.data.Dataset):
     def __init__(self, size: int, image_size: int, num_classes: int, seed: int, train: bool,
                  noise: float = 0.5, augment: SampleAugment | None = None,
                  crop: TrainCrop = TrainCrop(scale=None, hflip=0.0)) -> None:
+        """`image_size`: the size of items that name none, and the largest any item may ask
+        for (training under dataset.res_schedule: its largest)."""
         self.size, self.image_size, self.num_classes = size, image_size, num_classes
         self.train, self.noise, self.seed = train, noise, seed
         self.augment = augment if train else None
@@ -34,8 +37,8 @@ class Synthetic(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(seed)
         # Low-resolution random patterns, upsampled: smooth, so they survive the network's strides.
         coarse = torch.rand(num_classes, 3, 4, 4, generator=generator)
-        self.patterns = torch.nn.functional.interpolate(
-            coarse, size=(image_size, image_size), mode="bilinear", align_corners=False) * 255
+        self.coarse = coarse
+        self.patterns = self._patterns(image_size)
         # Fields twice the image size: windows at different offsets share few pixels.
         self.fields = torch.randn(NOISE_FIELDS, 3, 2 * image_size, 2 * image_size,
                                   generator=generator) * (noise * 0.25 * 255)
@@ -43,31 +46,43 @@ class Synthetic(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def _item(self, item: int | tuple[int, int]) -> tuple[int, int]:
-        """(label, noise seed): the sampler's per-epoch seed in training, a fixed one otherwise."""
-        index, seed = item if isinstance(item, tuple) else (item, self.seed * 7919 + item)
-        return index % self.num_classes, seed
+    def _patterns(self, size: int, labels: list[int] | None = None) -> torch.Tensor:
+        """The patterns of `labels` (None: every class) at `size` px: the same coarse patterns
+        at every size. Another size than image_size makes only its batch's (1000 classes at
+        224 px are 600 MB)."""
+        coarse = self.coarse if labels is None else self.coarse[labels]
+        return torch.nn.functional.interpolate(
+            coarse, size=(size, size), mode="bilinear", align_corners=False) * 255
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def _item(self, item: int | tuple) -> tuple[int, int, int]:
+        """(label, noise seed, size): the sampler's per-epoch seed and size in training, a fixed
+        seed and image_size otherwise."""
+        index, seed, size = item_parts(item)
+        seed = self.seed * 7919 + index if seed is None else seed
+        return index % self.num_classes, seed, size or self.image_size
+
+    def __getitem__(self, item: int | tuple) -> tuple[torch.Tensor, int]:
         return self.__getitems__([item])[0]
 
     def __getitems__(self, items: list) -> list[tuple[torch.Tensor, int]]:
-        """A whole batch at once (DataLoader calls this when it exists), in a few tensor ops."""
-        labels, seeds = zip(*(self._item(item) for item in items))
-        pixels = self._noise(seeds).add_(self.patterns[list(labels)]).clamp_(0, 255)
+        """A whole batch at once (DataLoader calls this when it exists), in a few tensor ops.
+        A batch's items share one size: an epoch's, from the sampler."""
+        labels, seeds, sizes = zip(*(self._item(item) for item in items))
+        size = sizes[0]
+        patterns = (self.patterns[list(labels)] if size == self.image_size
+                    else self._patterns(size, list(labels)))
+        pixels = self._noise(seeds, size).add_(patterns).clamp_(0, 255)
         images = pixels.to(torch.uint8).unbind(0)
-        if self.crop is not None:
-            size = self.image_size
+        if self.crop is not None:  # at the batch's size
             images = [crop_in_memory(image, *train_crop_params(size, size, seed, self.crop), size)
                       for image, seed in zip(images, seeds)]
         if self.augment is not None:  # per sample, each from its own seed
             images = [self.augment(image, seed) for image, seed in zip(images, seeds)]
         return list(zip(images, labels))
 
-    def _noise(self, seeds: tuple[int, ...]) -> torch.Tensor:
-        """Each sample's noise: a window of a bank field at an offset that depends on its seed
-        alone; the windows are views, copied once by the stack."""
-        size = self.image_size
+    def _noise(self, seeds: tuple[int, ...], size: int) -> torch.Tensor:
+        """Each sample's noise: a `size` px window of a bank field at an offset that depends on
+        its seed alone; the windows are views, copied once by the stack."""
         salt = 0 if self.train else 1 << 62  # validation draws from a different stream
         windows = []
         for seed in seeds:
