@@ -59,6 +59,7 @@ CHOICES: dict[str, Choice] = {
     "amp.dtype": Choice(("auto", "float16", "bfloat16")),
     "device.name": Choice(("auto", "npu", "gpu", "cpu")),
     "export.exporter": Choice(("auto", "dynamo", "torchscript")),
+    "model.stem": Choice(("auto", "imagenet", "cifar")),
 }
 
 
