@@ -131,7 +131,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 # decay). HEAD_LR_BASE, per optim.lr_base_size images, was measured against scikit-learn's
 # logistic regression on the same features (benchmarks/README.md, "A head-only fine-tune").
 HEAD_LR_BASE = 1.0
-HEAD_RECIPE_KEYS = ("optim.lr", "optim.lr_base", "optim.weight_decay", "sched.warmup_epochs")
 
 
 def head_recipe(config: Config, given: set[str]) -> str | None:
