@@ -56,7 +56,8 @@ def make_glyphs(root: Path, train: int, test: int, seed: int = 0,
     folder.mkdir(parents=True, exist_ok=True)
     for name, count in (("data_batch_1", train), ("test_batch", test)):
         labels = [i % len(alphabet) for i in range(count)]
-        data = np.stack([glyph(label, rng, alphabet).transpose(2, 0, 1).reshape(-1) for label in labels])
+        data = np.stack([glyph(label, rng, alphabet).transpose(2, 0, 1).reshape(-1)
+                         for label in labels])
         with open(folder / name, "wb") as f:
             pickle.dump({"batch_label": "glyphs", "labels": labels, "data": data,
                          "filenames": [f"{i}.png" for i in range(count)]}, f)
@@ -84,7 +85,8 @@ def main() -> None:
     parser.add_argument("--alphabet", default="0123456789")
     args = parser.parse_args()
     recipe = [f"train.epochs={args.epochs}", f"train.batch_size={args.batch}",
-              f"optim.lr={args.lr}", "optim.weight_decay=5e-4", f"sched.warmup_epochs={args.warmup}",
+              f"optim.lr={args.lr}", "optim.weight_decay=5e-4",
+              f"sched.warmup_epochs={args.warmup}",
               "train.print_freq=1000", "train.save_checkpoints=false"]
     with tempfile.TemporaryDirectory(prefix="cifar_stem") as tmp:
         root = make_glyphs(Path(tmp) / "glyphs", args.train, args.test, alphabet=args.alphabet)

@@ -61,7 +61,8 @@ def test_cifar_stem_keeps_the_maps_large_and_the_estimate_sees_it() -> None:
     shapes = {}
     for stem in ("imagenet", "cifar"):
         model = build_model("resnet18", 10, stem=stem).eval()
-        model.layer4.register_forward_hook(lambda _m, _i, out, s=stem: shapes.update({s: out.shape}))
+        model.layer4.register_forward_hook(
+            lambda _module, _inputs, out, s=stem: shapes.update({s: out.shape}))
         with torch.no_grad():
             model(torch.zeros(1, 3, 32, 32))
     assert shapes == {"imagenet": (1, 512, 1, 1), "cifar": (1, 512, 4, 4)}

@@ -260,11 +260,15 @@ def check_memory(run_plan: RunPlan, device: Any, world: Any) -> None:
               "dataset.image_size")
     raise ConfigError(
         f"training needs about {needed / GIB:.1f} GiB per process (the estimate and a "
-        f"{MARGIN:.0%} margin; {run_plan.model.arch}"
-        f"{' with the CIFAR stem' if run_plan.model.stem == 'cifar' else ''}, {per_device} images of "
+        f"{MARGIN:.0%} margin; {run_plan.model.arch}{_stem_note(run_plan.model.stem)}, "
+        f"{per_device} images of "
         f"{run_plan.dataset.image_size} px per device, amp={run_plan.amp.level}) but "
         f"{available / GIB:.1f} GiB is {where}; {advice} "
         "(train.memory_check=false skips this check)")
+
+
+def _stem_note(stem: str) -> str:
+    return " with the CIFAR stem" if stem == "cifar" else ""
 
 
 def memory_scalars(device: Any) -> dict[str, float]:

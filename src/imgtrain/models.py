@@ -1,5 +1,5 @@
-"""model=resnet18|34|50|101|152: torchvision's ResNets, with the ImageNet or the CIFAR stem, optionally
-with a frozen backbone."""
+"""model=resnet18|34|50|101|152: torchvision's ResNets, with the ImageNet or the CIFAR stem,
+optionally with a frozen backbone."""
 from __future__ import annotations
 
 import torch

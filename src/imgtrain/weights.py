@@ -210,10 +210,10 @@ def load_into(model: nn.Module, weights: WeightsFile, arch: str, allow_new_fc: b
     if weights.arch and weights.arch != arch:
         raise ConfigError(f"model.weights {weights.path} holds {weights.arch} weights, but "
                           f"model.arch is {arch}; use model={weights.arch}")
-    ours = stem_of(expected)
-    if weights.stem and ours and weights.stem != ours:
+    stem = stem_of(expected)
+    if weights.stem and stem and weights.stem != stem:
         raise ConfigError(f"model.weights {weights.path} holds {arch} weights with the "
-                          f"{STEM_NAMES[weights.stem]}, but the model has the {STEM_NAMES[ours]}; "
+                          f"{STEM_NAMES[weights.stem]}, but the model has the {STEM_NAMES[stem]}; "
                           f"use model.stem={weights.stem}")
     fc, theirs, ours = "fc.weight", weights.state.get("fc.weight"), expected["fc.weight"]
     if theirs is not None and theirs.shape != ours.shape:
@@ -287,11 +287,13 @@ def _take_stem(config: Any, weights: WeightsFile, given: set[str]) -> list[str]:
 
 
 def _take_dataset(config: Any, weights: WeightsFile, given: set[str]) -> list[str]:
-    """mode=eval of an imgtrain checkpoint without dataset.root (nor dataset=, experiment=): the dataset its
-    run trained on, where that was a folder (an ImageFolder tree or CIFAR-10's pickles). A root
-    recorded relative to the run's working directory is found from the run's record."""
+    """mode=eval of an imgtrain checkpoint without dataset.root (nor dataset=, experiment=): the
+    dataset its run trained on, where that was a folder (an ImageFolder tree or CIFAR-10's
+    pickles). A root recorded relative to the run's working directory is found from the run's
+    record."""
     name, root = weights.dataset.get("name"), weights.dataset.get("root")
-    if given & {"dataset", "dataset.root", "experiment"} or name not in ("imagenet", "cifar10") or not root:
+    if given & {"dataset", "dataset.root", "experiment"} or not root or \
+            name not in ("imagenet", "cifar10"):
         return []
     path = Path(str(root)).expanduser()
     run_dir = weights.path.resolve().parent.parent  # <run>/checkpoints/<file>
