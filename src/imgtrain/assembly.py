@@ -66,7 +66,7 @@ def _network(plan: RunPlan, loaders: Loaders, from_weights: bool) -> nn.Module:
     """The plan's network: model.weights loaded unless a resume restores the run's own, and
     model.freeze applied."""
     model = build_model(plan.model.arch, plan.num_classes,
-                        zero_init_residual=plan.model.zero_init_residual)
+                        zero_init_residual=plan.model.zero_init_residual, stem=plan.model.stem)
     if from_weights and plan.model.weights:
         source = model_weights.read(plan.model.weights, plan.model.weights_key)
         if plan.mode == "eval":

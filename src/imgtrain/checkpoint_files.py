@@ -90,7 +90,8 @@ def identity(plan: RunPlan) -> dict[str, Any]:
     """What a run's checkpoint must share with the run that resumes it: saved in every checkpoint
     and compared on resume (check_compatible)."""
     return {"arch": plan.model.arch, "num_classes": plan.num_classes,
-            "global_batch_size": plan.batches.global_batch, "freeze": plan.model.freeze}
+            "global_batch_size": plan.batches.global_batch, "freeze": plan.model.freeze,
+            "stem": plan.model.stem}
 
 
 def load_resume(path: Path, plan: RunPlan) -> dict[str, Any]:

@@ -60,6 +60,7 @@ CHOICES: dict[str, Choice] = {
     "device.name": Choice(("auto", "npu", "gpu", "cpu")),
     "export.exporter": Choice(("auto", "dynamo", "torchscript")),
     "dataset.format": Choice(("folder", "shards")),
+    "model.stem": Choice(("auto", "imagenet", "cifar")),
 }
 
 

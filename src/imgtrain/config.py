@@ -134,6 +134,7 @@ class ModelConfig(Section):
     compile: bool = False
     compile_backend: str = "inductor"  # a torch._dynamo backend: inductor, aot_eager, ...
     compile_mode: Optional[str] = None  # inductor's: default | reduce-overhead | max-autotune ...
+    stem: str = "auto"  # auto (cifar for dataset=cifar10, else imagenet) | imagenet | cifar
 
 
 @dataclass

@@ -129,7 +129,7 @@ def export(plan: RunPlan, weights: WeightsFile) -> dict[str, Any]:
     arch, size = plan.model.arch, plan.val_crop_size  # validation's crop
     if weights.num_classes is None:
         raise ConfigError(f"model.weights {weights.path} has no fc.weight: not a classifier")
-    model = build_model(arch, weights.num_classes)
+    model = build_model(arch, weights.num_classes, stem=plan.model.stem)
     load_into(model, weights, arch, allow_new_fc=False)
     wrapped = Normalized(model).eval()
     path = out / "model.onnx"

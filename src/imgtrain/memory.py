@@ -139,12 +139,13 @@ def _half_network(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def estimate(arch: str, num_classes: int, image_size: int, amp_level: str, half: bool,
-             ema: bool = False, device_name: str = "cpu") -> Estimate:
-    """Peak training memory of one process: per image of the per-device batch, and fixed."""
+             ema: bool = False, device_name: str = "cpu", stem: str = "imagenet") -> Estimate:
+    """Peak training memory of one process: per image of the per-device batch, and fixed.
+    The stem sets the feature maps' sizes: the CIFAR stem's layer1 works on 16x the pixels."""
     from imgtrain.models import build_model
 
     with torch.device("meta"):
-        model = build_model(arch, num_classes)
+        model = build_model(arch, num_classes, stem=stem)
     model.train()
     half_dtype = torch.float16 if half and amp_level in ("O1", "O2") else None
     if half_dtype is not None:
@@ -235,7 +236,8 @@ def plan(run_plan: RunPlan, device: Any) -> tuple[Estimate, int]:
     # Under dataset.res_schedule the largest epoch's crop: the step that must fit.
     est = estimate(run_plan.model.arch, run_plan.num_classes, run_plan.largest_train_size,
                    run_plan.amp.level, run_plan.amp.dtype is not None,
-                   ema=run_plan.ema.decay is not None, device_name=device.name)
+                   ema=run_plan.ema.decay is not None, device_name=device.name,
+                   stem=run_plan.model.stem)
     return est, per_device
 
 
@@ -259,10 +261,15 @@ def check_memory(run_plan: RunPlan, device: Any, world: Any) -> None:
               "dataset.image_size")
     raise ConfigError(
         f"training needs about {needed / GIB:.1f} GiB per process (the estimate and a "
-        f"{MARGIN:.0%} margin; {run_plan.model.arch}, {per_device} images of "
+        f"{MARGIN:.0%} margin; {run_plan.model.arch}{_stem_note(run_plan.model.stem)}, "
+        f"{per_device} images of "
         f"{run_plan.largest_train_size} px per device, amp={run_plan.amp.level}) but "
         f"{available / GIB:.1f} GiB is {where}; {advice} "
         "(train.memory_check=false skips this check)")
+
+
+def _stem_note(stem: str) -> str:
+    return " with the CIFAR stem" if stem == "cifar" else ""
 
 
 def memory_scalars(device: Any) -> dict[str, float]:

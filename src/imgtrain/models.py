@@ -1,4 +1,5 @@
-"""model=resnet18|34|50|101|152: torchvision's ResNets, optionally with a frozen backbone."""
+"""model=resnet18|34|50|101|152: torchvision's ResNets, with the ImageNet or the CIFAR stem,
+optionally with a frozen backbone."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,13 @@ from imgtrain.config import ModelConfig
 from imgtrain.errors import ConfigError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# model.stem: torchvision's 7x7 stride-2 conv1 and 3x3 stride-2 max-pool (ImageNet), or a 3x3
+# stride-1 conv1 and no max-pool (kuangliu/pytorch-cifar's ResNets, the CIFAR-10 speed records'
+# ResNet-18s): 32 px images then reach layer4 as 4x4 maps instead of 1x1.
+STEMS = ("imagenet", "cifar")
+STEM_NAMES = {"imagenet": "ImageNet stem (7x7/2 conv, max-pool)",
+              "cifar": "CIFAR stem (3x3/1 conv, no max-pool)"}
+_STEM_KERNELS = {7: "imagenet", 3: "cifar"}  # conv1's kernel size tells a state dict's stem
 
 
 def check_arch(arch: str) -> None:
@@ -16,12 +24,35 @@ def check_arch(arch: str) -> None:
         raise ConfigError(f"unknown model.arch {arch!r}; valid: {', '.join(ARCHS)}")
 
 
-def build_model(arch: str, num_classes: int, zero_init_residual: bool = False) -> nn.Module:
+def build_model(arch: str, num_classes: int, zero_init_residual: bool = False,
+                stem: str = "imagenet") -> nn.Module:
     """A torchvision ResNet; `zero_init_residual` zeroes each residual block's last BatchNorm
-    weight, so every block starts as the identity (torchvision's argument, on in timm)."""
+    weight, so every block starts as the identity (torchvision's argument, on in timm); `stem`:
+    model.stem as resolved (imagenet or cifar)."""
     check_arch(arch)
-    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
-                                        zero_init_residual=zero_init_residual)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
+                                         zero_init_residual=zero_init_residual)
+    if stem == "cifar":
+        conv = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # torchvision's
+        model.conv1, model.maxpool = conv, nn.Identity()
+    elif stem != "imagenet":
+        raise ValueError(f"unresolved model.stem {stem!r}")  # resolve_stem's job: a bug
+    return model
+
+
+def resolve_stem(setting: str, dataset_name: str) -> str:
+    """model.stem=auto: the CIFAR stem for dataset=cifar10's 32 px images, the ImageNet stem for
+    every other dataset (the CIFAR stem costs about 15x the compute at the same size)."""
+    if setting != "auto":
+        return setting
+    return "cifar" if dataset_name == "cifar10" else "imagenet"
+
+
+def stem_of(state: dict[str, torch.Tensor]) -> str | None:
+    """The stem a ResNet state dict was trained with (None: no conv1 imgtrain knows)."""
+    conv1 = state.get("conv1.weight")
+    return None if conv1 is None or conv1.dim() != 4 else _STEM_KERNELS.get(int(conv1.shape[-1]))
 
 
 def check_compile(model: ModelConfig) -> None:

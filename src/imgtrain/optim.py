@@ -8,7 +8,7 @@ import torch
 
 from torch import nn
 
-from imgtrain.config import OptimConfig, SchedConfig
+from imgtrain.config import Config, OptimConfig, SchedConfig
 from imgtrain.device import DeviceInfo
 from imgtrain.errors import ConfigError
 
@@ -123,6 +123,33 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         group.update(flags)
     if any(group.get("fused") for group in optimizer.param_groups):
         zero_momentum(optimizer)
+
+
+# model.freeze=backbone trains one linear layer on fixed features: a convex problem, which wants
+# neither the backbone's warm-up nor its weight decay, and a larger lr than the whole network's
+# (linear probes: MoCo's SGD at lr 30, MAE's and SimCLR's 0.1 per 256 with LARS, all without weight
+# decay). HEAD_LR_BASE, per optim.lr_base_size images, was measured against scikit-learn's
+# logistic regression on the same features (benchmarks/README.md, "A head-only fine-tune").
+HEAD_LR_BASE = 1.0
+
+
+def head_recipe(config: Config, given: set[str]) -> str | None:
+    """model.freeze=backbone: the head's own defaults for the keys the command line leaves
+    unset (lr HEAD_LR_BASE per optim.lr_base_size images, no weight decay, no warm-up), set
+    once, before the config is sealed. Returns how the lr was chosen (None: not a head-only
+    fine-tune, or optim.lr / lr_base given)."""
+    if config.model.freeze != "backbone" or config.mode != "train":
+        return None
+    if "optim.weight_decay" not in given:
+        config.optim.weight_decay = 0.0
+    if "sched.warmup_epochs" not in given:
+        config.sched.warmup_epochs = 0
+    if given & {"optim.lr", "optim.lr_base"}:
+        return None
+    config.optim.lr = HEAD_LR_BASE * config.train.batch_size / config.optim.lr_base_size
+    return (f"the head's {HEAD_LR_BASE:g} x global batch {config.train.batch_size} / "
+            f"{config.optim.lr_base_size} (model.freeze=backbone: a linear layer's lr, no "
+            "weight decay, no warm-up; set optim.lr to override)")
 
 
 def check_schedule(sched: SchedConfig) -> None:

@@ -90,7 +90,7 @@ def predict(plan: RunPlan, out: Path, device: DeviceInfo,
     if weights.num_classes is None:
         raise ConfigError(f"model.weights {weights.path} has no fc.weight: not a classifier")
     arch = plan.model.arch
-    model = build_model(arch, weights.num_classes)
+    model = build_model(arch, weights.num_classes, stem=plan.model.stem)
     load_into(model, weights, arch, allow_new_fc=False)
     model.to(device.torch_device).eval()
     names = weights.class_names

@@ -16,6 +16,7 @@ import datetime
 import shutil
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 from imgtrain import jobenv, slurm
@@ -48,6 +49,17 @@ def record_subdir(output_dir: str, node_rank: int = 0) -> str | None:
 
 def _name(number: int) -> str:
     return RECORD if number == 1 else f"{RECORD}-{number}"
+
+
+def recorded_cwd(run_dir: Path) -> Path | None:
+    """The working directory the run's first command started in (Hydra's hydra.runtime.cwd in
+    its record), against which the paths it was given relative to resolve; None without one."""
+    try:
+        record = yaml.safe_load((Path(run_dir) / RECORD / "hydra.yaml").read_text())
+        cwd = record["hydra"]["runtime"]["cwd"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return Path(cwd) if isinstance(cwd, str) else None
 
 
 def discard_startup(output_dir: str, started: float, keep_error_record: bool) -> bool:

@@ -20,7 +20,8 @@ from imgtrain.data.transforms import val_sizes
 from imgtrain.errors import ConfigError
 from imgtrain.eval_sweep import sweep_sizes
 from imgtrain.jobenv import plan_job
-from imgtrain.optim import resolve_fused
+from imgtrain.models import resolve_stem
+from imgtrain.optim import head_recipe, resolve_fused
 from imgtrain.plan import Amp, Batches, Identity, RunPlan
 from imgtrain.precision import resolve_dtype, resolve_loss_scale
 
@@ -57,6 +58,10 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
     config, device, job = run.cfg, run.device, run.job
     config.model.weights = model_weights.in_run_folder(config.model.weights)
     checks.mode_and_model(config)
+    given = model_weights.explicit_keys(list(run.overrides))
+    adopted = _adopt_weights(config, given)  # before the checks of what it takes (arch, data)
+    config.model.stem = resolve_stem(config.model.stem, config.dataset.name)
+    rule = head_recipe(config, given) or run.lr_rule
     info = devices.DeviceInfo(device)
     dtype = resolve_dtype(config.amp.level, str(config.amp.dtype), info)
     scale = resolve_loss_scale(config.amp.level, dtype, config.amp.loss_scale)
@@ -64,15 +69,14 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
     batches = plan_batches(config, job.world_size)
     checks.train_settings(config)
     num_classes, sample_index = checks.data_for_mode(config, job)
-    adopted = _adopt_weights(config, run.overrides)
     resize, crop = val_sizes(config.dataset)
-    test_sizes = sweep_sizes(config, model_weights.explicit_keys(list(run.overrides)))
+    test_sizes = sweep_sizes(config, given)
     resize, crop = test_sizes[0] if test_sizes else (resize, crop)
     sizes = train_sizes(config.dataset, config.train.epochs) if config.mode in TRAINS else ()
     config.seal()
     return RunPlan(
         cfg=config, overrides=run.overrides, device=device, job=job, batches=batches,
-        amp=Amp(config.amp.level, dtype, scale), lr_rule=run.lr_rule,
+        amp=Amp(config.amp.level, dtype, scale), lr_rule=rule,
         channels_last=(device == "gpu" if config.model.channels_last == "auto"
                        else bool(config.model.channels_last)),
         fused_sgd=resolve_fused(config.optim.fused, info, loss_scaled=scale is not None),
@@ -85,12 +89,14 @@ def resolve(run: DictConfig | Identity, overrides: list[str] | None = None) -> R
 TRAINS = ("train", "bench_data")  # the modes that read training batches
 
 
-def _adopt_weights(config: Config, overrides: tuple[str, ...]) -> list[str]:
-    """mode=eval|predict|export: the checkpoint names its model (model_weights.adopt); the lines
-    saying what was taken from it, which the worker logs to train.log."""
-    if config.mode not in ("eval", "predict", "export"):
+def _adopt_weights(config: Config, given: set[str]) -> list[str]:
+    """mode=eval|predict|export, and training from model.weights (a fine-tune): the checkpoint
+    names its model (model_weights.adopt); the lines saying what was taken from it, which the
+    worker logs to train.log."""
+    if config.mode not in ("eval", "predict", "export") and not (
+            config.mode == "train" and config.model.weights):
         return []
-    return model_weights.adopt(config, model_weights.explicit_keys(list(overrides)))
+    return model_weights.adopt(config, given)
 
 
 def plan_batches(config: Config, world_size: int) -> Batches:

@@ -8,6 +8,7 @@ from imgtrain.config import SchedConfig
 from imgtrain.data import describe, describe_augmentation
 from imgtrain.data.resolution import describe as describe_sizes
 from imgtrain.eta import duration
+from imgtrain.models import STEM_NAMES
 from imgtrain.wrap import KEY_COLUMN
 
 if TYPE_CHECKING:
@@ -62,6 +63,17 @@ def fitted(lines: list[str], width: int = WIDTH) -> list[str]:
                 current += " " + word
         out.append(current)
     return out
+
+
+def _frozen(plan: RunPlan, model: Any) -> list[str]:
+    """model.freeze=backbone: what stays fixed and what trains, counted."""
+    if plan.model.freeze == "none":
+        return []
+    counts = {True: 0, False: 0}
+    for param in model.parameters():
+        counts[param.requires_grad] += param.numel()
+    return [f"  frozen     backbone ({counts[False]:,} parameters), training: fc "
+            f"({counts[True]:,} parameters)"]
 
 
 def _ranks_note(world_size: int) -> list[str]:
@@ -122,7 +134,8 @@ def start_lines(plan: RunPlan, trainer: Any, output_dir: Path,
                   + (f"{output_dir}, {why}" if why else str(resumed_from)))
     return fitted([
         f"imgtrain: {plan.mode} {arch} on {describe(data, with_root=False)}",
-        f"  model      {arch}, {params:.1f} M parameters",
+        f"  model      {arch}, {STEM_NAMES[plan.model.stem]}, {params:.1f} M parameters",
+        *_frozen(plan, trainer.model),
         f"  data       {describe(data)}: {len(loaders.train.dataset):,} train / "
         f"{len(loaders.val.dataset):,} val images, {plan.num_classes} classes, "
         f"{_sizes(plan)}",

@@ -26,6 +26,8 @@ from torch import nn
 from imgtrain.data.transforms import VAL_SIZE_KEYS
 from imgtrain.config import override_key
 from imgtrain.errors import ConfigError
+from imgtrain.models import STEM_NAMES, resolve_stem, stem_of
+from imgtrain.records import recorded_cwd
 
 log = logging.getLogger("imgtrain")
 # weights_only=True refuses every class it does not know. argparse.Namespace (timm's and
@@ -51,6 +53,12 @@ class WeightsFile:
     class_names: list[str] | None
     image_size: int | None             # imgtrain checkpoints: the size they were trained at
     val_sizes: dict[str, int] = field(default_factory=dict)  # ... and validated at, where set
+    dataset: dict[str, Any] = field(default_factory=dict)    # ... and their run's dataset keys
+
+    @property
+    def stem(self) -> str | None:
+        """imagenet or cifar, from conv1's kernel (None: not a ResNet imgtrain knows)."""
+        return stem_of(self.state)
 
     @property
     def num_classes(self) -> int | None:
@@ -77,7 +85,8 @@ def read(path: str, weights_key: str | None = None) -> WeightsFile:
         class_names=list(names) if isinstance(names, (list, tuple)) else None,
         image_size=config.get("dataset", {}).get("image_size"),
         val_sizes={key: config["dataset"][key] for key in VAL_SIZE_KEYS
-                   if config.get("dataset", {}).get(key) is not None})
+                   if config.get("dataset", {}).get(key) is not None},
+        dataset=dict(config.get("dataset") or {}))
 
 
 def _load(file: Path) -> Any:
@@ -201,6 +210,11 @@ def load_into(model: nn.Module, weights: WeightsFile, arch: str, allow_new_fc: b
     if weights.arch and weights.arch != arch:
         raise ConfigError(f"model.weights {weights.path} holds {weights.arch} weights, but "
                           f"model.arch is {arch}; use model={weights.arch}")
+    stem = stem_of(expected)
+    if weights.stem and stem and weights.stem != stem:
+        raise ConfigError(f"model.weights {weights.path} holds {arch} weights with the "
+                          f"{STEM_NAMES[weights.stem]}, but the model has the {STEM_NAMES[stem]}; "
+                          f"use model.stem={weights.stem}")
     fc, theirs, ours = "fc.weight", weights.state.get("fc.weight"), expected["fc.weight"]
     if theirs is not None and theirs.shape != ours.shape:
         if theirs.shape[1] != ours.shape[1]:
@@ -225,9 +239,11 @@ def explicit_keys(overrides: list[str]) -> set[str]:
 
 
 def adopt(config: Any, given: set[str]) -> list[str]:
-    """mode=eval|predict|export: read model.weights and take its arch and image size (unless given
-    on the command line), so the checkpoint alone says what model it holds. Called once, by
-    resolve.py, before the config is sealed; returns the lines that say what was taken."""
+    """mode=eval|predict|export, and a fine-tune (mode=train from model.weights): read
+    model.weights and take its arch, stem and image size (unless given on the command line), so
+    the checkpoint alone says what model it holds; mode=eval also takes the dataset its run
+    validated on. Called once, by resolve.py, before the config is sealed; returns the lines that
+    say what was taken."""
     mode, model = config.mode, config.model
     if not model.weights:
         raise ConfigError(f"mode={mode} needs model.weights=<checkpoint or state-dict file>")
@@ -240,12 +256,55 @@ def adopt(config: Any, given: set[str]) -> list[str]:
                               "to use the checkpoint's arch")
         lines.append(f"using model.arch={weights.arch} from {weights.path.name}")
         model.arch = weights.arch
+    if mode == "eval":
+        lines += _take_dataset(config, weights, given)
+    lines += _take_stem(config, weights, given)
     size = weights.image_size
-    if size and size != config.dataset.image_size and "dataset.image_size" not in given:
+    # CIFAR-10's images are 32 px whatever the checkpoint was trained at: its size stays.
+    if size and size != config.dataset.image_size and "dataset.image_size" not in given and \
+            config.dataset.name != "cifar10":
         lines.append(f"using dataset.image_size={size} from {weights.path.name} "
                      "(as it was trained)")
         config.dataset.image_size = size
     return lines + _take_val_sizes(config, weights, given)
+
+
+def _take_stem(config: Any, weights: WeightsFile, given: set[str]) -> list[str]:
+    """The checkpoint's stem, which its conv1 fixes: a stem asked for on the command line that
+    differs is refused here, in one line, rather than by a mismatched load in every rank."""
+    model = config.model
+    if weights.stem is None:
+        return []
+    wanted = resolve_stem(model.stem, config.dataset.name)
+    model.stem = weights.stem
+    if weights.stem == wanted:
+        return []
+    if "model.stem" in given:
+        raise ConfigError(f"model.weights {weights.path} holds weights with the "
+                          f"{STEM_NAMES[weights.stem]}, but model.stem={wanted} was asked for; "
+                          "drop that override to use the checkpoint's stem")
+    return [f"using model.stem={weights.stem} from {weights.path.name}"]
+
+
+def _take_dataset(config: Any, weights: WeightsFile, given: set[str]) -> list[str]:
+    """mode=eval of an imgtrain checkpoint without dataset.root (nor dataset=, experiment=): the
+    dataset its run trained on, where that was a folder (an ImageFolder tree or CIFAR-10's
+    pickles). A root recorded relative to the run's working directory is found from the run's
+    record."""
+    name, root = weights.dataset.get("name"), weights.dataset.get("root")
+    if given & {"dataset", "dataset.root", "experiment"} or not root or \
+            name not in ("imagenet", "cifar10"):
+        return []
+    path = Path(str(root)).expanduser()
+    run_dir = weights.path.resolve().parent.parent  # <run>/checkpoints/<file>
+    started_in = recorded_cwd(run_dir) if weights.path.parent.name == "checkpoints" else None
+    if not path.is_absolute() and started_in is not None:
+        path = started_in / path
+    if not path.exists():
+        raise ConfigError(f"model.weights {weights.path} was trained on dataset.root={root}, "
+                          f"which is not at {path}; give dataset.root= (and dataset=) to evaluate")
+    config.dataset.name, config.dataset.root = name, str(path)
+    return [f"using dataset={name} dataset.root={path} from {weights.path.name}'s run"]
 
 
 def _take_val_sizes(config: Any, weights: WeightsFile, given: set[str]) -> list[str]:
@@ -255,7 +314,7 @@ def _take_val_sizes(config: Any, weights: WeightsFile, given: set[str]) -> list[
     sizes = {"dataset.image_size", *(f"dataset.{key}" for key in VAL_SIZE_KEYS),
              "eval.crop_sizes", "eval.sizes"}  # a sweep's sizes are its own too
     if not weights.val_sizes or given & sizes or (
-            config.mode == "eval" and config.dataset.name != "imagenet"):
+            config.mode in ("eval", "train") and config.dataset.name != "imagenet"):
         return []
     for key, value in weights.val_sizes.items():
         setattr(config.dataset, key, value)
