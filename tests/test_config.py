@@ -96,8 +96,9 @@ def test_every_group_option_builds(compose, group: str, option: str, tmp_path: P
         overrides += ["world.nproc_per_node=1"]
     if group == "experiment":
         overrides += ["train.batch_size=4", "model=resnet18"]
-    if option == "resnet152_v2":  # an ImageFolder recipe: its validation sizes are imagenet's
+    if option in ("resnet152_v2", "resnet152_lowres"):  # ImageFolder recipes: validation sizes
         overrides = [o for o in overrides if not o.startswith("dataset")] + [
+            *(["dataset.res_schedule=null"] if option == "resnet152_lowres" else []),
             "dataset.image_size=32", "dataset.workers=0", "dataset.val_resize_size=36",
             "dataset.val_crop_size=32", *_dataset_overrides("imagenet", tmp_path, cifar_root)]
     if group == "device":

@@ -449,3 +449,28 @@ def test_the_v2_experiment_holds_torchvisions_recipe_on_any_world(compose: Any, 
     assert (data.auto_augment, data.random_erase, data.mixup_alpha, data.cutmix_alpha,
             data.ra_reps) == ("ta_wide", 0.1, 0.2, 1.0, 4)
     assert (config.ema.decay, config.ema.steps) == (0.99998, 32)
+
+
+# ---- experiment=resnet152_lowres, cifar10_resnet18 (#31.5) ---------------------------------
+def test_the_low_resolution_preset_holds_ffcvs_schedule_and_tests_larger(compose: Any) -> None:
+    from imgtrain.data.resolution import train_sizes
+    config = identify(compose("experiment=resnet152_lowres"), []).cfg
+    data, train = config.dataset, config.train
+    sizes = train_sizes(data, train.epochs)
+    # FFCV's get_resolution over 88 epochs: 160 px until the ramp, 192 px at its end and after.
+    assert len(sizes) == 88 and set(sizes[:66]) == {160} and set(sizes[76:]) == {192}
+    assert sizes == tuple(sorted(sizes)) and all(size % 32 == 0 for size in sizes)
+    assert (config.model.arch, train.label_smoothing, config.optim.norm_weight_decay) == (
+        "resnet152", 0.1, 0.0)
+    # Validation above the largest training size (FixRes), with the seed's optimizer and schedule.
+    assert (data.val_resize_size, data.val_crop_size) == (256, 224) and data.image_size == 192
+    assert (config.optim.lr, config.optim.weight_decay, config.sched.warmup_epochs) == (0.1, 1e-4, 5)
+
+
+def test_the_cifar10_preset_is_the_cifar_resnet18_recipe(compose: Any) -> None:
+    config = identify(compose("experiment=cifar10_resnet18"), []).cfg
+    assert (config.dataset.name, config.model.arch, config.model.stem) == (
+        "cifar10", "resnet18", "cifar")
+    assert (config.train.epochs, config.train.batch_size, config.optim.lr) == (200, 128, 0.1)
+    assert (config.optim.weight_decay, config.sched.warmup_epochs) == (5e-4, 0)
+    assert config.dataset.scale is None  # CIFAR's 4-pixel padded crop, not a random-resized one
