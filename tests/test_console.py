@@ -155,7 +155,9 @@ def test_help_lists_groups_keys_and_commands() -> None:
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     for group_line in ("amp: O0, O1, O2", "dataset: cifar10, imagenet, synthetic",
-                       "device: auto, cpu, gpu, npu", "experiment: quickstart",
+                       "device: auto, cpu, gpu, npu",
+                       "experiment: cifar10_resnet18, quickstart, resnet152_lowres, resnet152_v2, "
+                       "small_images",
                        "model: resnet101, resnet152, resnet18, resnet34, resnet50",
                        "sched: cosine, step", "world: 1p, 8p"):
         assert group_line in text, text

@@ -187,6 +187,7 @@ WORD_OR_VALUE = {
     "amp.dtype": (["auto", "float16", "bfloat16"], ["maybe", "fp16"], "bfloat16"),
     "device.name": (["auto", "cpu"], ["maybe", "cuda"], "npu, gpu or cpu"),
     "export.exporter": (["auto", "dynamo", "torchscript"], ["maybe", "onnx"], "torchscript"),
+    "model.stem": (["auto", "imagenet", "cifar"], ["maybe", "cifar10"], "cifar"),
 }
 
 
@@ -207,8 +208,9 @@ def _word_or_value_keys() -> list[str]:
 def test_every_key_that_takes_a_word_or_a_value_refuses_anything_else(compose: Any) -> None:
     keys = set(_word_or_value_keys())
     # Paths, checked where they are read (any text may name a file): train.resume (auto or a
-    # checkpoint), predict.inputs (a path or a list of them: predict.gather).
-    assert keys - {"train.resume", "predict.inputs"} == set(WORD_OR_VALUE), keys
+    # checkpoint), predict.inputs (a path or a list of them: predict.gather), dataset.index_cache
+    # (auto or a folder: data/index_cache.py).
+    assert keys - {"train.resume", "predict.inputs", "dataset.index_cache"} == set(WORD_OR_VALUE), keys
     composed = compose("experiment=quickstart", "device=cpu", "amp=O0")
     for key, (accepted, refused, phrase) in WORD_OR_VALUE.items():
         for setting in accepted:

@@ -87,7 +87,8 @@ def test_eval_takes_the_stem_and_the_recorded_dataset(cifar_run: dict, tmp_path:
 def test_export_and_predict_build_the_checkpoint_s_stem(cifar_run: dict, tmp_path: Path) -> None:
     import onnxruntime
     from PIL import Image
-    run_app(tmp_path / "export", "device=cpu", "mode=export", f"model.weights={cifar_run['best']}")
+    run_app(tmp_path / "export", "device=cpu", "mode=export", f"model.weights={cifar_run['best']}",
+            f"export.dir={tmp_path / 'export'}")  # not beside the fixture's checkpoint
     model = build_model("resnet18", 10, stem="cifar")
     weights.load_into(model, weights.read(str(cifar_run["best"])), "resnet18", allow_new_fc=False)
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
