@@ -69,6 +69,7 @@ def make_glyphs(root: Path, train: int, test: int, seed: int = 0,
 def start(root: Path, stem: str, out: Path, recipe: list[str]) -> subprocess.Popen:
     command = [sys.executable, str(REPO / "run.py"), "dataset=cifar10", f"dataset.root={root}",
                "model=resnet18", f"model.stem={stem}", "device=cpu", "amp=O0",
+               "dataset.hflip=0",  # digits have a handedness: a mirrored 7 is no 7
                "dataset.workers=0", f"hydra.run.dir={out}", *recipe]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(REPO / "src")})
