@@ -2,6 +2,7 @@
 synthetic data; the start summary's augment line; the small-images warning."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,11 @@ def test_small_images_and_tiny_sets_warn_naming_the_preset(compose: Any, tmp_pat
     line = small_data_warning(dataset("dataset.image_size=64"), "resnet18")
     assert line.startswith("warning: the training images are about 28 px") and "tiny" not in line
     assert small_data_warning(dataset("dataset.image_size=32"), "resnet18") is None
+    # With the job's sample index (the plan's), the same line without listing the tree again.
+    plan = _plan(compose, "imagenet", root, "dataset.image_size=224")
+    unlisted = pytest.MonkeyPatch.context()
+    with unlisted as patch:
+        patch.setattr(os, "scandir", lambda *a: pytest.fail("the tree was listed again"))
+        patch.setattr(os, "walk", lambda *a: pytest.fail("the tree was listed again"))
+        indexed = small_data_warning(plan.dataset, "resnet152", plan.sample_index["train"])
+    assert indexed == small_data_warning(plan.dataset, "resnet152")

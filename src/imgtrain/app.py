@@ -115,7 +115,8 @@ def warn_about(plan: RunPlan) -> None:
     if plan.trains and warmup >= epochs:
         log.warning("warning: sched.warmup_epochs=%s is not shorter than train.epochs=%s: the lr "
                     "never reaches optim.lr=%s", warmup, epochs, plan.optim.lr)
-    small_data = small_data_warning(plan.dataset, plan.model.arch) if plan.trains else None
+    small_data = (small_data_warning(plan.dataset, plan.model.arch, plan.sample_index.get("train"))
+                  if plan.trains else None)
     if small_data:
         log.warning("%s", small_data)
     processes, cores = plan.job.nproc_per_node, cpu_cores()
