@@ -123,17 +123,18 @@ class JpegFolder(torch.utils.data.Dataset):
         seed = 0 if seed is None else seed
         for attempt in range(len(self)):
             sample = (index + attempt) % len(self)
-            label, where = self.label(sample), self.where(sample)
             try:
                 image = self._load(self.read(sample), seed, size)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-                reason = _reason(exc)
+                # Named only here: where() decodes a path (or formats a shard's), per image.
+                reason, where = _reason(exc), self.where(sample)
                 if not self.skip_bad_images:
                     raise ConfigError(f"corrupt or truncated image file: {where} ({reason}); set "
                                       "dataset.skip_bad_images=true to skip such files") from None
                 log.warning("warning: skipped bad image file %s: %s", where, reason)
                 continue
             # Outside the try: an augmentation's error is a bug, not a bad file.
+            label = self.label(sample)
             return (image if self.augment is None else self.augment(image, seed)), label
         raise ConfigError(f"no readable image in {self.where(0)}'s dataset")
 
