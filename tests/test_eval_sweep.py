@@ -10,30 +10,15 @@ import torch
 import torchvision
 
 from conftest import read_results
-from imgtrain.data.imagefolder import JpegFolder
-from imgtrain.data.transforms import Normalizer
 from imgtrain.errors import ConfigError
 from imgtrain.resolve import resolve
-from test_tools import run_app
+from test_tools import resnet18_with_statistics_of, run_app
 from test_weights import seed_pth_tar, timm_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision's decoders
 EVAL = ["device=cpu", "amp=O0", "dataset=imagenet", "dataset.workers=0", "mode=eval",
         "train.batch_size=16"]
 SIZES = ((40, 32), (48, 40))
-
-
-def _model(image_folder: Path, seed: int) -> torch.nn.Module:
-    """A resnet18 whose BatchNorm statistics are these images' (as training leaves them): its
-    outputs differ from image to image, and from one test size to another."""
-    torch.manual_seed(seed)
-    model = torchvision.models.resnet18(num_classes=4).train()
-    train = JpegFolder(str(image_folder), "train", 32, train=False)
-    images = torch.stack([train[i][0] for i in range(0, len(train), 3)])
-    with torch.no_grad():
-        for _ in range(3):
-            model(Normalizer(torch.device("cpu"), False)(images))
-    return model.eval()
 
 
 def imgtrain_checkpoint(model: torch.nn.Module, ema: torch.nn.Module, path: Path) -> None:
@@ -50,7 +35,8 @@ def imgtrain_checkpoint(model: torch.nn.Module, ema: torch.nn.Module, path: Path
 def test_each_row_equals_a_single_eval_at_its_size(write, image_folder: Path,
                                                    tmp_path: Path) -> None:
     path = tmp_path / "checkpoint.pth.tar"
-    write(_model(image_folder, 1), _model(image_folder, 2), path)
+    write(resnet18_with_statistics_of(image_folder, 4, seed=1),
+          resnet18_with_statistics_of(image_folder, 4, seed=2), path)
     given = [*EVAL, f"dataset.root={image_folder}", f"model.weights={path}"]
     sizes = ",".join(f"[{resize},{crop}]" for resize, crop in SIZES)
     run_app(tmp_path / "sweep", *given, f"eval.sizes=[{sizes}]")
@@ -72,7 +58,8 @@ def test_each_row_equals_a_single_eval_at_its_size(write, image_folder: Path,
 
 def test_crop_sizes_print_one_table_and_name_the_best(image_folder: Path, tmp_path: Path) -> None:
     path = tmp_path / "timm.pth.tar"
-    timm_checkpoint(_model(image_folder, 1), _model(image_folder, 2), path)
+    timm_checkpoint(resnet18_with_statistics_of(image_folder, 4, seed=1),
+                    resnet18_with_statistics_of(image_folder, 4, seed=2), path)
     run_dir = tmp_path / "sweep"
     run_app(run_dir, *EVAL, f"dataset.root={image_folder}", f"model.weights={path}",
             "eval.crop_sizes=[32,36]")

@@ -41,16 +41,24 @@ def run_app(run_dir: Path, *overrides: str, succeed: bool = True) -> app.Outcome
     return outcome
 
 
-def _pretrained_pth_tar(image_folder: Path, path: Path) -> dict[str, torch.Tensor]:
-    """A 10-class resnet18 in the seed's / pytorch/examples' checkpoint.pth.tar layout, with
-    BatchNorm statistics of this kind of image (as pretraining leaves them)."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).train()
+def resnet18_with_statistics_of(image_folder: Path, num_classes: int,
+                                seed: int = 0) -> torch.nn.Module:
+    """A resnet18 (in eval mode) whose BatchNorm statistics are these images' (as training or
+    pretraining leaves them): its outputs differ from image to image and from size to size."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=num_classes).train()
     train = JpegFolder(str(image_folder), "train", 32, train=False)
     images = torch.stack([train[i][0] for i in range(0, len(train), 3)])
     with torch.no_grad():
         for _ in range(3):
             model(Normalizer(torch.device("cpu"), False)(images))
+    return model.eval()
+
+
+def _pretrained_pth_tar(image_folder: Path, path: Path) -> dict[str, torch.Tensor]:
+    """A 10-class resnet18 in the seed's / pytorch/examples' checkpoint.pth.tar layout, with
+    BatchNorm statistics of this kind of image (as pretraining leaves them)."""
+    model = resnet18_with_statistics_of(image_folder, 10)
     state = model.state_dict()
     torch.save({"epoch": 90, "arch": "resnet18", "best_acc1": torch.tensor(70.0),
                 "state_dict": {f"module.{k}": v for k, v in state.items()},
