@@ -48,7 +48,7 @@ NOT_IN_THE_NAME = (
     "device.cudnn_benchmark", "predict.topk",
 )
 _JOB = re.compile(r"^\d+_")  # a sweep job's folder: `<job num>_<short name>`
-_TIME = re.compile(r"^\d\d-\d\d-\d\d_")  # a run folder's `<time>_` before its short name
+TIME_PREFIX = re.compile(r"^\d\d-\d\d-\d\d_")  # a run folder's `<time>_` before its short name
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".tar", ".bin", ".ckpt", ".safetensors")
 _WEIGHTS_CHARS = 24  # the weights' run's share of an eval, predict or export name
 
@@ -155,7 +155,7 @@ def _weights_label(weights: str | None) -> str:
     stem = path.name.split(".", 1)[0] if file else ""
     if run is None or not run.name:
         return _value(stem)
-    name = _TIME.sub("", run.name)
+    name = TIME_PREFIX.sub("", run.name)
     return _clean(f"{name[:_WEIGHTS_CHARS]}-{stem}" if stem else name[:_WEIGHTS_CHARS])
 
 

@@ -16,11 +16,12 @@ import re
 from pathlib import PurePosixPath
 from typing import Sequence
 
+from imgtrain.names import TIME_PREFIX
+
 RUN, STATUS = "Run", "Status"
 FIXED_COLUMNS = ("DEVICE", "PyTorch", "Acc@1", "FPS", "Epochs", "AMP_Type")
 DROPPED_FIRST = ("PyTorch", "FPS", "Epochs", "AMP_Type", "DEVICE")  # of the fixed columns
 MIN_WIDTH = 10  # a shortened cell keeps at least this many characters
-_TIME = re.compile(r"^\d\d-\d\d-\d\d_")  # hydra.run.dir's <time>_ before a run's name
 _SHORT_STATUS = {"unfinished (running)": "unfinished", "unfinished (preempted)": "preempted"}
 _JOB = re.compile(r"^(\d+_)?(.*)$")  # a sweep job's <number>_ before its name
 _OLD_NAME = re.compile(r"^[a-z_.]+[-=]")  # before names.py: `key-value+key-value`
@@ -50,7 +51,7 @@ def short_names(names: Sequence[str]) -> list[str]:
     those all the runs share left out; the whole relative name where that would not tell runs
     apart."""
     lasts = [PurePosixPath(name).name for name in names]
-    parts = [_JOB.match(_TIME.sub("", last)).groups() for last in lasts]
+    parts = [_JOB.match(TIME_PREFIX.sub("", last)).groups() for last in lasts]
     tokens = [_tokens(rest) for _, rest in parts]
     shared = set.intersection(*map(set, tokens)) if len(names) > 1 else set()
     short = [(job or "") + ("+" if _OLD_NAME.match(rest) else "_").join(
