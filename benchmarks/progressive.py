@@ -181,6 +181,7 @@ def schedule(args: argparse.Namespace, work: Path) -> str:
     common = ["dataset=imagenet", f"dataset.root={root}", "model=resnet18", "amp=O0",
               f"dataset.image_size={args.size}", f"train.epochs={args.epochs}",
               f"train.batch_size={args.batch}", f"optim.lr={args.lr}", "sched.warmup_epochs=1",
+              f"dataset.scale=[{args.scale[0]},{args.scale[1]}]",
               "dataset.workers=0", "train.save_checkpoints=false", "train.print_freq=1000"]
     setups = {f"fixed {args.size} px": [], "progressive": [f"dataset.res_schedule={args.schedule}"]}
     rows: dict[str, list[tuple[dict, float]]] = {name: [] for name in setups}
@@ -196,7 +197,8 @@ def schedule(args: argparse.Namespace, work: Path) -> str:
                   f"{wall:.0f} s, {results['throughput_by_size']}", file=sys.stderr, flush=True)
     lines = [f"{machine()}; shapes ({', '.join(SHAPES[:args.classes])}) x {args.per_class} train / "
              f"{args.val_per_class} val, {args.file_size} px JPEGs; resnet18 fp32, "
-             f"{args.epochs} epochs, batch {args.batch}, lr {args.lr}; validation at "
+             f"{args.epochs} epochs, batch {args.batch}, lr {args.lr}, crop scale "
+             f"{args.scale[0]}-{args.scale[1]}; validation at "
              f"{args.size} px (resize {round(args.size / 0.875)}); seeds {args.seeds}",
              f"progressive: dataset.res_schedule={args.schedule}", "",
              "| setup | sizes trained | final Acc@1 | best Acc@1 | training s | wall s |",
@@ -240,6 +242,9 @@ def main() -> None:
     accuracy.add_argument("--file-size", type=int, default=64, help="the JPEGs' side")
     accuracy.add_argument("--batch", type=int, default=32)
     accuracy.add_argument("--lr", type=float, default=0.1)
+    accuracy.add_argument("--scale", type=float, nargs=2, default=(0.35, 1.0),
+                          metavar=("MIN", "MAX"), help="the crop's share of the image (dataset."
+                          "scale; experiment=small_images's: ImageNet's 0.08 crops a shape away)")
     accuracy.add_argument("--seeds", type=int, default=1)
     for part in (speed, accuracy):
         part.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder")
