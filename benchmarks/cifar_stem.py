@@ -5,10 +5,10 @@ one): one character of `--alphabet` a class (the digits by default), drawn in Pi
 a random size in `--glyph-size` px and a random place, with pixel noise (σ 16). By default the
 characters are small (8-12 px) and dark on a light grey: the class is in a few pixels of detail,
 as in CIFAR's 32 px objects, and the ImageNet stem's 4x downsampling (a 7x7 stride-2 conv, then a
-stride-2 max-pool) leaves layer1 8x8 maps of it. `--colour` draws random colours instead, the
-character lighter or darker than its background (a luminance difference of at least 90):
-together with larger characters (`--glyph-size 14 22`), a task whose class survives the
-downsampling.
+stride-2 max-pool) leaves layer1 8x8 maps of it. `--glyph-size 14 22` draws characters large
+enough to survive that downsampling, and `--colour` random colours instead of grey, the character
+lighter or darker than its background by a luminance of at least 90 (benchmarks/README.md, *The
+CIFAR stem*, for what each stem made of them).
 
     python benchmarks/cifar_stem.py                          # 3000 train / 1000 test, 8 epochs
     python benchmarks/cifar_stem.py --glyph-size 14 22 --colour
@@ -130,6 +130,7 @@ def main() -> None:
                   f"{results['images_per_sec']:.1f} | "
                   f"{results['train_seconds'] / 60:.1f} min |",
                   flush=True)
+
 
 if __name__ == "__main__":
     main()
