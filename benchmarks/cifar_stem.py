@@ -50,14 +50,14 @@ def colours(rng: np.random.Generator, colour: bool) -> tuple[np.ndarray, np.ndar
 
 def glyph(label: int, rng: np.random.Generator, alphabet: str = "0123456789",
           size: tuple[int, int] = (8, 12), colour: bool = False) -> np.ndarray:
-    """One 32x32 RGB image of `alphabet[label]`, `size` px tall at most (inclusive range)."""
+    """One 32x32 RGB image of `alphabet[label]` at a font size in `size` px (both included)."""
     background, foreground = colours(rng, colour)
     canvas = Image.new("RGB", (32, 32), tuple(int(c) for c in background))
-    height = int(rng.integers(size[0], size[1] + 1))
-    margin = height // 2  # the character's middle that far from the edges: all of it in frame
+    font_size = int(rng.integers(size[0], size[1] + 1))
+    margin = font_size // 2  # the character's middle this far from the edges: all of it in frame
     centre = tuple(int(v) for v in rng.integers(margin, 32 - margin + 1, 2))
     ImageDraw.Draw(canvas).text(centre, alphabet[label], anchor="mm",
-                                font=ImageFont.load_default(size=height),
+                                font=ImageFont.load_default(size=font_size),
                                 fill=tuple(int(c) for c in foreground))
     pixels = np.asarray(canvas, dtype=np.float32)
     return (pixels + rng.normal(0, 16, pixels.shape)).clip(0, 255).astype(np.uint8)
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0)
     parser.add_argument("--alphabet", default="0123456789")
     parser.add_argument("--glyph-size", type=int, nargs=2, default=(8, 12), metavar=("MIN", "MAX"),
-                        help="the characters' height in px, a random one in [MIN, MAX]")
+                        help="the font size in px, a random one in [MIN, MAX]")
     parser.add_argument("--stems", nargs="+", choices=STEMS, default=STEMS,
                         help="run these only (e.g. the ImageNet stem for more epochs alone)")
     parser.add_argument("--colour", action="store_true",
